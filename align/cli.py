@@ -1,0 +1,177 @@
+"""The `align` command: one way in for every stage.
+
+`align <stage> --config file.yaml [dotted.key=value ...]`. Problems the user can fix end as one line
+`error: ...` with exit code 2 (a traceback only with `--debug`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from align import __version__
+from align.errors import AlignError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        args.handler(args)
+    except AlignError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description="InstructGPT-style alignment: SFT, reward model, "
+                                                               "PPO/DPO, with a model registry.")
+    parser.add_argument("--version", action="version", version=f"align {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning (stage 1)")
+    sft.add_argument("--config", required=True, help="YAML config (see configs/)")
+    sft.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. lora.r=8")
+    sft.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    sft.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    sft.set_defaults(handler=_run_sft)
+
+    gen = commands.add_parser("generate", help="batched generation from a model or registry reference")
+    gen.add_argument("--model", required=True, help="folder, hub id, or registry ref (sft:latest, sft:2, a name)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--prompts", help="file: .txt (one per line) or .jsonl/.json/.csv with a prompt field")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+    gen.add_argument("--out", help="write {prompt, completion} lines to this .jsonl file")
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    gen.set_defaults(handler=_run_generate)
+
+    registry = commands.add_parser("registry", help="list and inspect registered artifacts")
+    registry_commands = registry.add_subparsers(title="registry commands", metavar="COMMAND", required=True)
+    listing = registry_commands.add_parser("list", help="all artifacts, newest first")
+    listing.add_argument("--stage", help="only this stage")
+    listing.set_defaults(handler=_registry_list)
+    show = registry_commands.add_parser("show", help="one artifact in full")
+    show.add_argument("ref")
+    show.set_defaults(handler=_registry_show)
+    lineage = registry_commands.add_parser("lineage", help="an artifact and everything it was built from")
+    lineage.add_argument("ref")
+    lineage.set_defaults(handler=_registry_lineage)
+    for sub in (listing, show, lineage):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for what matters: progress, warnings that need action, our summaries."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _run_sft(args) -> None:
+    from stages import sft
+
+    sft.run(args.config, args.overrides, resume=args.resume)
+
+
+def _run_generate(args) -> None:
+    from align.generation import SamplingConfig, generate
+    from align.modeling import load_for_inference
+    from align.reporting import console
+
+    prompts = args.prompt or _read_prompts(args.prompts)
+    model, tokenizer, source = load_for_inference(args.model)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              batch_size=args.batch_size)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("generate", total=len(prompts))
+        completions = generate(model, tokenizer, prompts, sampling, chat=not args.no_chat_template,
+                               progress=lambda n: progress.advance(task, n))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.with_name(out.name + ".tmp")
+        with staging.open("w") as handle:
+            for prompt, completion in zip(prompts, completions):
+                handle.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
+        os.replace(staging, out)
+        console.print(f"{len(completions)} completions written to {out}")
+    else:
+        for prompt, completion in zip(prompts, completions):
+            console.rule(style="dim")
+            console.print(f"[bold]prompt:[/bold] {prompt}")
+            console.print(f"[bold]completion:[/bold] {completion}")
+
+
+def _read_prompts(path: str) -> list[str]:
+    from align.data import read_records
+
+    if path.endswith(".txt"):
+        try:
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        except OSError as e:
+            raise AlignError(f"--prompts: cannot read {path}: {e.strerror}") from None
+        prompts = [line for line in lines if line]
+    else:
+        records = read_records(path)
+        prompts = []
+        for row, where in zip(records.rows, records.locations):
+            field = next((f for f in ("prompt", "question", "instruction", "input", "text") if f in row), None)
+            if field is None or not isinstance(row[field], str):
+                raise AlignError(f"--prompts: {where}: no prompt field (prompt, question, instruction, input, text)")
+            prompts.append(row[field])
+    if not prompts:
+        raise AlignError(f"--prompts: {path} has no prompts")
+    return prompts
+
+
+def _registry_list(args) -> None:
+    from align.registry import Registry, print_list
+    from align.reporting import console
+
+    print_list(console, Registry().list(stage=args.stage))
+
+
+def _registry_show(args) -> None:
+    from align.registry import Registry, print_show
+    from align.reporting import console
+
+    registry = Registry()
+    print_show(console, registry.resolve(args.ref), registry)
+
+
+def _registry_lineage(args) -> None:
+    from align.registry import Registry, print_lineage
+    from align.reporting import console
+
+    print_lineage(console, Registry(), args.ref)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

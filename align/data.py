@@ -1,0 +1,403 @@
+"""Reading instruction data in the formats people have, and turning it into TRL's dataset formats.
+
+Every record keeps where it came from (file:line), so bad data fails before training with a message
+that points at it. The output is TRL's own formats: `{"prompt", "completion"}` (plain strings or
+conversational message lists), `{"messages"}`, or `{"text"}`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align.config import DataConfig, TemplateConfig
+from align.errors import AlignError
+from align.modeling import resolve_package_path
+
+# Fields that identify each format, in detection order.
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "question_answer": ("question", "answer"),
+    "instruction": ("instruction", "output"),
+    "input_output": ("input", "output"),
+    "text": ("text",),
+}
+
+NAMED_TEMPLATES = {
+    "alpaca": ("Below is an instruction that describes a task{input_clause}. Write a response that appropriately "
+               "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"),
+    "question_answer": "### Question:\n{prompt}\n### Answer:\n",
+    "plain": "{prompt}",
+}
+
+
+@dataclass
+class Records:
+    """Raw records with the place each came from."""
+
+    rows: list[dict]
+    locations: list[str]
+    source: str
+
+
+def read_records(path: str, split: str = "train") -> Records:
+    """Read .jsonl/.json/.csv/.parquet files, `save_to_disk` folders, or hub datasets."""
+    path = resolve_package_path(path)
+    file = Path(path)
+    if file.is_dir():
+        return _read_saved_dataset(file, split)
+    if not file.exists():
+        # "org/name" or "name" may be a hub dataset; anything that looks like a file path is a missing file.
+        if file.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or path.startswith((".", "/", "~")):
+            raise AlignError(f"data: file not found: {path}")
+        return _read_hub_dataset(path, split)
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(file)
+        if suffix == ".json":
+            return _read_json(file)
+        if suffix == ".csv":
+            return _read_csv(file)
+        if suffix == ".parquet":
+            return _read_parquet(file)
+    except UnicodeDecodeError as e:
+        raise AlignError(f"data: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise AlignError(f"data: cannot read {path}: {e.strerror or e}") from None
+    raise AlignError(f"data: {path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv, .parquet, a "
+                     f"saved dataset folder, or a hub dataset name)")
+
+
+def _read_jsonl(file: Path) -> Records:
+    rows, locations = [], []
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AlignError(f"data: {file}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise AlignError(f"data: {file}:{number}: expected a JSON object per line, got "
+                                 f"{type(row).__name__}")
+            rows.append(row)
+            locations.append(f"{file}:{number}")
+    return Records(rows, locations, str(file))
+
+
+def _read_json(file: Path) -> Records:
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AlignError(f"data: {file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the one list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise AlignError(f"data: {file}: expected a list of records (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise AlignError(f"data: {file}: expected a list of JSON objects")
+    # Line numbers of each top-level object, found from the start of each `{` at nesting depth 1.
+    starts = _object_start_lines(text)
+    locations = [f"{file}:{starts[i]}" if i < len(starts) else f"{file} record {i + 1}" for i in range(len(data))]
+    return Records(data, locations, str(file))
+
+
+def _object_start_lines(text: str) -> list[int]:
+    lines, depth, line, in_string, escape = [], 0, 1, False, False
+    for char in text:
+        if char == "\n":
+            line += 1
+        if in_string:
+            escape = not escape and char == "\\"
+            if char == '"' and not escape:
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if char == "{" and depth == 2:
+                lines.append(line)
+        elif char in "]}":
+            depth -= 1
+    return lines
+
+
+def _read_csv(file: Path) -> Records:
+    rows, locations = [], []
+    with file.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise AlignError(f"data: {file}:1: empty CSV (a header row is needed)")
+        for row in reader:
+            if None in row:
+                raise AlignError(f"data: {file}:{reader.line_num}: more values than header columns")
+            rows.append(row)
+            locations.append(f"{file}:{reader.line_num}")
+    return Records(rows, locations, str(file))
+
+
+def _read_parquet(file: Path) -> Records:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(file).to_pylist()
+    except Exception as e:  # pyarrow raises several unrelated types for broken files
+        raise AlignError(f"data: {file}: not a readable parquet file ({e})") from None
+    return Records(rows, [f"{file} row {i + 1}" for i in range(len(rows))], str(file))
+
+
+def _read_saved_dataset(folder: Path, split: str) -> Records:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(folder))
+    except FileNotFoundError:
+        raise AlignError(f"data: {folder} is a folder but not a dataset saved with save_to_disk") from None
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise AlignError(f"data: {folder}: no split '{split}' (has {', '.join(dataset)}); set data.split")
+        dataset = dataset[split]
+    rows = dataset.to_list()
+    return Records(rows, [f"{folder} row {i + 1}" for i in range(len(rows))], str(folder))
+
+
+def _read_hub_dataset(name: str, split: str) -> Records:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as e:  # offline, missing, gated: all end the same way for the user
+        raise AlignError(f"data: '{name}' is not a local file or folder, and loading it from the Hugging Face hub "
+                         f"failed ({type(e).__name__}). Check the path, or download the dataset.") from None
+    rows = dataset.to_list()
+    return Records(rows, [f"{name}[{split}] row {i + 1}" for i in range(len(rows))], name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Formats
+
+def _lookup(row: dict, dotted: str) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def apply_columns(records: Records, columns: dict[str, str]) -> Records:
+    """Rename/extract fields: `{prompt: question, completion: answers.0}`."""
+    if not columns:
+        return records
+    rows = []
+    for row, where in zip(records.rows, records.locations):
+        mapped = dict(row)
+        for target, source in columns.items():
+            value = _lookup(row, source)
+            if value is None:
+                raise AlignError(f"data: {where}: data.columns.{target}: field '{source}' is missing")
+            mapped[target] = value
+        rows.append(mapped)
+    return Records(rows, records.locations, records.source)
+
+
+def detect_format(records: Records, requested: str) -> str:
+    if not records.rows:
+        raise AlignError(f"data: {records.source} has no records")
+    first = records.rows[0]
+    if requested != "auto":
+        missing = [f for f in FORMAT_FIELDS[requested] if f not in first]
+        if missing:
+            raise AlignError(f"data: {records.locations[0]}: data.format '{requested}' needs field(s) "
+                             f"{', '.join(missing)}; the record has {', '.join(first) or 'no fields'}")
+        return requested
+    for name, needed in FORMAT_FIELDS.items():
+        if all(f in first for f in needed):
+            return name
+    tried = "; ".join(f"{name} ({'/'.join(fields)})" for name, fields in FORMAT_FIELDS.items())
+    raise AlignError(f"data: {records.locations[0]}: no recognizable format in fields "
+                     f"[{', '.join(first) or 'none'}]. Tried: {tried}. Map your fields with data.columns, e.g. "
+                     f"data.columns={{prompt: {next(iter(first), 'q')}, completion: ...}}")
+
+
+def _text(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    value = row.get(key)
+    if value is None and allow_empty:
+        return ""
+    if isinstance(value, (int, float, bool)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, bool):
+        value = "yes" if value else "no"
+    if not isinstance(value, str):
+        raise AlignError(f"data: {where}: field '{key}' must be text, got {type(value).__name__}")
+    if not value.strip() and not allow_empty:
+        raise AlignError(f"data: {where}: field '{key}' is empty")
+    return value
+
+
+def _clean(text: str) -> str:
+    return "\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in text.strip().split("\n"))
+
+
+@dataclass
+class Prepared:
+    """Examples in TRL's format, with what happened on the way."""
+
+    examples: list[dict]
+    format: str
+    conversational: bool
+    dropped_empty: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def to_examples(records: Records, data_cfg: DataConfig, template: TemplateConfig) -> Prepared:
+    """Records -> TRL examples: prompt/completion pairs (chat or templated strings), messages, or text."""
+    if data_cfg.max_examples and data_cfg.max_examples < len(records.rows):
+        order = sorted(random.Random(data_cfg.seed).sample(range(len(records.rows)), data_cfg.max_examples))
+        records = Records([records.rows[i] for i in order], [records.locations[i] for i in order], records.source)
+    records = apply_columns(records, data_cfg.columns)
+    fmt = detect_format(records, data_cfg.format)
+    clean = _clean if data_cfg.clean_whitespace else (lambda text: text)
+    examples, dropped = [], 0
+    chat = template.name == "chat"
+    if template.name == "custom" and not template.prompt:
+        raise AlignError("template.prompt: required with template.name: custom (e.g. '### Question:\\n{question}"
+                         "\\n### Answer:\\n')")
+    for row, where in zip(records.rows, records.locations):
+        if fmt == "messages":
+            messages = _messages(row.get("messages"), where, clean)
+            if messages is None:
+                dropped += 1
+                continue
+            if template.system and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": template.system}] + messages
+            examples.append({"messages": messages})
+            continue
+        if fmt == "text":
+            text = clean(_text(row, "text", where))
+            examples.append({"text": text})
+            continue
+        prompt, completion, fields = _pair(row, fmt, where)
+        prompt, completion = clean(prompt), clean(completion)
+        if not completion:
+            dropped += 1
+            continue
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            if template.system:
+                messages.insert(0, {"role": "system", "content": template.system})
+            examples.append({"prompt": messages, "completion": [{"role": "assistant", "content": completion}]})
+        else:
+            examples.append({"prompt": _render(template, fmt, prompt, fields, row, where),
+                             "completion": completion})
+    if not examples:
+        raise AlignError(f"data: {records.source}: no usable examples left after filtering "
+                         f"({dropped} empty of {len(records.rows)})")
+    conversational = fmt == "messages" or (chat and fmt != "text")
+    return Prepared(examples, fmt, conversational, dropped_empty=dropped)
+
+
+def _messages(value: Any, where: str, clean) -> list[dict] | None:
+    if not isinstance(value, list) or not value:
+        raise AlignError(f"data: {where}: field 'messages' must be a non-empty list of {{role, content}}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise AlignError(f"data: {where}: messages[{i}] needs 'role' and 'content'")
+        if message["role"] not in ("system", "user", "assistant", "tool"):
+            raise AlignError(f"data: {where}: messages[{i}].role '{message['role']}' is not one of "
+                             f"system, user, assistant, tool")
+        messages.append({"role": message["role"], "content": clean(str(message["content"]))})
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        return None
+    return messages
+
+
+def _pair(row: dict, fmt: str, where: str) -> tuple[str, str, dict]:
+    if fmt == "prompt_completion":
+        prompt, completion = _text(row, "prompt", where), _text(row, "completion", where, allow_empty=True)
+        return prompt, completion, {"prompt": prompt}
+    if fmt == "question_answer":
+        question, answer = _text(row, "question", where), _text(row, "answer", where, allow_empty=True)
+        return question, answer, {"prompt": question, "question": question}
+    instruction = _text(row, "instruction" if fmt == "instruction" else "input", where)
+    extra = _text(row, "input", where, allow_empty=True) if fmt == "instruction" else ""
+    output = _text(row, "output", where, allow_empty=True)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return prompt, output, {"prompt": prompt, "instruction": instruction, "input": extra}
+
+
+def _render(template: TemplateConfig, fmt: str, prompt: str, fields: dict, row: dict, where: str) -> str:
+    if template.name == "custom":
+        try:
+            return template.prompt.format(**{**{k: v for k, v in row.items() if isinstance(v, str)}, **fields})
+        except KeyError as e:
+            raise AlignError(f"data: {where}: template.prompt uses {{{e.args[0]}}}, which the record does not "
+                             f"have (fields: {', '.join(row)})") from None
+    if template.name == "alpaca":
+        extra = fields.get("input", "")
+        return NAMED_TEMPLATES["alpaca"].format(
+            instruction=fields.get("instruction", prompt),
+            input_clause=", paired with an input that provides further context" if extra else "",
+            input_block=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+    return NAMED_TEMPLATES[template.name].format(prompt=prompt)
+
+
+# --------------------------------------------------------------------------------------------------
+# Length, split, fingerprint
+
+def token_lengths(examples: list[dict], tokenizer) -> list[int]:
+    """Tokens per example as the trainer will see them (chat template applied, EOS included)."""
+    lengths = []
+    for example in examples:
+        if "messages" in example:
+            ids = tokenizer.apply_chat_template(example["messages"], tokenize=True)
+        elif "text" in example:
+            ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+        elif isinstance(example["prompt"], list):
+            ids = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=True)
+        else:
+            ids = tokenizer(example["prompt"] + example["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        lengths.append(len(ids))
+    return lengths
+
+
+def split_validation(examples: list[dict], size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `size` (share if < 1, count if >= 1) of the examples, reproducibly for `seed`."""
+    if not size:
+        return examples, []
+    count = int(round(size * len(examples))) if size < 1 else int(size)
+    count = max(1, count)
+    if count >= len(examples):
+        raise AlignError(f"data.val_set_size: {size} leaves no training examples ({len(examples)} in all)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def fingerprint(examples: list[dict]) -> str:
+    """A stable hash of the training examples (after formatting), recorded with every artifact."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example, sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,73 @@
+"""Batched generation: left-padded batches, chat template applied, sampling controls.
+
+Used by `align generate` for a quick look at a model, and by later stages (completions to rank,
+evaluation) that need many completions fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128  # Tokens generated per prompt at most.
+    temperature: float = 0.7  # 0 means greedy decoding.
+    top_p: float = 0.95  # Nucleus sampling mass.
+    top_k: int = 0  # Keep only the k most likely tokens (0: off).
+    repetition_penalty: float = 1.0  # > 1 discourages repeats.
+    seed: int = 0  # Sampling seed: the same seed gives the same completions.
+    batch_size: int = 16  # Prompts per forward pass.
+
+
+def render_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> list[str]:
+    """Wrap plain prompts in the chat template (with the assistant turn opened) when asked to."""
+    if not chat or not tokenizer.chat_template:
+        return prompts
+    rendered = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return rendered
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, chat: bool = True,
+             progress=None) -> list[str]:
+    """Completions for `prompts`, in order. Prompts are sorted by length into batches so padding stays small."""
+    texts = render_prompts(tokenizer, prompts, chat)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    outputs: list[str] = [""] * len(texts)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    device = next(model.parameters()).device
+    greedy = sampling.temperature <= 0
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(sampling.seed)
+    try:
+        for start in range(0, len(order), sampling.batch_size):
+            batch = order[start:start + sampling.batch_size]
+            # Chat templates already hold the special tokens a model expects at the start.
+            encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=not chat).to(device)
+            generated = model.generate(
+                **encoded,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None if greedy or not sampling.top_k else sampling.top_k,
+                repetition_penalty=sampling.repetition_penalty,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+            for row, i in enumerate(batch):
+                outputs[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(batch))
+    finally:
+        tokenizer.padding_side = padding_side
+        torch.random.set_rng_state(generator_state)
+    return outputs

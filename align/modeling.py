@@ -1,0 +1,314 @@
+"""Loading models and tokenizers for every stage: local folders, hub ids, GGUF files, registry artifacts.
+
+One place decides dtype, quantization (bitsandbytes 4/8 bit), LoRA / full / partial fine-tuning, and
+makes the tokenizer safe to train with (a pad token distinct from EOS, a chat template).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from align.config import LoraConfig, ModelConfig, QuantizationConfig
+from align.errors import AlignError
+from align.registry import Artifact, Registry, registry_home, resolve_path
+
+# Used when a tokenizer has no chat template: plain-text role markers, so no new tokens (and no
+# embedding resize) are needed, and each assistant turn ends with EOS so the model learns to stop.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+
+def resolve_package_path(path: str) -> str:
+    """`pkg:<package>/<file>` -> the file's path inside the installed package."""
+    if not path.startswith("pkg:"):
+        return path
+    package, _, inner = path[4:].partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise AlignError(f"'{path}': package '{package}' is not installed (run the README's setup command, "
+                         f"or pip install it)") from None
+    target = Path(str(root / inner))
+    if not target.exists():
+        raise AlignError(f"'{path}': no file '{inner}' in package '{package}' ({root})")
+    return str(target)
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights are, after references are resolved."""
+
+    path: str  # local folder or hub id
+    artifact: Artifact | None  # the registry row it came from, if any
+    adapter_of: str | None = None  # base model path when `path` is a PEFT adapter folder
+
+
+def resolve_model(ref: str, registry: Registry | None = None, gguf_file: str | None = None) -> ModelSource:
+    """Turn what a user wrote (path, hub id, gguf, registry ref, pkg:) into a loadable folder or hub id."""
+    path, artifact = resolve_path(resolve_package_path(ref), registry)
+    if path.endswith(".gguf") and Path(path).is_file():
+        path, gguf_file = str(Path(path).parent), Path(path).name
+    if gguf_file:
+        path = gguf_to_folder(path, gguf_file)
+    if Path(path).exists():
+        path = str(Path(path).resolve())  # artifacts record where their base is: absolute, so they load anywhere
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.is_file():
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        return ModelSource(path, artifact, adapter_of=base)
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise AlignError(f"model: '{path}' is a folder without config.json (not a transformers model; "
+                         f"for a GGUF folder set model.gguf_file)")
+    return ModelSource(path, artifact)
+
+
+def gguf_to_folder(folder: str, gguf_file: str) -> str:
+    """De-quantize a GGUF model once into a standard folder under the align home and return that folder.
+
+    A GGUF-loaded model cannot `save_pretrained`; a plain folder makes every artifact built on it
+    (adapters, merged models) loadable with plain transformers and peft.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(folder) / gguf_file
+    if not source.is_file():
+        raise AlignError(f"model: GGUF file not found: {source}")
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    target = registry_home() / "models" / f"{source.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return str(target)
+    print(f"Converting {source.name} to a standard transformers folder (once): {target}")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)  # atomic: a half-converted folder is never picked up
+    return str(target)
+
+
+def _hub_error(path: str, error: Exception) -> AlignError:
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    hint = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
+    return AlignError(f"model: '{path}' is not a local folder or file, and loading it from the Hugging Face hub "
+                      f"failed ({hint}). Check the name, or download the model and set model.path to its folder.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """`auto` -> bfloat16 on a GPU that supports it, float32 elsewhere (CPU training is fastest in fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_tokenizer(path: str, model_cfg: ModelConfig | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            path,
+            revision=model_cfg.revision if model_cfg else None,
+            trust_remote_code=bool(model_cfg and model_cfg.trust_remote_code),
+        )
+    except OSError as e:
+        if Path(path).exists():
+            raise AlignError(f"model: cannot load a tokenizer from {path}: {e}") from None
+        raise _hub_error(path, e) from None
+
+
+def prepare_tokenizer(tokenizer) -> list[str]:
+    """Make a tokenizer safe for training; returns what was changed, for the run log.
+
+    - pad token distinct from EOS: padding with EOS makes anything that masks pad positions (token
+      counts, some collators) also drop the real EOS, and the model may never learn to stop.
+      Preference: an existing pad token, else the unk token, else a new `<|pad|>` token (see
+      `match_model_to_tokenizer`; its embedding row is never trained).
+    - a chat template: the plain-text one above when the model has none.
+    """
+    changes = []
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+            changes.append(f"pad token set to the unk token {tokenizer.unk_token!r} (distinct from EOS)")
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            changes.append("pad token '<|pad|>' added (distinct from EOS); embeddings resized")
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        changes.append("no chat template in the tokenizer: using align's plain '### User:/### Assistant:' one")
+    return changes
+
+
+def match_model_to_tokenizer(model, tokenizer) -> None:
+    """Resize embeddings for tokens `prepare_tokenizer` added and tell the model its pad token."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def is_encoder_decoder(path: str, model_cfg: ModelConfig | None = None) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg and model_cfg.trust_remote_code),
+                                            revision=model_cfg.revision if model_cfg else None)
+    except OSError as e:
+        if Path(path).exists():
+            raise AlignError(f"model: cannot read {path}/config.json: {e}") from None
+        raise _hub_error(path, e) from None
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_model(path: str, model_cfg: ModelConfig, quant: QuantizationConfig):
+    """Load a causal or encoder-decoder LM with the configured dtype and quantization."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
+
+    dtype = torch_dtype(model_cfg.dtype)
+    kwargs = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if quant.load_in_4bit and quant.load_in_8bit:
+        raise AlignError("quantization: choose one of load_in_4bit and load_in_8bit")
+    if quant.load_in_4bit or quant.load_in_8bit:
+        compute = dtype if quant.compute_dtype == "auto" else torch_dtype(quant.compute_dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quant.load_in_4bit,
+            load_in_8bit=quant.load_in_8bit,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(path, model_cfg) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise AlignError(f"model: cannot load {path}: {e}") from None
+        raise _hub_error(path, e) from None
+    if quant.load_in_4bit:
+        keep_cpu_4bit_trainable(model)
+    return model
+
+
+def keep_cpu_4bit_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit CPU weights for inference.
+
+    On CPUs with AVX512-BF16, the first no-grad eval/generate pass repacks a Linear4bit weight in
+    place, after which no gradient flows through that layer (LoRA grads silently become 0).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def apply_tuning(model, lora: LoraConfig, model_cfg: ModelConfig, quantized: bool, gradient_checkpointing: bool):
+    """LoRA adapters, full fine-tuning, or full fine-tuning of `model.train_only` parameters."""
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        if not lora.enabled:
+            raise AlignError("quantization: a 4/8-bit model can only train adapters; set lora.enabled: true")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if lora.enabled:
+        if model_cfg.train_only:
+            raise AlignError("model.train_only: selects layers for full fine-tuning; set lora.enabled: false")
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import TaskType, get_peft_model
+
+        task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+        peft_config = PeftLoraConfig(
+            task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, bias=lora.bias,
+            use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+        )
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as e:
+            raise AlignError(f"lora.target_modules: {e}") from None
+    if model_cfg.train_only:
+        matched = 0
+        for name, param in model.named_parameters():
+            param.requires_grad = any(part in name for part in model_cfg.train_only)
+            matched += param.requires_grad
+        if not matched:
+            raise AlignError(f"model.train_only: no parameter name contains any of {model_cfg.train_only} "
+                             f"(names look like {next(iter(dict(model.named_parameters())))!r})")
+    return model
+
+
+@dataclass
+class ParameterSummary:
+    trainable: int
+    total: int
+    memory_bytes: int
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+
+def parameter_summary(model) -> ParameterSummary:
+    trainable = total = 0
+    for param in model.parameters():
+        # 4-bit weights are packed two per byte: count logical parameters.
+        count = param.numel() * (2 if param.dtype == torch.uint8 and param.__class__.__name__ == "Params4bit" else 1)
+        total += count
+        trainable += count if param.requires_grad else 0
+    memory = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory += sum(b.numel() * b.element_size() for b in model.buffers())
+    return ParameterSummary(trainable, total, memory)
+
+
+def training_flops(summary: ParameterSummary, tokens: int, epochs: float) -> float:
+    """Estimated training FLOPs: forward 2N + backward 2N per token, plus 2N for weight gradients of
+    trainable parameters (Kaplan et al.'s 6N for full fine-tuning; ~4N for LoRA)."""
+    per_token = 4 * summary.total + 2 * summary.trainable
+    return per_token * tokens * epochs
+
+
+def load_for_inference(ref: str, registry: Registry | None = None, dtype: str = "auto"):
+    """(model, tokenizer, source) for generation: a plain model, or a base model with its LoRA adapter."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(ref, registry)
+    kwargs = dict(dtype=torch_dtype(dtype))
+    if source.adapter_of:
+        from peft import PeftModel
+
+        base = resolve_model(source.adapter_of, registry)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.path, **kwargs), source.path)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        except OSError as e:
+            raise _hub_error(source.path, e) from None
+    tokenizer = load_tokenizer(source.path)
+    if tokenizer.pad_token is None:
+        prepare_tokenizer(tokenizer)
+    model.eval()
+    return model, tokenizer, source
+

@@ -1,0 +1,70 @@
+"""What people see: summary tables in the terminal and PNG plots in the artifact folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def print_table(title: str, rows: list[tuple[str, object]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(escape(key), escape(format_value(value)))
+    console.print(table)
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def plot_training_curves(log_history: list[dict], folder: Path) -> list[str]:
+    """plots/loss.png (train and eval loss by step) and plots/learning_rate.png; returns relative paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "loss.png": [("train loss", "loss"), ("eval loss", "eval_loss")],
+        "learning_rate.png": [("learning rate", "learning_rate")],
+    }
+    written = []
+    (folder / "plots").mkdir(exist_ok=True)
+    for filename, curves in series.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        drawn = False
+        for label, key in curves:
+            points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+                drawn = True
+        if drawn:
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(curves[0][0].split(" ", 1)[-1] if filename == "loss.png" else "learning rate")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(folder / "plots" / filename, dpi=110)
+            written.append(f"plots/{filename}")
+        plt.close(fig)
+    return written

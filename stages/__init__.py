@@ -1,0 +1,1 @@
+"""One module per InstructGPT stage; each reads top to bottom like a script and imports only `align`."""

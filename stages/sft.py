@@ -1,0 +1,253 @@
+"""`align sft`: supervised fine-tuning on instruction data (InstructGPT stage 1).
+
+Reads top to bottom: config -> output folder -> data -> model -> TRL SFTTrainer (or a seq2seq
+Trainer for encoder-decoder models) -> artifact (adapter or full model, tokenizer, card, log,
+plots) renamed into place -> registry row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from align import reporting
+from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
+from align.config import SFTRunConfig, load_config, to_dict
+from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
+from align.errors import AlignError
+from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, parameter_summary,
+                            prepare_tokenizer, resolve_model, torch_dtype, training_flops)
+from align.registry import Artifact, Registry
+from align.reporting import console, human_bytes, print_table
+
+STAGE = "sft"
+
+
+def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
+    from trl import SFTConfig
+
+    # 1. Config: validated in full before anything heavy happens.
+    cfg = load_config(config_path, overrides, SFTRunConfig, extra_sections={"training": SFTConfig})
+    name = cfg.output.name or Path(config_path).stem
+    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    checkpoint = run_dir.open(resume, is_main)
+    _check_report_to(cfg.training.get("report_to"))
+    registry = Registry()
+    source = resolve_model(cfg.model.path, registry, cfg.model.gguf_file)
+    if source.adapter_of:
+        raise AlignError(f"model.path: {cfg.model.path} is a LoRA adapter; fine-tune its merged model instead "
+                         f"(run that stage with output.merge=true and use <dir>/merged)")
+
+    # 2. Data: read, format, measure, split. Bad data fails here, before the model loads.
+    tokenizer = load_tokenizer(source.path, cfg.model)
+    tokenizer_changes = prepare_tokenizer(tokenizer)
+    prepared = to_examples(read_records(cfg.data.path, cfg.data.split), cfg.data, cfg.template)
+    if cfg.data.eval_path:
+        train = prepared.examples
+        evaluation = to_examples(read_records(cfg.data.eval_path, cfg.data.split), cfg.data, cfg.template).examples
+    else:
+        train, evaluation = split_validation(prepared.examples, cfg.data.val_set_size, cfg.data.seed)
+    max_length = cfg.training.get("max_length", 1024)
+    lengths = token_lengths(train, tokenizer)
+    overlong = sum(length > max_length for length in lengths) if max_length else 0
+    if overlong and cfg.data.overlong == "drop":
+        train = [e for e, length in zip(train, lengths) if length <= max_length]
+        lengths = [length for length in lengths if length <= max_length]
+        if not train:
+            raise AlignError(f"data: every example is longer than training.max_length={max_length} tokens; raise "
+                             f"it or set data.overlong: truncate")
+    if evaluation and overlong and cfg.data.overlong == "drop":
+        evaluation = [e for e, n in zip(evaluation, token_lengths(evaluation, tokenizer)) if n <= max_length]
+    data_fingerprint = fingerprint(train)
+
+    # 3. Model: dtype, quantization, LoRA / full / partial.
+    quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
+    model = load_model(source.path, cfg.model, cfg.quantization)
+    match_model_to_tokenizer(model, tokenizer)
+    seq2seq = bool(model.config.is_encoder_decoder)
+    gradient_checkpointing = bool(cfg.training.get("gradient_checkpointing", False))
+    model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing)
+    params = parameter_summary(model)
+    trained_tokens = sum(min(n, max_length or n) for n in lengths)
+    epochs = cfg.training.get("num_train_epochs", 3.0)
+    print_table(f"align sft: {name}", [
+        ("model", f"{source.path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
+                                      " (8-bit)" if cfg.quantization.load_in_8bit else "")),
+        ("method", "LoRA" if cfg.lora.enabled else ("partial" if cfg.model.train_only else "full fine-tuning")),
+        ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
+        ("memory (weights)", human_bytes(params.memory_bytes)),
+        ("data", f"{cfg.data.path} [{prepared.format}] {len(train)} train / {len(evaluation)} eval"),
+        ("over max_length", f"{overlong} ({'dropped' if cfg.data.overlong == 'drop' else 'truncated'})"),
+        ("est. training FLOPs", f"{training_flops(params, trained_tokens, epochs):.3e} (~{epochs} epochs)"),
+        *[("tokenizer", change) for change in tokenizer_changes],
+        ("output", str(run_dir.final)),
+    ])
+
+    # 4. Train.
+    run_dir.create()
+    try:
+        args = SFTConfig(**_training_defaults(cfg, run_dir, bool(evaluation)) | cfg.training)
+    except ValueError as e:  # TrainingArguments' own consistency checks (strategies, precision...)
+        raise AlignError(f"training: {e}") from None
+    trainer = _make_trainer(model, tokenizer, args, train, evaluation, seq2seq, cfg)
+    eval_before = trainer.evaluate()["eval_loss"] if evaluation and checkpoint is None else None
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_after = trainer.evaluate()["eval_loss"] if evaluation else None
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return None
+
+    # 5. Artifact: weights, tokenizer, config, card, log, plots; then rename into place and register.
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss_before": eval_before,
+        "eval_loss": eval_after,
+        "train_examples": len(train),
+        "eval_examples": len(evaluation),
+        "over_max_length": overlong,
+        "dropped_empty": prepared.dropped_empty,
+        "steps": result.global_step,
+        "trained_tokens": trainer.state.num_input_tokens_seen,
+        "train_runtime_s": round(time.time() - started, 2),
+        "trainable_parameters": params.trainable,
+        "total_parameters": params.total,
+    }
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    work = run_dir.work
+    trainer.save_model(str(work))
+    tokenizer.save_pretrained(str(work))
+    if cfg.output.merge and cfg.lora.enabled:
+        _save_merged(work, source.path, cfg)
+    config = to_dict(cfg)
+    save_run_config(config, work)
+    save_training_log(trainer.state.log_history, work)
+    plots = reporting.plot_training_curves(trainer.state.log_history, work)
+    base_model = source.artifact.base_model if source.artifact else source.path
+    write_model_card(work, title=name, stage=STAGE, base_model=base_model, adapter=cfg.lora.enabled,
+                     data_source=cfg.data.path, data_fingerprint=data_fingerprint, metrics=metrics,
+                     config=config, plots=plots)
+    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
+    artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=base_model,
+                            parents=[source.artifact.id] if source.artifact else [], config=config,
+                            data_fingerprint=data_fingerprint, metrics=metrics)
+    print_table(f"finished: {artifact.ref} ({name})", [
+        ("eval loss", f"{eval_before:.4f} -> {eval_after:.4f}" if eval_before is not None and eval_after is not None
+         else eval_after if eval_after is not None else "no eval set"),
+        ("train loss", result.training_loss),
+        ("steps", result.global_step),
+        ("trained tokens", metrics["trained_tokens"]),
+        ("tokens/s", metrics["trained_tokens"] / max(metrics["train_runtime_s"], 1e-9)),
+        ("artifact", str(final)),
+        ("plots", ", ".join(plots) or "none"),
+        ("registry", f"{artifact.ref} (id {artifact.id})"),
+    ])
+    return artifact
+
+
+def _check_report_to(report_to) -> None:
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    modules = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
+    for name in names:
+        if name in modules and importlib.util.find_spec(modules[name]) is None:
+            raise AlignError(f"training.report_to: '{name}' is not installed (pip install {modules[name]}), or "
+                             f"remove it from report_to")
+
+
+def _training_defaults(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool) -> dict:
+    """align's defaults under the user's `training:` values: safe on CPU, explicit about precision."""
+    bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16 and torch.cuda.is_available()
+    defaults = dict(
+        output_dir=str(run_dir.work / CHECKPOINTS),
+        bf16=bf16,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=10,
+        seed=cfg.seed,
+        data_seed=cfg.data.seed,
+        include_num_input_tokens_seen="non_padding",
+        per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8),
+        save_only_model=False,
+    )
+    if cfg.training.get("load_best_model_at_end") and not has_eval:
+        raise AlignError("training.load_best_model_at_end needs a validation set: set data.val_set_size or "
+                         "data.eval_path")
+    return defaults
+
+
+def _make_trainer(model, tokenizer, args, train, evaluation, seq2seq: bool, cfg: SFTRunConfig):
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+
+    callbacks = []
+    if cfg.training.get("load_best_model_at_end") and cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
+    if seq2seq:
+        return _seq2seq_trainer(model, tokenizer, args, train, evaluation, callbacks)
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def _seq2seq_trainer(model, tokenizer, args, train, evaluation, callbacks):
+    """Encoder-decoder models (T5...): prompt -> encoder, completion -> labels; TRL's SFT is decoder-only."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    def encode(example):
+        prompt = example["prompt"]
+        completion = example["completion"]
+        if isinstance(prompt, list):  # chat-formatted pairs: the encoder reads the user turn as text
+            prompt = "\n".join(m["content"] for m in prompt)
+            completion = completion[0]["content"]
+        features = tokenizer(prompt, truncation=True, max_length=args.max_length)
+        features["labels"] = tokenizer(text_target=completion, truncation=True, max_length=args.max_length)["input_ids"]
+        return features
+
+    def dataset(examples):
+        if examples and "prompt" not in examples[0]:
+            raise AlignError("data: encoder-decoder models need pairs (prompt/completion, question/answer, ...), "
+                             "not messages or text")
+        return Dataset.from_list(examples).map(encode, remove_columns=list(examples[0]))
+
+    args.remove_unused_columns = False
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(train),
+        eval_dataset=dataset(evaluation) if evaluation else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def _save_merged(work: Path, base_path: str, cfg: SFTRunConfig) -> None:
+    """Merge the adapter into full-precision base weights (also after QLoRA) and save to `merged/`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    adapter_config = json.loads((work / "adapter_config.json").read_text())
+    auto = AutoModelForSeq2SeqLM if adapter_config.get("task_type") == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
+    dtype = torch_dtype(cfg.model.dtype)
+    base = auto.from_pretrained(base_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(work))
+    match_model_to_tokenizer(base, tokenizer)
+    merged = PeftModel.from_pretrained(base, str(work)).merge_and_unload()
+    merged.save_pretrained(str(work / "merged"))
+    tokenizer.save_pretrained(str(work / "merged"))
+
