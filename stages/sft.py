@@ -28,11 +28,16 @@ from align.reporting import console, human_bytes, print_table
 STAGE = "sft"
 
 
-def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
+def load(config_path: str, overrides: list[str]) -> SFTRunConfig:
+    """The validated config (every `training:` key checked against TRL's SFTConfig)."""
     from trl import SFTConfig
 
+    return load_config(config_path, overrides, SFTRunConfig, extra_sections={"training": SFTConfig})
+
+
+def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
     # 1. Config: validated in full before anything heavy happens.
-    cfg = load_config(config_path, overrides, SFTRunConfig, extra_sections={"training": SFTConfig})
+    cfg = load(config_path, overrides)
     name = cfg.output.name or Path(config_path).stem
     run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -91,10 +96,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 
     # 4. Train.
     run_dir.create()
-    try:
-        args = SFTConfig(**_training_defaults(cfg, run_dir, bool(evaluation)) | cfg.training)
-    except ValueError as e:  # TrainingArguments' own consistency checks (strategies, precision...)
-        raise AlignError(f"training: {e}") from None
+    args = training_arguments(cfg, run_dir, has_eval=bool(evaluation))
     trainer = _make_trainer(model, tokenizer, args, train, evaluation, seq2seq, cfg)
     eval_before = trainer.evaluate()["eval_loss"] if evaluation and checkpoint is None else None
     started = time.time()
@@ -160,8 +162,10 @@ def _check_report_to(report_to) -> None:
                              f"remove it from report_to")
 
 
-def _training_defaults(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool) -> dict:
-    """align's defaults under the user's `training:` values: safe on CPU, explicit about precision."""
+def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):
+    """TRL's SFTConfig: align's defaults (safe on CPU, explicit about precision) under the user's `training:`."""
+    from trl import SFTConfig
+
     bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16 and torch.cuda.is_available()
     defaults = dict(
         output_dir=str(run_dir.work / CHECKPOINTS),
@@ -179,7 +183,13 @@ def _training_defaults(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool) -> di
     if cfg.training.get("load_best_model_at_end") and not has_eval:
         raise AlignError("training.load_best_model_at_end needs a validation set: set data.val_set_size or "
                          "data.eval_path")
-    return defaults
+    if cfg.early_stopping_patience and not cfg.training.get("load_best_model_at_end"):
+        raise AlignError("early_stopping_patience needs training.load_best_model_at_end: true (and matching "
+                         "training.eval_strategy / save_strategy)")
+    try:
+        return SFTConfig(**defaults | cfg.training)
+    except ValueError as e:  # TrainingArguments' own consistency checks (strategies, precision...)
+        raise AlignError(f"training: {e}") from None
 
 
 def _make_trainer(model, tokenizer, args, train, evaluation, seq2seq: bool, cfg: SFTRunConfig):

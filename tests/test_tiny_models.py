@@ -179,7 +179,7 @@ def test_tiny_llama_learns_toy_task(tiny_llama):
     steps, bs = 100, 8
     train = toy_task_records(steps * bs, seed=0)
     seen = {r["prompt"] for r in train}
-    held_out = _batch(tok, [r for r in toy_task_records(100, seed=1) if r["prompt"] not in seen][:64])
+    held_out = _batch(tok, [r for r in toy_task_records(300, seed=1) if r["prompt"] not in seen][:64])
 
     def eval_loss() -> float:
         model.eval()

@@ -6,8 +6,8 @@ Every builder writes a standard Hugging Face folder (``config.json``, ``model.sa
 well under a second.
 
 The toy task is letter reversal: ``"reverse: a b c\\n"`` -> ``"c b a"`` (3-4 letters from a-f).
-A 2-layer, 64-wide Llama trained ~100 AdamW steps (lr 3e-3, batch 8) cuts held-out loss on
-the completion tokens by about 90%, and ~200 steps make greedy decoding mostly exact.
+A 2-layer, 64-wide Llama trained 100 AdamW steps (lr 3e-3, batch 8) cuts held-out loss on the
+completion tokens from ~6.2 to ~0.2 and greedily reverses ~75-90% of unseen prompts exactly.
 """
 
 from __future__ import annotations
