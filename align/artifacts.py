@@ -43,9 +43,11 @@ class RunDir:
                 raise AlignError(f"--resume: no checkpoint in {self.work / CHECKPOINTS} (nothing to resume; run "
                                  f"without --resume)")
             return checkpoint
-        if self.work.exists() and is_main:
-            raise AlignError(f"output: an unfinished run is in {self.work}. Add --resume to continue it, or delete "
-                             f"that folder to start over")
+        if self.work.exists() and is_main and self.last_checkpoint() is None:
+            shutil.rmtree(self.work)  # a run that died before its first checkpoint: nothing worth keeping
+        elif self.work.exists() and is_main:
+            raise AlignError(f"output: an unfinished run with checkpoints is in {self.work}. Add --resume to "
+                             f"continue it, or delete that folder to start over")
         return None
 
     def create(self) -> None:
@@ -85,18 +87,19 @@ def save_training_log(log_history: list[dict], folder: Path) -> None:
             handle.write(json.dumps(entry) + "\n")
 
 
-def write_model_card(folder: Path, *, title: str, stage: str, base_model: str, adapter: bool,
+def write_model_card(folder: Path, *, final_path: Path, title: str, stage: str, base_model: str, model_source: str,
+                     adapter: bool,
                      data_source: str, data_fingerprint: str, metrics: dict, config: dict,
                      plots: list[str]) -> None:
     """README.md in the artifact: what it is, how it was made, how well it did, how to load it."""
     if adapter:
         usage = ("```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-                 f"model = AutoPeftModelForCausalLM.from_pretrained({str(folder)!r})\n"
-                 f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n```")
+                 f"model = AutoPeftModelForCausalLM.from_pretrained({str(final_path)!r})\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained({str(final_path)!r})\n```")
     else:
         usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                 f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
-                 f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n```")
+                 f"model = AutoModelForCausalLM.from_pretrained({str(final_path)!r})\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained({str(final_path)!r})\n```")
     metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     plot_lines = "\n".join(f"![{Path(p).stem}]({p})" for p in plots)
     config_yaml = yaml.safe_dump(redact_secrets(config), sort_keys=False)
@@ -108,7 +111,8 @@ tags: [align, {stage}]
 
 # {title}
 
-Trained with `align {stage}` ({"LoRA adapter" if adapter else "full weights"}) from `{base_model}`.
+Trained with `align {stage}` ({"LoRA adapter" if adapter else "full weights"}) from `{model_source}`
+(loaded from `{base_model}`).
 
 - Data: `{data_source}` (fingerprint `{data_fingerprint}`)
 

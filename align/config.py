@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import enum
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,9 +63,9 @@ class QuantizationConfig:
 class LoraConfig:
     enabled: bool = field(default=True, metadata={
         "help": "Train LoRA adapters. false: full fine-tuning (or `model.train_only` layers)."})
-    r: int = field(default=16, metadata={"help": "Adapter rank."})
+    r: int = field(default=16, metadata={"help": "Adapter rank.", "range": (1, None)})
     alpha: int = field(default=32, metadata={"help": "Scaling numerator: updates are scaled by alpha / r."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input.", "range": (0, 1)})
     target_modules: list[str] | str = field(default="all-linear", metadata={
         "help": "Module names to adapt (`[q_proj, v_proj]`) or `all-linear`."})
     modules_to_save: list[str] | None = field(default=None, metadata={
@@ -73,6 +74,10 @@ class LoraConfig:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized scaling alpha / sqrt(r)."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
 
+
+# The fields each data format reads (align.data.FORMAT_FIELDS); `data.columns` maps onto these.
+FORMAT_FIELD_NAMES = ("messages", "prompt", "completion", "question", "answer", "instruction", "input", "output",
+                      "text")
 
 DataFormat = Literal["auto", "messages", "prompt_completion", "question_answer", "instruction", "input_output",
                      "text"]
@@ -87,15 +92,15 @@ class DataConfig:
                 "instruction/input/output, input/output, text, in that order)."})
     columns: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Map format fields to your fields, dotted for nesting and list items: "
-                "`{prompt: question, completion: answers.0}`."})
+                "`{prompt: question, completion: answers.0}`.", "keys": FORMAT_FIELD_NAMES})
     split: str = field(default="train", metadata={"help": "Split to read from a hub or saved DatasetDict."})
     eval_path: str | None = field(default=None, metadata={
         "help": "Separate validation data (same formats). Otherwise `val_set_size` is held out of `path`."})
     val_set_size: float = field(default=0.0, metadata={
-        "help": "Held-out validation share (0-1) or count (>= 1) taken from `path` with `seed`."})
+        "help": "Held-out validation share (0-1) or count (>= 1) taken from `path` with `seed`.", "range": (0, None)})
     seed: int = field(default=42, metadata={"help": "Seed of the validation split and of subsampling."})
     max_examples: int | None = field(default=None, metadata={
-        "help": "Use a random subset of N records (drawn with `seed`, kept in file order)."})
+        "help": "Use a random subset of N records (drawn with `seed`, kept in file order).", "range": (1, None)})
     clean_whitespace: bool = field(default=False, metadata={
         "help": "Strip each text and collapse runs of spaces (newlines kept)."})
     overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
@@ -146,9 +151,10 @@ class SFTRunConfig:
                 "gradient_checkpointing off, report_to none."})
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop after this many evaluations without improvement of `training.metric_for_best_model` "
-                "(eval_loss by default). Needs training.load_best_model_at_end and an eval/save strategy."})
+                "(eval_loss by default). Needs training.load_best_model_at_end and an eval/save strategy.",
+        "range": (1, None)})
     early_stopping_threshold: float = field(default=0.0, metadata={
-        "help": "Smallest improvement that counts for early stopping."})
+        "help": "Smallest improvement that counts for early stopping.", "range": (0, None)})
     seed: int = field(default=42, metadata={"help": "Seed for model init of new weights, data order and sampling."})
 
 
@@ -161,7 +167,8 @@ class Source:
 
     file: str
     lines: dict[str, int] = field(default_factory=dict)
-    overrides: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)  # dotted key -> the override as typed
+    raw: dict[str, str] = field(default_factory=dict)  # dotted key -> the override's value, unparsed
 
     def where(self, key: str) -> str:
         if key in self.overrides:
@@ -182,24 +189,39 @@ def load_config(path: str | Path, overrides: list[str], schema: type, extra_sect
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise AlignError(f"config: {path}: file not found (check the --config path; relative paths start in "
+                         f"{Path.cwd()})") from None
+    except IsADirectoryError:
+        raise AlignError(f"config: {path} is a folder; --config takes a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise AlignError(f"config: {path}: not UTF-8 text ({e.reason} at byte {e.start}); is it a YAML file?") from None
     except OSError as e:
-        raise AlignError(f"config: cannot read {path}: {e.strerror}") from None
+        raise AlignError(f"config: cannot read {path}: {e.strerror or e}") from None
     try:
         node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader) or {}
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise AlignError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise AlignError(f"{path}{line}: invalid YAML: {problem} (check indentation, colons and quotes)") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise AlignError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...)")
-    source = Source(str(path), _key_lines(node))
+        raise AlignError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...), got "
+                         f"{_describe(data)}")
+    source = Source(str(path), _key_lines(node, str(path)))
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value, raw = _parse_override(item)
         source.overrides[key] = item
+        source.raw[key] = raw
         _set_dotted(data, key, value, item)
-    return _build(schema, data, "", source, extra_sections or {})
+    validator = _Validator(schema, source, extra_sections or {})
+    config = validator.build(schema, data, "")
+    _cross_check(config, source)
+    return config
 
 
 class _Loader(yaml.SafeLoader):
@@ -213,17 +235,27 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _key_lines(node, prefix: str = "") -> dict[str, int]:
+def _key_lines(node, file: str, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> line, for every mapping key; a key given twice in one mapping is an error (YAML would
+    silently keep the last one)."""
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                continue  # complex keys and merge keys (`<<: *anchor`) have no dotted name
+            line = key_node.start_mark.line + 1
             key = f"{prefix}{key_node.value}"
-            lines[key] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, key + "."))
+            if key_node.value in seen:
+                raise AlignError(f"{file}:{line}: {key}: given twice (first at line {seen[key_node.value]}); "
+                                 f"keep one")
+            seen[key_node.value] = line
+            lines[key] = line
+            lines.update(_key_lines(value_node, file, key + "."))
     return lines
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def _parse_override(item: str) -> tuple[str, Any, str]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise AlignError(f"override '{item}': expected dotted.key=value (e.g. training.learning_rate=1e-4)")
@@ -231,68 +263,156 @@ def _parse_override(item: str) -> tuple[str, Any]:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key.strip(), value, raw
 
 
 def _set_dotted(data: dict, key: str, value: Any, item: str) -> None:
     parts = key.split(".")
     node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:  # absent, or an empty section (`lora:` with nothing under it)
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise AlignError(f"override '{item}': '{part}' is not a section")
+            section = ".".join(parts[:i + 1])
+            raise AlignError(f"override '{item}': '{section}' is {_describe(child)}, not a section")
         node = child
     node[parts[-1]] = value
 
 
-def _build(schema: type, data: Any, prefix: str, source: Source, extra_sections: dict[str, type]):
-    section = prefix.rstrip(".") or "the config"
-    if not isinstance(data, dict):
-        raise AlignError(f"{source.where(prefix.rstrip('.'))}: {section}: expected a mapping, got "
-                         f"{_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in data:
-        if key not in fields:
-            raise AlignError(f"{source.where(prefix + str(key))}: {prefix}{key}: unknown key"
-                             f"{_suggest(str(key), fields, prefix)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = prefix + name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if dataclasses.is_dataclass(_resolve_type(schema, name)):
-                    raise AlignError(f"{source.file}: missing section '{key}:'")
-                raise AlignError(f"{source.where(prefix.rstrip('.'))}: missing required key '{key}'")
-            continue
-        value = data[name]
-        annotation = _resolve_type(schema, name)
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value if value is not None else {}, key + ".", source, extra_sections)
-        elif key in extra_sections:
-            kwargs[name] = _check_free_section(value or {}, key, extra_sections[key], source)
-        else:
-            _check_value(value, annotation, key, source)
-            kwargs[name] = value
-    return schema(**kwargs)
+class _Validator:
+    """Builds the schema's dataclasses from plain data, checking every key and value on the way."""
+
+    def __init__(self, root: type, source: Source, extra_sections: dict[str, type]):
+        self.source = source
+        self.extra_sections = extra_sections
+        # Every valid dotted key, for "did you mean" across sections (`lora.learning_rate` -> training).
+        self.all_keys: list[str] = []
+        self._collect(root, "")
+
+    def _collect(self, schema: type, prefix: str) -> None:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            key = prefix + f.name
+            if dataclasses.is_dataclass(hints[f.name]):
+                self._collect(hints[f.name], key + ".")
+            elif key in self.extra_sections:
+                self.all_keys.extend(f"{key}.{g.name}" for g in dataclasses.fields(self.extra_sections[key]))
+            else:
+                self.all_keys.append(key)
+
+    def build(self, schema: type, data: Any, prefix: str):
+        source = self.source
+        section = prefix.rstrip(".") or "the config"
+        if not isinstance(data, dict):
+            raise AlignError(f"{source.where(prefix.rstrip('.'))}: {section}: expected a mapping of keys, got "
+                             f"{_describe(data)}")
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        hints = typing.get_type_hints(schema)
+        for key in data:
+            if key not in fields:
+                raise AlignError(f"{source.where(prefix + str(key))}: {prefix}{key}: unknown key"
+                                 f"{self.suggest(str(key), fields, prefix)}")
+        kwargs = {}
+        for name, f in fields.items():
+            key = prefix + name
+            annotation = hints[name]
+            if name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    if dataclasses.is_dataclass(annotation):
+                        needed = ", ".join(f"{key}.{g.name}" for g in dataclasses.fields(annotation)
+                                           if _required(g))
+                        raise AlignError(f"{source.file}: missing section '{key}:'"
+                                         + (f" (it needs at least {needed})" if needed else ""))
+                    raise AlignError(f"{source.where(prefix.rstrip('.'))}: missing required key '{key}'"
+                                     f"{_help_hint(f)}")
+                continue
+            value = data[name]
+            if dataclasses.is_dataclass(annotation):
+                kwargs[name] = self.build(annotation, value if value is not None else {}, key + ".")
+            elif key in self.extra_sections:
+                kwargs[name] = self.free_section(value if value is not None else {}, key, self.extra_sections[key])
+            else:
+                if value is None and _required(f):
+                    raise AlignError(f"{source.where(key)}: {key}: required, but empty{_help_hint(f)}")
+                kwargs[name] = _check_value(value, annotation, key, source, f.metadata)
+        return schema(**kwargs)
+
+    def free_section(self, values: Any, key: str, target: type) -> dict:
+        source = self.source
+        if not isinstance(values, dict):
+            raise AlignError(f"{source.where(key)}: {key}: expected a mapping of {target.__name__} fields, got "
+                             f"{_describe(values)}")
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        hints = typing.get_type_hints(target)
+        checked = {}
+        for name, value in values.items():
+            dotted = f"{key}.{name}"
+            if dotted in _MANAGED:
+                raise AlignError(f"{source.where(dotted)}: {dotted}: set by align; {_MANAGED[dotted]}")
+            if name not in fields:
+                raise AlignError(f"{source.where(dotted)}: {dotted}: unknown key for {target.__name__}"
+                                 f"{self.suggest(str(name), fields, key + '.')}")
+            checked[name] = _check_value(value, hints[name], dotted, source)
+        return checked
+
+    def suggest(self, key: str, fields: dict, prefix: str) -> str:
+        """` (did you mean 'x.y'?)`: an alias other tools use, the same key in another section, a close spelling."""
+        alias = _ALIASES.get(key)
+        if alias in fields:
+            return f" (did you mean '{prefix}{alias}'?)"
+        if not prefix and key in _FLAT_ALIASES:  # flat axolotl / LLaMA-Factory configs
+            return f" (did you mean '{_FLAT_ALIASES[key]}'?)"
+        for name in (alias, key):
+            elsewhere = [k for k in self.all_keys if name and k.rsplit(".", 1)[-1] == name]
+            if elsewhere:
+                return f" (did you mean '{elsewhere[0]}'?)"
+        close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean '{prefix}{close[0]}'?)"
+        close = difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in self.all_keys], n=1, cutoff=0.8)
+        if close:
+            return f" (did you mean '{next(k for k in self.all_keys if k.endswith('.' + close[0]) or k == close[0])}'?)"
+        names = sorted(fields)
+        if len(names) > 25:
+            return f" (no similar key among its {len(names)} fields; check the spelling)"
+        return f"; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
 
 
-def _check_free_section(values: Any, key: str, target: type, source: Source) -> dict:
-    if not isinstance(values, dict):
-        raise AlignError(f"{source.where(key)}: {key}: expected a mapping, got {_describe(values)}")
-    fields = {f.name: f for f in dataclasses.fields(target)}
-    hints = typing.get_type_hints(target)
-    for name, value in values.items():
-        dotted = f"{key}.{name}"
-        if name not in fields:
-            raise AlignError(f"{source.where(dotted)}: {dotted}: unknown key for {target.__name__}"
-                             f"{_suggest(str(name), fields, key + '.')}")
-        _check_value(value, hints[name], dotted, source)
-    return dict(values)
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def _check_value(value: Any, annotation: Any, key: str, source: Source) -> None:
+def _help_hint(f: dataclasses.Field) -> str:
+    """` (model to start from)`: the first phrase of the field's help."""
+    text = f.metadata.get("help", "")
+    phrase = re.split(r"[.:;]", text, maxsplit=1)[0].strip()
+    return f" ({phrase[0].lower() + phrase[1:]})" if phrase else ""
+
+
+def _check_value(value: Any, annotation: Any, key: str, source: Source, metadata: Any = None) -> Any:
+    """The value if it fits `annotation` (and the field's `range` / `keys`), else an AlignError naming the key."""
+    if (not _matches(value, annotation) and key in source.raw and not isinstance(value, list)
+            and _matches(source.raw[key], annotation)):
+        value = source.raw[key]  # `output.name=123`, `template.system=a: b`: the override meant the text
     if not _matches(value, annotation):
         raise AlignError(f"{source.where(key)}: {key}: expected {_type_name(annotation)}, got {_describe(value)}")
+    metadata = metadata or {}
+    low, high = metadata.get("range", (None, None))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if low is not None and value < low:
+            raise AlignError(f"{source.where(key)}: {key}: must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise AlignError(f"{source.where(key)}: {key}: must be at most {high}, got {value}")
+    allowed = metadata.get("keys")
+    if allowed and isinstance(value, dict):
+        for name in value:
+            if name not in allowed:
+                close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise AlignError(f"{source.where(key)}: {key}.{name}: not a field align reads ({hint}valid: "
+                                 f"{', '.join(allowed)})")
+    return value
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -303,12 +423,15 @@ def _matches(value: Any, annotation: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in args)
     if origin is Literal:
-        return value in args
+        return any(value == a and type(value) is type(a) for a in args)
     if annotation is type(None):
         return value is None
     if origin in (list, tuple, typing.Sequence):
         return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
     if origin is dict:
+        return isinstance(value, dict) and (
+            len(args) != 2 or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()))
+    if annotation is dict:
         return isinstance(value, dict)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return value in {m.value for m in annotation} or isinstance(value, annotation)
@@ -323,6 +446,9 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True  # annotations we cannot check (callables, forward refs) are left to the library
 
 
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -333,8 +459,11 @@ def _type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     if origin in (list, tuple):
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        return f"a list of {_PLURALS.get(args[0], _type_name(args[0]) + ' items')}" if args else "a list"
     if origin is dict:
+        return f"a mapping of {_PLURALS.get(args[0], 'keys')} to {_PLURALS.get(args[1], 'values')}" \
+            if len(args) == 2 else "a mapping"
+    if annotation is dict:
         return "a mapping"
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in annotation)
@@ -344,36 +473,106 @@ def _type_name(annotation: Any) -> str:
 
 def _describe(value: Any) -> str:
     if value is None:
-        return "null"
+        return "null (an empty value)"
     if isinstance(value, bool):
         return f"{str(value).lower()} (true/false)"
     if isinstance(value, str):
         return f"the string {value!r}"
     if isinstance(value, dict):
         return "a mapping"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "a list"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value}"
     return f"{value!r} ({type(value).__name__})"
 
 
-# Names other tools (axolotl, LLaMA-Factory, peft) use for our fields.
-_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-            "lora_target_modules": "target_modules", "sequence_len": "max_length", "max_seq_length": "max_length",
+# Names other tools (axolotl, LLaMA-Factory, peft, transformers) use for keys in one of our sections.
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "lora_target_modules": "target_modules", "target": "target_modules", "sequence_len": "max_length",
+            "max_seq_length": "max_length", "max_seq_len": "max_length", "cutoff_len": "max_length",
             "sample_packing": "packing", "micro_batch_size": "per_device_train_batch_size",
-            "epochs": "num_train_epochs", "lr": "learning_rate", "base_model": "path", "torch_dtype": "dtype"}
+            "batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs",
+            "num_epochs": "num_train_epochs", "lr": "learning_rate", "base_model": "path",
+            "model_name_or_path": "path", "torch_dtype": "dtype", "output_dir": "dir",
+            "val_size": "val_set_size", "dataset": "path", "datasets": "path", "chat_template": "name"}
+
+# Flat (sectionless) config keys of axolotl / LLaMA-Factory -> our dotted key.
+_FLAT_ALIASES = {"base_model": "model.path", "model_name_or_path": "model.path", "datasets": "data.path",
+                 "dataset": "data.path", "sequence_len": "training.max_length",
+                 "max_seq_length": "training.max_length", "cutoff_len": "training.max_length",
+                 "micro_batch_size": "training.per_device_train_batch_size",
+                 "num_epochs": "training.num_train_epochs", "epochs": "training.num_train_epochs",
+                 "lr": "training.learning_rate", "sample_packing": "training.packing", "lora_r": "lora.r",
+                 "lora_rank": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+                 "lora_target_modules": "lora.target_modules", "lora_target_linear": "lora.target_modules",
+                 "lora_target": "lora.target_modules", "adapter": "lora.enabled", "finetuning_type": "lora.enabled",
+                 "output_dir": "output.dir", "val_size": "data.val_set_size", "chat_template": "template.name",
+                 "quantization_bit": "quantization.load_in_4bit", "torch_dtype": "model.dtype",
+                 "wandb_project": "training.report_to"}
+
+# Keys of a free-form section that align sets itself, with what to use instead.
+_MANAGED = {
+    "training.output_dir": "use output.dir (checkpoints go to <output.dir>.incomplete/checkpoints until the run "
+                           "finishes)",
+    "training.resume_from_checkpoint": "use --resume to continue an interrupted run",
+}
 
 
-def _suggest(key: str, fields: dict, prefix: str) -> str:
-    if _ALIASES.get(key) in fields:
-        return f" (did you mean '{prefix}{_ALIASES[key]}'?)"
-    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    return f"; valid keys: {', '.join(sorted(fields))}"
+def _cross_check(config: Any, source: Source) -> None:
+    """Checks that involve more than one key, done here so they fail with file:line before anything loads."""
+    template = getattr(config, "template", None)
+    if isinstance(template, TemplateConfig):
+        if template.name == "custom" and not template.prompt:
+            raise AlignError(f"{source.where('template.name')}: template.name: custom needs template.prompt, e.g. "
+                             f"'### Question:\\n{{question}}\\n### Answer:\\n'")
+        if template.prompt and template.name != "custom":
+            raise AlignError(f"{source.where('template.prompt')}: template.prompt is only used with template.name: "
+                             f"custom (set that, or remove template.prompt)")
+        if template.prompt:
+            _check_format_string(template.prompt, source)
+    model, lora, quant = (getattr(config, name, None) for name in ("model", "lora", "quantization"))
+    if isinstance(quant, QuantizationConfig):
+        if quant.load_in_4bit and quant.load_in_8bit:
+            raise AlignError(f"{source.where('quantization.load_in_8bit')}: quantization: choose one of load_in_4bit "
+                             f"and load_in_8bit")
+        if (quant.load_in_4bit or quant.load_in_8bit) and isinstance(lora, LoraConfig) and not lora.enabled:
+            raise AlignError(f"{source.where('lora.enabled')}: lora.enabled: false, but a 4/8-bit model can only "
+                             f"train adapters; set lora.enabled: true or turn quantization off")
+    if isinstance(model, ModelConfig) and model.train_only and isinstance(lora, LoraConfig) and lora.enabled:
+        raise AlignError(f"{source.where('model.train_only')}: model.train_only selects layers for full "
+                         f"fine-tuning; set lora.enabled: false")
+    training = getattr(config, "training", None)
+    data = getattr(config, "data", None)
+    if isinstance(training, dict) and isinstance(data, DataConfig):
+        has_eval = bool(data.eval_path or data.val_set_size)
+        if training.get("load_best_model_at_end") and not has_eval:
+            raise AlignError(f"{source.where('training.load_best_model_at_end')}: training.load_best_model_at_end "
+                             f"needs a validation set: set data.val_set_size or data.eval_path")
+        strategy = training.get("eval_strategy")
+        if strategy is not None and str(getattr(strategy, "value", strategy)).lower() != "no" and not has_eval:
+            raise AlignError(f"{source.where('training.eval_strategy')}: training.eval_strategy: {strategy} needs a "
+                             f"validation set: set data.val_set_size or data.eval_path (or eval_strategy: no)")
+    patience = getattr(config, "early_stopping_patience", None)
+    if patience and isinstance(training, dict) and not training.get("load_best_model_at_end"):
+        raise AlignError(f"{source.where('early_stopping_patience')}: early_stopping_patience needs "
+                         f"training.load_best_model_at_end: true (and matching training.eval_strategy / "
+                         f"save_strategy)")
 
 
-def _resolve_type(schema: type, name: str):
-    return typing.get_type_hints(schema)[name]
+def _check_format_string(text: str, source: Source) -> None:
+    where = source.where("template.prompt")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as e:
+        raise AlignError(f"{where}: template.prompt: not a valid format string ({e}); write literal braces as "
+                         f"{{{{ and }}}}") from None
+    for name in names:
+        if not name or name.isdigit() or not name.isidentifier():
+            raise AlignError(f"{where}: template.prompt: placeholder {{{name}}} must be a record field name, like "
+                             f"{{question}}")
 
 
 def to_dict(config: Any) -> dict:

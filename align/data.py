@@ -7,14 +7,16 @@ conversational message lists), `{"messages"}`, or `{"text"}`.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from align.config import DataConfig, TemplateConfig
 from align.errors import AlignError
@@ -49,14 +51,18 @@ class Records:
 
 def read_records(path: str, split: str = "train") -> Records:
     """Read .jsonl/.json/.csv/.parquet files, `save_to_disk` folders, or hub datasets."""
-    path = resolve_package_path(path)
-    file = Path(path)
+    try:
+        path = resolve_package_path(path)
+    except AlignError as e:
+        raise AlignError(f"data: {e}") from None
+    file = Path(path).expanduser()
     if file.is_dir():
         return _read_saved_dataset(file, split)
     if not file.exists():
         # "org/name" or "name" may be a hub dataset; anything that looks like a file path is a missing file.
         if file.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or path.startswith((".", "/", "~")):
-            raise AlignError(f"data: file not found: {path}")
+            where = "" if file.is_absolute() else f" (relative to {Path.cwd()})"
+            raise AlignError(f"data: file not found: {path}{where}; check data.path / data.eval_path")
         return _read_hub_dataset(path, split)
     suffix = file.suffix.lower()
     try:
@@ -76,73 +82,109 @@ def read_records(path: str, split: str = "train") -> Records:
                      f"saved dataset folder, or a hub dataset name)")
 
 
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
 def _read_jsonl(file: Path) -> Records:
     rows, locations = [], []
-    with file.open(encoding="utf-8") as handle:
+    with file.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise AlignError(f"data: {file}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+                hint = ("; the file looks like one JSON document: name it .json" if number == 1 and
+                        line.strip() in ("[", "{") else "; each line must be one complete JSON object")
+                raise AlignError(f"data: {file}:{number}: malformed JSON ({e.msg} at column {e.colno}){hint}") \
+                    from None
             if not isinstance(row, dict):
                 raise AlignError(f"data: {file}:{number}: expected a JSON object per line, got "
-                                 f"{type(row).__name__}")
+                                 f"{_json_kind(row)}")
             rows.append(row)
             locations.append(f"{file}:{number}")
     return Records(rows, locations, str(file))
 
 
 def _read_json(file: Path) -> Records:
-    text = file.read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise AlignError(f"data: {file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        hint = "; the file looks like JSON Lines (one object per line): name it .jsonl" \
+            if e.msg == "Extra data" else ""
+        raise AlignError(f"data: {file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}){hint}") from None
+    key = None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the one list inside
-        lists = [v for v in data.values() if isinstance(v, list)]
+        lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
-            raise AlignError(f"data: {file}: expected a list of records (or an object holding one list)")
-        data = lists[0]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise AlignError(f"data: {file}: expected a list of JSON objects")
-    # Line numbers of each top-level object, found from the start of each `{` at nesting depth 1.
-    starts = _object_start_lines(text)
+            found = f"it holds lists under {', '.join(map(repr, lists))}" if lists else "it holds no list"
+            raise AlignError(f"data: {file}: expected a list of records, or an object holding one list ({found})")
+        key = lists[0]
+        data = data[key]
+    if not isinstance(data, list):
+        raise AlignError(f"data: {file}: expected a list of JSON objects, got {_json_kind(data)}")
+    starts = _item_lines(text, key)
     locations = [f"{file}:{starts[i]}" if i < len(starts) else f"{file} record {i + 1}" for i in range(len(data))]
+    for row, where in zip(data, locations):
+        if not isinstance(row, dict):
+            raise AlignError(f"data: {where}: expected a JSON object per record, got {_json_kind(row)}")
     return Records(data, locations, str(file))
 
 
-def _object_start_lines(text: str) -> list[int]:
-    lines, depth, line, in_string, escape = [], 0, 1, False, False
-    for char in text:
-        if char == "\n":
-            line += 1
-        if in_string:
-            escape = not escape and char == "\\"
-            if char == '"' and not escape:
-                in_string = False
-            continue
-        if char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if char == "{" and depth == 2:
-                lines.append(line)
-        elif char in "]}":
-            depth -= 1
-    return lines
+def _item_lines(text: str, key: str | None) -> list[int]:
+    """The line each item of the records list starts on (the top-level list, or the list under `key`)."""
+    decoder = json.JSONDecoder()
+    space = re.compile(r"[ \t\n\r]*")
+    newlines = [m.start() for m in re.finditer("\n", text)]
+
+    def skip(i: int) -> int:
+        return space.match(text, i).end()
+
+    def line_of(i: int) -> int:
+        return bisect.bisect_left(newlines, i) + 1
+
+    try:
+        i = skip(0)
+        if key is not None:  # walk the wrapper object's members to the list
+            i = skip(i + 1)
+            while True:
+                name, i = decoder.raw_decode(text, i)
+                i = skip(skip(i) + 1)  # past ':'
+                if name == key:
+                    break
+                _, i = decoder.raw_decode(text, i)
+                i = skip(skip(i) + 1)  # past ','
+        lines = []
+        i = skip(i + 1)  # past '['
+        while text[i] != "]":
+            lines.append(line_of(i))
+            _, i = decoder.raw_decode(text, i)
+            i = skip(i)
+            if text[i] == ",":
+                i = skip(i + 1)
+        return lines
+    except (ValueError, IndexError):  # cannot happen for text json.loads accepted; fall back to record numbers
+        return []
 
 
 def _read_csv(file: Path) -> Records:
     rows, locations = [], []
-    with file.open(encoding="utf-8", newline="") as handle:
+    with file.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames:
             raise AlignError(f"data: {file}:1: empty CSV (a header row is needed)")
+        columns = len(reader.fieldnames)
         for row in reader:
             if None in row:
-                raise AlignError(f"data: {file}:{reader.line_num}: more values than header columns")
+                raise AlignError(f"data: {file}:{reader.line_num}: {columns + len(row[None])} values but the header "
+                                 f"has {columns} columns (quote values that contain commas)")
+            if any(value is None for value in row.values()):
+                given = sum(value is not None for value in row.values())
+                raise AlignError(f"data: {file}:{reader.line_num}: {given} values but the header has {columns} "
+                                 f"columns")
             rows.append(row)
             locations.append(f"{file}:{reader.line_num}")
     return Records(rows, locations, str(file))
@@ -179,8 +221,10 @@ def _read_hub_dataset(name: str, split: str) -> Records:
     try:
         dataset = load_dataset(name, split=split)
     except Exception as e:  # offline, missing, gated: all end the same way for the user
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        reason = "HF_HUB_OFFLINE is set" if offline else type(e).__name__
         raise AlignError(f"data: '{name}' is not a local file or folder, and loading it from the Hugging Face hub "
-                         f"failed ({type(e).__name__}). Check the path, or download the dataset.") from None
+                         f"failed ({reason}). Check data.path, or download the dataset.") from None
     rows = dataset.to_list()
     return Records(rows, [f"{name}[{split}] row {i + 1}" for i in range(len(rows))], name)
 
@@ -216,37 +260,53 @@ def apply_columns(records: Records, columns: dict[str, str]) -> Records:
     return Records(rows, records.locations, records.source)
 
 
-def detect_format(records: Records, requested: str) -> str:
+def detect_format(records: Records, requested: str, mapped: Iterable[str] = ()) -> str:
+    """The format of the records (from the first one). With `data.columns`, a format using the mapped fields wins
+    over one the record happens to have too (a record with both `messages` and a mapped `prompt`/`completion`)."""
     if not records.rows:
-        raise AlignError(f"data: {records.source} has no records")
+        raise AlignError(f"data: {records.source} has no records (is it the right file?)")
     first = records.rows[0]
     if requested != "auto":
         missing = [f for f in FORMAT_FIELDS[requested] if f not in first]
         if missing:
             raise AlignError(f"data: {records.locations[0]}: data.format '{requested}' needs field(s) "
-                             f"{', '.join(missing)}; the record has {', '.join(first) or 'no fields'}")
+                             f"{', '.join(missing)}; the record has {', '.join(first) or 'no fields'} (map yours "
+                             f"with data.columns)")
         return requested
-    for name, needed in FORMAT_FIELDS.items():
-        if all(f in first for f in needed):
+    mapped = set(mapped)
+    candidates = [name for name, needed in FORMAT_FIELDS.items() if all(f in first for f in needed)]
+    for name in candidates:
+        if mapped & set(FORMAT_FIELDS[name]):
             return name
+    if candidates:
+        return candidates[0]
     tried = "; ".join(f"{name} ({'/'.join(fields)})" for name, fields in FORMAT_FIELDS.items())
     raise AlignError(f"data: {records.locations[0]}: no recognizable format in fields "
-                     f"[{', '.join(first) or 'none'}]. Tried: {tried}. Map your fields with data.columns, e.g. "
-                     f"data.columns={{prompt: {next(iter(first), 'q')}, completion: ...}}")
+                     f"[{', '.join(map(str, first)) or 'none'}]. Tried: {tried}. Map your fields with data.columns, "
+                     f"e.g. data.columns={{prompt: {next(iter(first), 'q')}, completion: ...}}")
 
 
-def _text(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
-    value = row.get(key)
+def _text(row: dict, key: str, where: str, allow_empty: bool = False, required: bool = True) -> str:
+    """The text of `row[key]`. Missing (when `required`) or not text: an error naming the record and field.
+    Empty: an error unless `allow_empty` (the caller drops the record and counts it)."""
+    if key not in row:
+        if not required:
+            return ""
+        raise AlignError(f"data: {where}: field '{key}' is missing (the first record has it; every record needs "
+                         f"the same fields)")
+    value = row[key]
     if value is None and allow_empty:
         return ""
-    if isinstance(value, (int, float, bool)) and not isinstance(value, bool):
-        value = str(value)
     if isinstance(value, bool):
         value = "yes" if value else "no"
+    elif isinstance(value, (int, float)):
+        value = str(value)
     if not isinstance(value, str):
-        raise AlignError(f"data: {where}: field '{key}' must be text, got {type(value).__name__}")
+        hint = (f"; to use one item, map it with data.columns, e.g. {{{key}: <field>.0}}"
+                if isinstance(value, list) else "")
+        raise AlignError(f"data: {where}: field '{key}' must be text, got {_json_kind(value)}{hint}")
     if not value.strip() and not allow_empty:
-        raise AlignError(f"data: {where}: field '{key}' is empty")
+        raise AlignError(f"data: {where}: field '{key}' is empty; fill it in or remove that record")
     return value
 
 
@@ -265,13 +325,21 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
+# What an example needs to be kept, per format (for the "nothing left" message).
+_TARGET = {"messages": "a non-empty assistant message", "prompt_completion": "a non-empty completion",
+           "question_answer": "a non-empty answer", "instruction": "a non-empty output",
+           "input_output": "a non-empty output", "text": "non-empty text"}
+
+
 def to_examples(records: Records, data_cfg: DataConfig, template: TemplateConfig) -> Prepared:
     """Records -> TRL examples: prompt/completion pairs (chat or templated strings), messages, or text."""
+    if data_cfg.max_examples is not None and data_cfg.max_examples < 1:
+        raise AlignError(f"data.max_examples: must be at least 1, got {data_cfg.max_examples}")
     if data_cfg.max_examples and data_cfg.max_examples < len(records.rows):
         order = sorted(random.Random(data_cfg.seed).sample(range(len(records.rows)), data_cfg.max_examples))
         records = Records([records.rows[i] for i in order], [records.locations[i] for i in order], records.source)
     records = apply_columns(records, data_cfg.columns)
-    fmt = detect_format(records, data_cfg.format)
+    fmt = detect_format(records, data_cfg.format, data_cfg.columns)
     clean = _clean if data_cfg.clean_whitespace else (lambda text: text)
     examples, dropped = [], 0
     chat = template.name == "chat"
@@ -289,12 +357,16 @@ def to_examples(records: Records, data_cfg: DataConfig, template: TemplateConfig
             examples.append({"messages": messages})
             continue
         if fmt == "text":
-            text = clean(_text(row, "text", where))
+            text = clean(_text(row, "text", where, allow_empty=True))
+            if not text.strip():
+                dropped += 1
+                continue
             examples.append({"text": text})
             continue
         prompt, completion, fields = _pair(row, fmt, where)
         prompt, completion = clean(prompt), clean(completion)
-        if not completion:
+        fields = {name: clean(value) for name, value in fields.items()}
+        if not completion.strip():
             dropped += 1
             continue
         if chat:
@@ -303,18 +375,20 @@ def to_examples(records: Records, data_cfg: DataConfig, template: TemplateConfig
                 messages.insert(0, {"role": "system", "content": template.system})
             examples.append({"prompt": messages, "completion": [{"role": "assistant", "content": completion}]})
         else:
-            examples.append({"prompt": _render(template, fmt, prompt, fields, row, where),
+            examples.append({"prompt": _render(template, prompt, fields, row, where, clean),
                              "completion": completion})
     if not examples:
-        raise AlignError(f"data: {records.source}: no usable examples left after filtering "
-                         f"({dropped} empty of {len(records.rows)})")
+        raise AlignError(f"data: {records.source}: no usable examples left after filtering: all {len(records.rows)} "
+                         f"records were dropped for lacking {_TARGET[fmt]} (format {fmt}); fill them in, or check "
+                         f"data.format / data.columns")
     conversational = fmt == "messages" or (chat and fmt != "text")
     return Prepared(examples, fmt, conversational, dropped_empty=dropped)
 
 
 def _messages(value: Any, where: str, clean) -> list[dict] | None:
     if not isinstance(value, list) or not value:
-        raise AlignError(f"data: {where}: field 'messages' must be a non-empty list of {{role, content}}")
+        raise AlignError(f"data: {where}: field 'messages' must be a non-empty list of {{role, content}}, got "
+                         f"{'an empty list' if value == [] else _json_kind(value)}")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -322,8 +396,13 @@ def _messages(value: Any, where: str, clean) -> list[dict] | None:
         if message["role"] not in ("system", "user", "assistant", "tool"):
             raise AlignError(f"data: {where}: messages[{i}].role '{message['role']}' is not one of "
                              f"system, user, assistant, tool")
-        messages.append({"role": message["role"], "content": clean(str(message["content"]))})
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        content = message["content"]
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise AlignError(f"data: {where}: messages[{i}].content must be text, got {_json_kind(content)}")
+        messages.append({"role": message["role"], "content": clean(content)})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return None
     return messages
 
@@ -336,19 +415,24 @@ def _pair(row: dict, fmt: str, where: str) -> tuple[str, str, dict]:
         question, answer = _text(row, "question", where), _text(row, "answer", where, allow_empty=True)
         return question, answer, {"prompt": question, "question": question}
     instruction = _text(row, "instruction" if fmt == "instruction" else "input", where)
-    extra = _text(row, "input", where, allow_empty=True) if fmt == "instruction" else ""
+    extra = _text(row, "input", where, allow_empty=True, required=False) if fmt == "instruction" else ""
     output = _text(row, "output", where, allow_empty=True)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return prompt, output, {"prompt": prompt, "instruction": instruction, "input": extra}
 
 
-def _render(template: TemplateConfig, fmt: str, prompt: str, fields: dict, row: dict, where: str) -> str:
+def _render(template: TemplateConfig, prompt: str, fields: dict, row: dict, where: str, clean=lambda t: t) -> str:
     if template.name == "custom":
+        values = {k: clean(str(v)) for k, v in row.items()
+                  if isinstance(k, str) and isinstance(v, (str, int, float)) and not isinstance(v, bool)}
         try:
-            return template.prompt.format(**{**{k: v for k, v in row.items() if isinstance(v, str)}, **fields})
+            return template.prompt.format(**{**values, **fields})
         except KeyError as e:
             raise AlignError(f"data: {where}: template.prompt uses {{{e.args[0]}}}, which the record does not "
-                             f"have (fields: {', '.join(row)})") from None
+                             f"have as text (fields: {', '.join(map(str, row))})") from None
+        except (IndexError, ValueError, AttributeError) as e:
+            raise AlignError(f"template.prompt: not a usable format string ({e}); use named fields like "
+                             f"{{question}} and write literal braces as {{{{ and }}}}") from None
     if template.name == "alpaca":
         extra = fields.get("input", "")
         return NAMED_TEMPLATES["alpaca"].format(
@@ -384,6 +468,8 @@ def split_validation(examples: list[dict], size: float, seed: int) -> tuple[list
     """Hold out `size` (share if < 1, count if >= 1) of the examples, reproducibly for `seed`."""
     if not size:
         return examples, []
+    if size < 0:
+        raise AlignError(f"data.val_set_size: must be a share (0-1) or a count (>= 1), got {size}")
     count = int(round(size * len(examples))) if size < 1 else int(size)
     count = max(1, count)
     if count >= len(examples):

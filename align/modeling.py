@@ -7,7 +7,7 @@ makes the tokenizer safe to train with (a pad token distinct from EOS, a chat te
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import os
 import tempfile
@@ -32,16 +32,20 @@ PLAIN_CHAT_TEMPLATE = (
 
 
 def resolve_package_path(path: str) -> str:
-    """`pkg:<package>/<file>` -> the file's path inside the installed package."""
+    """`pkg:<package>/<file>` -> the file's path inside the installed package.
+
+    The package is located without importing it: data/model packages often import heavy or missing
+    dependencies in their `__init__`.
+    """
     if not path.startswith("pkg:"):
         return path
     package, _, inner = path[4:].partition("/")
-    try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise AlignError(f"'{path}': package '{package}' is not installed (run the README's setup command, "
-                         f"or pip install it)") from None
-    target = Path(str(root / inner))
+                         f"or pip install it)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    target = root / inner
     if not target.exists():
         raise AlignError(f"'{path}': no file '{inner}' in package '{package}' ({root})")
     return str(target)
@@ -94,7 +98,9 @@ def gguf_to_folder(folder: str, gguf_file: str) -> str:
     print(f"Converting {source.name} to a standard transformers folder (once): {target}")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+    config = model.config
+    del config.quantization_config  # the weights are plain floats now; keeping it makes loaders expect GGUF
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)

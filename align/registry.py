@@ -429,9 +429,11 @@ def _json_default(obj: Any) -> Any:
 
 
 def _git_commit() -> str | None:
+    """The commit of the align source that produced the artifact (when run from a checkout)."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
+            cwd=Path(__file__).resolve().parent.parent,
         )
     except (OSError, subprocess.SubprocessError):
         return None

@@ -129,10 +129,13 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         _save_merged(work, source.path, cfg)
     config = to_dict(cfg)
     save_run_config(config, work)
-    save_training_log(trainer.state.log_history, work)
-    plots = reporting.plot_training_curves(trainer.state.log_history, work)
+    # The loss before training is the first point of the eval curve.
+    history = ([{"step": 0, "eval_loss": eval_before}] if eval_before is not None else []) + trainer.state.log_history
+    save_training_log(history, work)
+    plots = reporting.plot_training_curves(history, work)
     base_model = source.artifact.base_model if source.artifact else source.path
-    write_model_card(work, title=name, stage=STAGE, base_model=base_model, adapter=cfg.lora.enabled,
+    write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=base_model,
+                     model_source=cfg.model.path, adapter=cfg.lora.enabled,
                      data_source=cfg.data.path, data_fingerprint=data_fingerprint, metrics=metrics,
                      config=config, plots=plots)
     final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
@@ -179,7 +182,12 @@ def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):
         include_num_input_tokens_seen="non_padding",
         per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8),
         save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # torchrun on CPU: without use_cpu, accelerate sets up no process group (DistributedType.NO) and
+        # every rank trains alone and writes its own artifact; with it, DDP over gloo.
+        defaults["use_cpu"] = True
     if cfg.training.get("load_best_model_at_end") and not has_eval:
         raise AlignError("training.load_best_model_at_end needs a validation set: set data.val_set_size or "
                          "data.eval_path")

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from tests.tiny_models import (
-    _PROSE,
+    SAMPLE_TEXTS,
     build_tokenizer,
     toy_instruction_records,
     toy_messages_records,
@@ -27,7 +27,7 @@ SPECIALS = {"<unk>", "<s>", "</s>", "<pad>"}
 
 
 def _toy_texts() -> list[str]:
-    texts = [string.ascii_lowercase, string.ascii_uppercase, string.digits, string.punctuation, *_PROSE]
+    texts = [string.ascii_lowercase, string.ascii_uppercase, string.digits, string.punctuation, *SAMPLE_TEXTS]
     for r in toy_task_records(5):
         texts += [r["prompt"], r["completion"]]
     for r in toy_instruction_records(4):
@@ -196,7 +196,8 @@ def test_tiny_llama_learns_toy_task(tiny_llama):
         opt.step()
         opt.zero_grad()
     after = eval_loss()
-    print(f"\nheld-out completion loss {before:.3f} -> {after:.3f} in {steps} steps, {time.perf_counter() - start:.1f}s")
+    seconds = time.perf_counter() - start
+    print(f"\nheld-out completion loss {before:.3f} -> {after:.3f} in {steps} steps, {seconds:.1f}s")
     assert math.isclose(before, math.log(len(tok)), rel_tol=0.1), "random init starts near uniform"
     assert after <= 0.5 * before
     assert after < 0.8

@@ -47,7 +47,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-_PROSE = [
+SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello, world! How are you today? I am fine, thank you.",
     "Question: What is the answer? Answer: The answer is 42.",
@@ -131,7 +131,7 @@ def build_tokenizer(
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    corpus = _PROSE + [
+    corpus = SAMPLE_TEXTS + [
         string.ascii_lowercase,
         " ".join(string.ascii_lowercase),
         string.ascii_uppercase,

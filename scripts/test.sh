@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up the environment (scripts/setup.sh, a no-op when nothing changed) and run the test suite.
+# Extra arguments go to pytest:  bash scripts/test.sh tests/test_configs.py -k mistral -x
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh
+
+# Tests never reach the Hugging Face hub (it fails fast instead of retrying), and run single-threaded:
+# on small CPUs extra OpenMP threads fight each other and make tests several times slower.
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+
+status=0
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@" || status=$?
+if [[ $status -eq 5 ]]; then
+  # pytest's "no tests collected": a test run that ran nothing must not look green.
+  echo "test.sh: error: pytest collected no tests (exit 5); failing on purpose" >&2
+  exit 1
+fi
+exit "$status"
