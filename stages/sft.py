@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -99,7 +98,6 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     args = training_arguments(cfg, run_dir, has_eval=bool(evaluation))
     trainer = _make_trainer(model, tokenizer, args, train, evaluation, seq2seq, cfg)
     eval_before = trainer.evaluate()["eval_loss"] if evaluation and checkpoint is None else None
-    started = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_after = trainer.evaluate()["eval_loss"] if evaluation else None
     trainer.accelerator.wait_for_everyone()
@@ -117,7 +115,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         "dropped_empty": prepared.dropped_empty,
         "steps": result.global_step,
         "trained_tokens": trainer.state.num_input_tokens_seen,
-        "train_runtime_s": round(time.time() - started, 2),
+        "train_runtime_s": round(result.metrics["train_runtime"], 2),
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
     }
