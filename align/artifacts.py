@@ -57,8 +57,9 @@ class RunDir:
         folder = self.work / CHECKPOINTS
         checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] \
             if folder.is_dir() else []
-        # A checkpoint is complete once the trainer wrote its state file (written last).
-        complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+        # A checkpoint is complete once the trainer wrote its state file (written last), in full: a kill
+        # during that write leaves a truncated file that would make the resumed run fail.
+        complete = [p for p in checkpoints if _readable_json(p / "trainer_state.json")]
         return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
     def finish(self, keep_checkpoints: bool = False) -> Path:
@@ -74,6 +75,14 @@ class RunDir:
         else:
             os.replace(self.work, self.final)
         return self.final
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def save_run_config(config: dict, folder: Path) -> None:

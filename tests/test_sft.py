@@ -77,26 +77,33 @@ def _env(tmp_path: Path) -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _sequence_loss(model, tokenizer, texts: list[str]) -> float:
-    """Mean next-token loss over whole texts (pad positions ignored)."""
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with torch.no_grad():
-        return model(**batch, labels=labels).loss.item()
+def _completion_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Mean next-token loss of a causal LM on the completion tokens of (prompt, completion) pairs."""
+    total, count = 0.0, 0
+    for prompt, completion in pairs:
+        prompt_len = len(tokenizer(prompt)["input_ids"])
+        ids = tokenizer(prompt + completion, return_tensors="pt")["input_ids"]
+        labels = ids.clone()
+        labels[:, :prompt_len] = -100
+        n = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+        count += n
+    return total / count
 
 
 # --------------------------------------------------------------------------------------------------
 # 1-2. LoRA on tiny Llama: the loss falls, the artifact is complete, and it reloads with plain peft.
 
-def _lora_run(workdir: Path, model: str, name: str = "lora") -> Path:
+def _lora_run(workdir: Path, model: str, steps: int = 30, learning_rate: float = 1e-2) -> Path:
     data = write_jsonl(workdir / "train.jsonl", toy_task_records(200))
-    config = _config(workdir, name, model, data,
+    config = _config(workdir, "lora", model, data,
                      data={"val_set_size": 40},
                      # lm_head trained in full too: a random-init 64-wide head caps what LoRA alone can reach
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["lm_head"]},
-                     training=FAST)
+                     training={**FAST, "max_steps": steps, "learning_rate": learning_rate})
     assert _sft(config) == 0
-    return workdir / "runs" / "sft" / name
+    return workdir / "runs" / "sft" / "lora"
 
 
 def test_lora_lowers_eval_loss_and_writes_complete_artifact(workdir, tiny_llama):
@@ -138,7 +145,8 @@ def test_lora_adapter_reloads_with_plain_peft_and_generates_like_align_generate(
     from align.generation import SamplingConfig, generate
     from align.modeling import load_for_inference
 
-    out = _lora_run(workdir, tiny_llama)
+    # Longer and gentler than test 1, so greedy answers differ between prompts (and in length).
+    out = _lora_run(workdir, tiny_llama, steps=100, learning_rate=5e-3)
     prompts = ["reverse: a b c\n", "reverse: f e d c\n", "reverse: b b a d\n"]
 
     # Plain transformers + peft, one prompt at a time (no padding), greedy.
@@ -162,6 +170,9 @@ def test_lora_adapter_reloads_with_plain_peft_and_generates_like_align_generate(
     assert source.adapter_of is not None and Path(source.path) == out.resolve()
     got = generate(model, align_tokenizer, prompts, SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3))
     assert got == expected
+    probe = tokenizer(["reverse: c a f\n"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**probe).logits, plain(**probe).logits)
 
     # The adapter matters: the trained model answers in the task's alphabet, unlike the random base.
     assert [greedy(base, p) for p in prompts] != expected
@@ -187,9 +198,11 @@ def test_full_finetune_gpt_neox_lowers_loss_and_reloads_with_plain_transformers(
     tokenizer = AutoTokenizer.from_pretrained(out)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt_neox)
-    held_out = [f"### Question:\n{r['prompt']}\n### Answer:\n{r['completion']}{tokenizer.eos_token}"
+    held_out = [(f"### Question:\n{r['prompt']}\n### Answer:\n", r["completion"] + tokenizer.eos_token)
                 for r in toy_task_records(16, seed=123)]
-    assert _sequence_loss(reloaded, tokenizer, held_out) < _sequence_loss(base, tokenizer, held_out) - 1.0
+    tuned_loss, base_loss = _completion_loss(reloaded, tokenizer, held_out), _completion_loss(base, tokenizer, held_out)
+    assert tuned_loss < base_loss - 2.0
+    assert tuned_loss == pytest.approx(row.metrics["eval_loss"], abs=0.5), "the reloaded weights are the trained ones"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,15 +210,22 @@ def test_full_finetune_gpt_neox_lowers_loss_and_reloads_with_plain_transformers(
 
 def test_qlora_4bit_trains_on_cpu(workdir, tiny_llama):
     data = write_jsonl(workdir / "train.jsonl", toy_task_records(200))
-    # Pure LoRA (no lm_head): every trained parameter sits on a 4-bit layer, so if the eval pass before
-    # training froze those layers (the CPU trap) the loss could not move.
+    # Pure LoRA (no lm_head): the loss can only fall through adapters on 4-bit layers. The run evaluates
+    # (no-grad) before training, the situation of the CPU trap.
     config = _config(workdir, "qlora", tiny_llama, data, data={"val_set_size": 40},
                      quantization={"load_in_4bit": True}, lora={"r": 16, "alpha": 32, "dropout": 0.0},
                      training=FAST)
     assert _sft(config) == 0
     row = _latest()
     assert row.metrics["eval_loss"] < row.metrics["eval_loss_before"] - 0.25, row.metrics
-    assert (Path(row.path) / "adapter_model.safetensors").is_file()
+    # LoRA B starts at zero: every adapted 4-bit layer trained. (The trap itself is tested below: in a full run
+    # it only cuts the gradient through the base weights, which this run cannot see.)
+    from safetensors.torch import load_file
+
+    adapter = load_file(Path(row.path) / "adapter_model.safetensors")
+    lora_b = {name: tensor for name, tensor in adapter.items() if "lora_B" in name}
+    assert len(lora_b) == 2 * 7, sorted(adapter)  # 2 layers x (q, k, v, o, gate, up, down)
+    assert not [name for name, tensor in lora_b.items() if not tensor.any()]
 
 
 def test_qlora_lora_grads_survive_a_no_grad_eval_pass(tiny_llama):
@@ -248,7 +268,7 @@ def test_t5_lora_lowers_loss_and_reloads_with_plain_peft(workdir, tiny_t5):
 
     data = write_jsonl(workdir / "train.jsonl", toy_task_records(200))
     config = _config(workdir, "t5", tiny_t5, data, data={"val_set_size": 40}, template={"name": "plain"},
-                     lora={"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["lm_head"]}, training=FAST)
+                     lora={"r": 16, "alpha": 32, "dropout": 0.0}, training=FAST)
     assert _sft(config) == 0
     row = _latest()
     assert row.metrics["eval_loss"] < row.metrics["eval_loss_before"] - 1.0, row.metrics
@@ -396,6 +416,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def test_resume_after_kill_continues_from_checkpoint(workdir, tiny_llama, capsys):
     from align.artifacts import RunDir
 
@@ -414,7 +442,7 @@ def test_resume_after_kill_continues_from_checkpoint(workdir, tiny_llama, capsys
                                  stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         try:
-            while not (work / "checkpoints" / "checkpoint-10" / "trainer_state.json").is_file():
+            while not _readable_json(work / "checkpoints" / "checkpoint-10" / "trainer_state.json"):
                 assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
                 assert time.time() < deadline, "no checkpoint-10 within 120 s"
                 time.sleep(0.05)
@@ -497,21 +525,23 @@ def test_tokenizer_without_pad_token_trains_and_saves_a_distinct_pad(workdir, ti
     assert saved.pad_token is not None and saved.pad_token_id != saved.eos_token_id
 
 
-@pytest.mark.parametrize("overlong", ["drop", "truncate"])
-def test_overlong_examples_are_counted_and_dropped_or_kept(workdir, tiny_llama, overlong):
-    # 24 short examples (~14 tokens) and 8 whose 30-letter answers make them ~70 tokens.
+def test_overlong_examples_are_counted_and_dropped_or_kept(workdir, tiny_llama):
+    # 24 short examples (~23 tokens with the chat template) and 8 whose 30-letter answers make them ~90 tokens.
     long = [{"prompt": "reverse: a b c\n", "completion": " ".join("abcdef"[i % 6] for i in range(30 + k))}
             for k in range(8)]
     data = write_jsonl(workdir / "train.jsonl", toy_task_records(24) + long)
-    config = _config(workdir, overlong, tiny_llama, data, data={"overlong": overlong},
-                     lora={"r": 8, "dropout": 0.0},
-                     training={**FAST, "max_steps": -1, "num_train_epochs": 1, "max_length": 32})
-    assert _sft(config) == 0
-    metrics = _latest().metrics
-    assert metrics["over_max_length"] == 8
-    if overlong == "drop":
-        assert metrics["train_examples"] == 24 and metrics["steps"] == 3
-        assert metrics["trained_tokens"] < 24 * 20
-    else:
-        assert metrics["train_examples"] == 32 and metrics["steps"] == 4
-        assert 24 * 10 + 8 * 32 <= metrics["trained_tokens"] <= 32 * 32, "long ones kept, cut to max_length"
+    metrics = {}
+    for overlong in ("drop", "truncate"):
+        config = _config(workdir, overlong, tiny_llama, data, data={"overlong": overlong},
+                         lora={"r": 8, "dropout": 0.0},
+                         training={**FAST, "max_steps": -1, "num_train_epochs": 1, "max_length": 32})
+        assert _sft(config) == 0
+        metrics[overlong] = _latest().metrics
+        assert metrics[overlong]["over_max_length"] == 8, "counted either way"
+
+    dropped, kept = metrics["drop"], metrics["truncate"]
+    assert dropped["train_examples"] == 24 and dropped["steps"] == 3
+    assert kept["train_examples"] == 32 and kept["steps"] == 4
+    assert dropped["trained_tokens"] < 24 * 32
+    # One epoch each: the truncated run saw the same short examples plus each long one cut to max_length.
+    assert kept["trained_tokens"] == dropped["trained_tokens"] + 8 * 32
