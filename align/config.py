@@ -168,7 +168,7 @@ class Source:
     file: str
     lines: dict[str, int] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)  # dotted key -> the override as typed
-    raw: dict[str, str] = field(default_factory=dict)  # dotted key -> the override's value, unparsed
+    raw: dict[str, str] = field(default_factory=dict)  # dotted key -> the value as written, unparsed
 
     def where(self, key: str) -> str:
         if key in self.overrides:
@@ -212,7 +212,8 @@ def load_config(path: str | Path, overrides: list[str], schema: type, extra_sect
     if not isinstance(data, dict):
         raise AlignError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...), got "
                          f"{_describe(data)}")
-    source = Source(str(path), _key_lines(node, str(path)))
+    source = Source(str(path))
+    source.lines = _key_lines(node, str(path), "", source.raw)
     for item in overrides:
         key, value, raw = _parse_override(item)
         source.overrides[key] = item
@@ -235,9 +236,10 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _key_lines(node, file: str, prefix: str = "") -> dict[str, int]:
+def _key_lines(node, file: str, prefix: str = "", raw: dict[str, str] | None = None) -> dict[str, int]:
     """Dotted key -> line, for every mapping key; a key given twice in one mapping is an error (YAML would
-    silently keep the last one)."""
+    silently keep the last one). Unquoted scalar values are also kept as written in `raw`, so a text field
+    can take `no` or `2024-01-01` as text (YAML 1.1 reads them as false and a date)."""
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
@@ -251,7 +253,9 @@ def _key_lines(node, file: str, prefix: str = "") -> dict[str, int]:
                                  f"keep one")
             seen[key_node.value] = line
             lines[key] = line
-            lines.update(_key_lines(value_node, file, key + "."))
+            if raw is not None and isinstance(value_node, yaml.ScalarNode) and value_node.style is None:
+                raw[key] = value_node.value
+            lines.update(_key_lines(value_node, file, key + ".", raw))
     return lines
 
 
@@ -358,15 +362,11 @@ class _Validator:
 
     def suggest(self, key: str, fields: dict, prefix: str) -> str:
         """` (did you mean 'x.y'?)`: an alias other tools use, the same key in another section, a close spelling."""
-        alias = _ALIASES.get(key)
-        if alias in fields:
-            return f" (did you mean '{prefix}{alias}'?)"
-        if not prefix and key in _FLAT_ALIASES:  # flat axolotl / LLaMA-Factory configs
-            return f" (did you mean '{_FLAT_ALIASES[key]}'?)"
-        for name in (alias, key):
-            elsewhere = [k for k in self.all_keys if name and k.rsplit(".", 1)[-1] == name]
-            if elsewhere:
-                return f" (did you mean '{elsewhere[0]}'?)"
+        if _ALIASES.get(key) in self.all_keys:
+            return f" (did you mean '{_ALIASES[key]}'?)"
+        elsewhere = [k for k in self.all_keys if k.rsplit(".", 1)[-1] == key]
+        if elsewhere:  # `lora.learning_rate` -> training.learning_rate
+            return f" (did you mean '{elsewhere[0]}'?)"
         close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
         if close:
             return f" (did you mean '{prefix}{close[0]}'?)"
@@ -394,7 +394,7 @@ def _check_value(value: Any, annotation: Any, key: str, source: Source, metadata
     """The value if it fits `annotation` (and the field's `range` / `keys`), else an AlignError naming the key."""
     if (not _matches(value, annotation) and key in source.raw and not isinstance(value, list)
             and _matches(source.raw[key], annotation)):
-        value = source.raw[key]  # `output.name=123`, `template.system=a: b`: the override meant the text
+        value = source.raw[key]  # `eval_strategy: no`, `output.name=123`, `template.system=a: b`: meant as text
     if not _matches(value, annotation):
         raise AlignError(f"{source.where(key)}: {key}: expected {_type_name(annotation)}, got {_describe(value)}")
     metadata = metadata or {}
@@ -489,29 +489,22 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-# Names other tools (axolotl, LLaMA-Factory, peft, transformers) use for keys in one of our sections.
-_ALIASES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-            "lora_target_modules": "target_modules", "target": "target_modules", "sequence_len": "max_length",
-            "max_seq_length": "max_length", "max_seq_len": "max_length", "cutoff_len": "max_length",
-            "sample_packing": "packing", "micro_batch_size": "per_device_train_batch_size",
-            "batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs",
-            "num_epochs": "num_train_epochs", "lr": "learning_rate", "base_model": "path",
-            "model_name_or_path": "path", "torch_dtype": "dtype", "output_dir": "dir",
-            "val_size": "val_set_size", "dataset": "path", "datasets": "path", "chat_template": "name"}
-
-# Flat (sectionless) config keys of axolotl / LLaMA-Factory -> our dotted key.
-_FLAT_ALIASES = {"base_model": "model.path", "model_name_or_path": "model.path", "datasets": "data.path",
-                 "dataset": "data.path", "sequence_len": "training.max_length",
-                 "max_seq_length": "training.max_length", "cutoff_len": "training.max_length",
-                 "micro_batch_size": "training.per_device_train_batch_size",
-                 "num_epochs": "training.num_train_epochs", "epochs": "training.num_train_epochs",
-                 "lr": "training.learning_rate", "sample_packing": "training.packing", "lora_r": "lora.r",
-                 "lora_rank": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
-                 "lora_target_modules": "lora.target_modules", "lora_target_linear": "lora.target_modules",
-                 "lora_target": "lora.target_modules", "adapter": "lora.enabled", "finetuning_type": "lora.enabled",
-                 "output_dir": "output.dir", "val_size": "data.val_set_size", "chat_template": "template.name",
-                 "quantization_bit": "quantization.load_in_4bit", "torch_dtype": "model.dtype",
-                 "wandb_project": "training.report_to"}
+# Names other tools (axolotl, LLaMA-Factory, peft, transformers) use -> our dotted key. Suggested wherever the
+# name appears: flat at the top (axolotl configs have no sections) or in any section.
+_ALIASES = {
+    "base_model": "model.path", "model_name_or_path": "model.path", "torch_dtype": "model.dtype",
+    "datasets": "data.path", "dataset": "data.path", "val_size": "data.val_set_size",
+    "rank": "lora.r", "lora_r": "lora.r", "lora_rank": "lora.r", "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules", "lora_target": "lora.target_modules",
+    "lora_target_linear": "lora.target_modules", "target": "lora.target_modules", "adapter": "lora.enabled",
+    "finetuning_type": "lora.enabled", "quantization_bit": "quantization.load_in_4bit",
+    "chat_template": "template.name", "output_dir": "output.dir",
+    "sequence_len": "training.max_length", "max_seq_length": "training.max_length",
+    "max_seq_len": "training.max_length", "cutoff_len": "training.max_length", "sample_packing": "training.packing",
+    "micro_batch_size": "training.per_device_train_batch_size", "batch_size": "training.per_device_train_batch_size",
+    "epochs": "training.num_train_epochs", "num_epochs": "training.num_train_epochs", "lr": "training.learning_rate",
+    "wandb_project": "training.report_to",
+}
 
 # Keys of a free-form section that align sets itself, with what to use instead.
 _MANAGED = {

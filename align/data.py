@@ -62,7 +62,7 @@ def read_records(path: str, split: str = "train") -> Records:
         # "org/name" or "name" may be a hub dataset; anything that looks like a file path is a missing file.
         if file.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or path.startswith((".", "/", "~")):
             where = "" if file.is_absolute() else f" (relative to {Path.cwd()})"
-            raise AlignError(f"data: file not found: {path}{where}; check data.path / data.eval_path")
+            raise AlignError(f"data: file not found: {path}{where}")
         return _read_hub_dataset(path, split)
     suffix = file.suffix.lower()
     try:

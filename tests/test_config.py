@@ -136,9 +136,11 @@ def test_quoted_numbers_stay_strings(error, tmp_path):
     ("training:\n  lora_r: 8\n", 6, "training.lora_r", "lora.r"),
     ("training:\n  val_set_size: 0.1\n", 6, "training.val_set_size", "data.val_set_size"),
     ("modle:\n  path: x\n", 5, "modle", "model"),
+    ("training:\n  torch_dtype: bfloat16\n", 6, "training.torch_dtype", "model.dtype"),
+    ("model:\n  path: x\n  dataset: d.jsonl\ndata:\n  path: d\n", 3, "model.dataset", "data.path"),
 ])
 def test_unknown_key_names_file_line_and_nearest_key(error, tmp_path, extra, line, key, suggestion):
-    message = error(BASE + extra)
+    message = error(extra if extra.startswith("model:") else BASE + extra)
     assert message.startswith(at(tmp_path, line) + f"{key}: unknown key")
     assert f"(did you mean '{suggestion}'?)" in message
 
@@ -363,3 +365,15 @@ def test_cross_key_checks_pass_when_satisfied(load):
                + "lora:\n  enabled: false\n")
     assert cfg.model.train_only == ["lm_head"]
     assert isinstance(cfg.data, DataConfig)
+
+
+def test_yaml_words_for_booleans_stay_text_where_text_is_expected(load):
+    """YAML 1.1 reads `no` as false; `eval_strategy: no` (as in transformers' docs) means the text."""
+    cfg = load(BASE + "training:\n  eval_strategy: no\n  save_strategy: no\n  hub_strategy: every_save\n"
+               "output:\n  name: 2024-01-01\n")
+    assert cfg.training["eval_strategy"] == "no" and cfg.training["save_strategy"] == "no"
+    assert cfg.output.name == "2024-01-01"
+
+
+def test_text_is_not_taken_for_a_boolean_field(error, tmp_path):
+    assert error(BASE + "lora:\n  enabled: maybe\n").startswith(at(tmp_path, 6) + "lora.enabled: expected true/false")
