@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from align import __version__
@@ -37,12 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user error: one `error:` line, exit code 2."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description="InstructGPT-style alignment: SFT, reward model, "
+    parser = _Parser(prog="align", description="InstructGPT-style alignment: SFT, reward model, "
                                                                "PPO/DPO, with a model registry.")
     parser.add_argument("--version", action="version", version=f"align {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
     sft = commands.add_parser("sft", help="supervised fine-tuning (stage 1)")
     sft.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -63,13 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+    gen.add_argument("--no-chat-template", action="store_true",
+                     help="feed prompts as raw text (default: the template the model was trained with)")
     gen.add_argument("--out", help="write {prompt, completion} lines to this .jsonl file")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     gen.set_defaults(handler=_run_generate)
 
     registry = commands.add_parser("registry", help="list and inspect registered artifacts")
-    registry_commands = registry.add_subparsers(title="registry commands", metavar="COMMAND", required=True)
+    registry_commands = registry.add_subparsers(title="registry commands", metavar="COMMAND", required=True,
+                                                parser_class=_Parser)
     listing = registry_commands.add_parser("list", help="all artifacts, newest first")
     listing.add_argument("--stage", help="only this stage")
     listing.set_defaults(handler=_registry_list)
@@ -88,6 +99,9 @@ def _quiet_libraries() -> None:
     """Keep the terminal for what matters: progress, warnings that need action, our summaries."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Deprecation notices about arguments align passes on the user's behalf are not theirs to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\b")
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found")
 
 
 def _run_sft(args) -> None:
@@ -97,12 +111,14 @@ def _run_sft(args) -> None:
 
 
 def _run_generate(args) -> None:
+    from align.config import TemplateConfig
     from align.generation import SamplingConfig, generate
     from align.modeling import load_for_inference
     from align.reporting import console
 
     prompts = args.prompt or _read_prompts(args.prompts)
-    model, tokenizer, source = load_for_inference(args.model)
+    loaded = load_for_inference(args.model)
+    template = TemplateConfig(name="plain") if args.no_chat_template else loaded.template
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                               batch_size=args.batch_size)
@@ -111,7 +127,7 @@ def _run_generate(args) -> None:
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("generate", total=len(prompts))
-        completions = generate(model, tokenizer, prompts, sampling, chat=not args.no_chat_template,
+        completions = generate(loaded.model, loaded.tokenizer, prompts, sampling, template=template,
                                progress=lambda n: progress.advance(task, n))
     if args.out:
         out = Path(args.out)

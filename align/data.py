@@ -443,6 +443,12 @@ def _render(template: TemplateConfig, prompt: str, fields: dict, row: dict, wher
     return NAMED_TEMPLATES[template.name].format(prompt=prompt)
 
 
+def format_prompt(template: TemplateConfig, prompt: str) -> str:
+    """A bare prompt in a non-chat training template, so generation sees what training saw."""
+    fields = {"prompt": prompt, "question": prompt, "instruction": prompt, "input": ""}
+    return _render(template, prompt, fields, fields, "prompt")
+
+
 # --------------------------------------------------------------------------------------------------
 # Length, split, fingerprint
 

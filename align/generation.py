@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from align.config import TemplateConfig
+from align.data import format_prompt
+
 
 @dataclass
 class SamplingConfig:
@@ -22,22 +25,32 @@ class SamplingConfig:
     batch_size: int = 16  # Prompts per forward pass.
 
 
-def render_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> list[str]:
-    """Wrap plain prompts in the chat template (with the assistant turn opened) when asked to."""
-    if not chat or not tokenizer.chat_template:
+def render_prompts(tokenizer, prompts: list[str], template: TemplateConfig) -> list[str]:
+    """Prompts as the model saw them in training: its chat template (assistant turn opened) or the named template."""
+    if template.name != "chat":
+        return [format_prompt(template, prompt) for prompt in prompts]
+    if not tokenizer.chat_template:
         return prompts
     rendered = []
     for prompt in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": template.system}] if template.system else []) + \
+            [{"role": "user", "content": prompt}]
         rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return rendered
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, chat: bool = True,
+def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, template: TemplateConfig | None = None,
              progress=None) -> list[str]:
-    """Completions for `prompts`, in order. Prompts are sorted by length into batches so padding stays small."""
-    texts = render_prompts(tokenizer, prompts, chat)
+    """Completions for `prompts`, in order. Prompts are sorted by length into batches so padding stays small.
+
+    `template`: how prompts are wrapped (default: the chat template; `TemplateConfig(name="plain")` for raw text).
+    """
+    template = template or TemplateConfig()
+    seq2seq = bool(model.config.is_encoder_decoder)
+    # An encoder-decoder model reads the bare prompt (as align sft trains it).
+    texts = prompts if seq2seq else render_prompts(tokenizer, prompts, template)
+    templated = not seq2seq and template.name == "chat" and bool(tokenizer.chat_template)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outputs: list[str] = [""] * len(texts)
     padding_side = tokenizer.padding_side
@@ -51,7 +64,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, cha
             batch = order[start:start + sampling.batch_size]
             # Chat templates already hold the special tokens a model expects at the start.
             encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                                add_special_tokens=not chat).to(device)
+                                add_special_tokens=not templated).to(device)
             generated = model.generate(
                 **encoded,
                 max_new_tokens=sampling.max_new_tokens,
@@ -62,7 +75,8 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, cha
                 repetition_penalty=sampling.repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+            # A decoder-only model returns prompt + continuation; an encoder-decoder only the continuation.
+            new_tokens = generated if seq2seq else generated[:, encoded["input_ids"].shape[1]:]
             for row, i in enumerate(batch):
                 outputs[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
             if progress is not None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from align.config import LoraConfig, ModelConfig, QuantizationConfig
+from align.config import LoraConfig, ModelConfig, QuantizationConfig, TemplateConfig
 from align.errors import AlignError
 from align.registry import Artifact, Registry, registry_home, resolve_path
 
@@ -40,7 +41,10 @@ def resolve_package_path(path: str) -> str:
     if not path.startswith("pkg:"):
         return path
     package, _, inner = path[4:].partition("/")
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # "a.b" whose parent "a" is missing
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise AlignError(f"'{path}': package '{package}' is not installed (run the README's setup command, "
                          f"or pip install it)")
@@ -63,6 +67,8 @@ class ModelSource:
 def resolve_model(ref: str, registry: Registry | None = None, gguf_file: str | None = None) -> ModelSource:
     """Turn what a user wrote (path, hub id, gguf, registry ref, pkg:) into a loadable folder or hub id."""
     path, artifact = resolve_path(resolve_package_path(ref), registry)
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise AlignError(f"model: folder not found: {path} (relative to {Path.cwd()}); check model.path")
     if path.endswith(".gguf") and Path(path).is_file():
         path, gguf_file = str(Path(path).parent), Path(path).name
     if gguf_file:
@@ -296,25 +302,45 @@ def training_flops(summary: ParameterSummary, tokens: int, epochs: float) -> flo
     return per_token * tokens * epochs
 
 
-def load_for_inference(ref: str, registry: Registry | None = None, dtype: str = "auto"):
-    """(model, tokenizer, source) for generation: a plain model, or a base model with its LoRA adapter."""
-    from transformers import AutoModelForCausalLM
+@dataclass
+class InferenceModel:
+    """A model ready to generate, with the prompt template it was trained with."""
+
+    model: object
+    tokenizer: object
+    source: ModelSource
+    template: TemplateConfig  # from the artifact's align_config.yaml; the chat template otherwise
+
+
+def load_for_inference(ref: str, registry: Registry | None = None, dtype: str = "auto") -> InferenceModel:
+    """A plain model, or a base model with its LoRA adapter; causal or encoder-decoder."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     source = resolve_model(ref, registry)
-    kwargs = dict(dtype=torch_dtype(dtype))
-    if source.adapter_of:
-        from peft import PeftModel
-
-        base = resolve_model(source.adapter_of, registry)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.path, **kwargs), source.path)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-        except OSError as e:
-            raise _hub_error(source.path, e) from None
+    weights = resolve_model(source.adapter_of, registry).path if source.adapter_of else source.path
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(weights) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(weights, dtype=torch_dtype(dtype))
+    except OSError as e:
+        if Path(weights).exists():
+            raise AlignError(f"model: cannot load {weights}: {e}") from None
+        raise _hub_error(weights, e) from None
     tokenizer = load_tokenizer(source.path)
     if tokenizer.pad_token is None:
         prepare_tokenizer(tokenizer)
+    if source.adapter_of:
+        from peft import PeftModel
+
+        match_model_to_tokenizer(model, tokenizer)
+        model = PeftModel.from_pretrained(model, source.path)
     model.eval()
-    return model, tokenizer, source
+    return InferenceModel(model, tokenizer, source, _training_template(source.path))
+
+
+def _training_template(path: str) -> TemplateConfig:
+    saved = Path(path) / "align_config.yaml"
+    if not saved.is_file():
+        return TemplateConfig()
+    template = (yaml.safe_load(saved.read_text()) or {}).get("template") or {}
+    return TemplateConfig(**template)
 

@@ -66,9 +66,10 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         if not train:
             raise AlignError(f"data: every example is longer than training.max_length={max_length} tokens; raise "
                              f"it or set data.overlong: truncate")
-    if evaluation and overlong and cfg.data.overlong == "drop":
+    if evaluation and max_length and cfg.data.overlong == "drop":
         evaluation = [e for e, n in zip(evaluation, token_lengths(evaluation, tokenizer)) if n <= max_length]
     data_fingerprint = fingerprint(train)
+    args = training_arguments(cfg, run_dir, has_eval=bool(evaluation))  # TrainingArguments' checks, before loading
 
     # 3. Model: dtype, quantization, LoRA / full / partial.
     quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
@@ -95,7 +96,6 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 
     # 4. Train.
     run_dir.create()
-    args = training_arguments(cfg, run_dir, has_eval=bool(evaluation))
     trainer = _make_trainer(model, tokenizer, args, train, evaluation, seq2seq, cfg)
     eval_before = trainer.evaluate()["eval_loss"] if evaluation and checkpoint is None else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -195,7 +195,7 @@ def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):
     try:
         return SFTConfig(**defaults | cfg.training)
     except ValueError as e:  # TrainingArguments' own consistency checks (strategies, precision...)
-        raise AlignError(f"training: {e}") from None
+        raise AlignError("training: " + " ".join(str(e).split())) from None
 
 
 def _make_trainer(model, tokenizer, args, train, evaluation, seq2seq: bool, cfg: SFTRunConfig):

@@ -113,12 +113,7 @@ CASES = {
 
 # Cases that break the rule today because of code outside align/config.py and align/data.py; strict, so
 # they fail loudly once fixed (then drop the entry).
-KNOWN_BAD = {
-    "training_arguments_inconsistent": "stages/sft.py builds SFTConfig after run_dir.create() and after loading "
-                                       "the model: runs/sft/<name>.incomplete/ is left behind, the library's "
-                                       "multi-line ValueError text becomes the message, and model-loading output "
-                                       "precedes it",
-}
+KNOWN_BAD: dict[str, str] = {}
 
 
 def _cases():

@@ -166,9 +166,12 @@ def test_lora_adapter_reloads_with_plain_peft_and_generates_like_align_generate(
     expected = [greedy(plain, p) for p in prompts]
 
     # `align generate --model sft:latest --temperature 0`'s code path: registry ref, batched, left-padded.
-    model, align_tokenizer, source = load_for_inference("sft:latest")
-    assert source.adapter_of is not None and Path(source.path) == out.resolve()
-    got = generate(model, align_tokenizer, prompts, SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3))
+    loaded = load_for_inference("sft:latest")
+    model = loaded.model
+    assert loaded.source.adapter_of is not None and Path(loaded.source.path) == out.resolve()
+    assert loaded.template.name == "chat"  # generation wraps prompts the way training did
+    got = generate(model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3),
+                   template=loaded.template)
     assert got == expected
     probe = tokenizer(["reverse: c a f\n"], return_tensors="pt")
     with torch.no_grad():
