@@ -288,6 +288,81 @@ def test_search_filters_sort_and_text(ranking_dataset):
     assert terms["total"] == 5 and {v["term"]: v["count"] for v in terms["values"]} == {"sft": 3, "ppo": 2}
 
 
+def test_search_engine_answers_suggestion_response_vector_filters(running):
+    """The other filters and sorts the UI offers, and find-similar, answered from SQL."""
+    import argilla as rg
+    import httpx
+
+    from labeling import server
+
+    api_url, api_key = server.connect()
+    client = rg.Argilla(api_url=api_url, api_key=api_key)
+    settings = rg.Settings(
+        fields=[rg.TextField(name="text")],
+        questions=[rg.RatingQuestion(name="quality", values=[1, 2, 3, 4, 5]),
+                   rg.LabelQuestion(name="topic", labels=["bio", "chem"]),
+                   rg.MultiLabelQuestion(name="tags", labels=["a", "b", "c"])],
+        vectors=[rg.VectorField(name="emb", dimensions=3)],
+        metadata=[rg.FloatMetadataProperty(name="score")],
+    )
+    dataset = rg.Dataset(name="engine-paths", workspace=server.WORKSPACE, settings=settings, client=client).create()
+    vectors = [[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 0]]
+    me = client.me.id
+    dataset.records.log([
+        rg.Record(id=f"r{i}", fields={"text": "Grüße aus München" if i == 2 else f"record {i}"},
+                  metadata={"score": i / 10}, vectors={"emb": vectors[i]},
+                  suggestions=[rg.Suggestion("topic", "bio" if i % 2 else "chem", score=i / 5, agent="m1"),
+                               rg.Suggestion("tags", ["a", "c"] if i < 2 else ["b"], agent="m2")],
+                  responses=[rg.Response("quality", i + 1, user_id=me)] if i < 3 else [])
+        for i in range(5)
+    ])
+    owner = {"X-Argilla-Api-Key": api_key}
+
+    def ids(body, me_view=False, params=""):
+        where = "me/datasets" if me_view else "datasets"
+        answer = httpx.post(f"{api_url}/api/v1/{where}/{dataset.id}/records/search{params}", headers=owner, json=body)
+        assert answer.status_code == 200, answer.text
+        return [item["record"]["external_id"] for item in answer.json()["items"]]
+
+    def terms(scope, values):
+        return {"filters": {"and": [{"type": "terms", "scope": scope, "values": values}]}}
+
+    def between(scope, ge=None, le=None):
+        return {"filters": {"and": [{"type": "range", "scope": scope, "ge": ge, "le": le}]}}
+
+    topic = {"entity": "suggestion", "question": "topic", "property": "value"}
+    assert ids(terms(topic, ["bio"])) == ["r1", "r3"]
+    assert ids(terms({"entity": "suggestion", "question": "tags", "property": "value"}, ["c"])) == ["r0", "r1"]
+    score_at_least = between({"entity": "suggestion", "question": "topic", "property": "score"}, ge=0.4)
+    assert ids(score_at_least) == ["r2", "r3", "r4"]
+    # (the "me" view without a sort is shuffled per user, as with ES)
+    assert sorted(ids(between({"entity": "response", "question": "quality"}, ge=2, le=3), me_view=True)) == ["r1", "r2"]
+    # SDK-logged responses are drafts; "pending" unscoped = nobody responded.
+    assert ids(terms({"entity": "response", "property": "status"}, ["draft"])) == ["r0", "r1", "r2"]
+    assert ids(terms({"entity": "response", "property": "status"}, ["pending"])) == ["r3", "r4"]
+    assert ids({"sort": [{"scope": {"entity": "response", "question": "quality"}, "order": "desc"}]},
+               me_view=True) == ["r2", "r1", "r0", "r3", "r4"]  # no answer: last
+    assert ids({"sort": [{"scope": topic | {"property": "score"}, "order": "desc"}]}) == ["r4", "r3", "r2", "r1", "r0"]
+    assert ids(between({"entity": "metadata", "metadata_property": "score"}, ge=0.15, le=0.35)) == ["r2", "r3"]
+    # Case-insensitive beyond ASCII, as ES analyzers are; all words required.
+    assert ids({"query": {"text": {"q": "GRÜSSE MÜNCHEN"}}}) == ["r2"]
+    assert ids({"query": {"text": {"q": "grüße berlin"}}}) == []
+
+    by_external_id = terms({"entity": "record", "property": "external_id"}, ["r0"])
+    assert ids(by_external_id) == ["r0"]
+    r0_id = httpx.post(f"{api_url}/api/v1/datasets/{dataset.id}/records/search", headers=owner,
+                       json=by_external_id).json()["items"][0]["record"]["id"]
+    similar = ids({"query": {"vector": {"name": "emb", "record_id": r0_id}}}, params="?limit=2")
+    assert len(similar) == 2 and similar[0] == "r1"  # r0 itself left out
+    assert ids({"query": {"vector": {"name": "emb", "value": [0, 0, 1]}}}, params="?limit=1") == ["r3"]
+    assert ids({"query": {"vector": {"name": "emb", "record_id": r0_id, "order": "least_similar"}}},
+               params="?limit=1") == ["r4"]
+
+    score = next(p for p in dataset.settings.metadata if p.name == "score")
+    metrics = httpx.get(f"{api_url}/api/v1/metadata-properties/{score.id}/metrics", headers=owner).json()
+    assert metrics == {"type": "float", "min": 0.0, "max": 0.4}
+
+
 def test_distribution_change_runs_in_the_worker(ranking_dataset):
     """Changing min_submitted enqueues a job that recomputes record statuses: the worker must run it."""
     import argilla as rg
@@ -369,3 +444,24 @@ def test_restart_keeps_users_and_data(running, ranking_dataset):
     assert dataset.progress()["total"] == 5
     ann = _token(info.url, "ann", ranking_dataset["users"]["ann"])
     assert _search(info.url, ann, str(dataset.id), PENDING_VIEW)["total"] == 3
+
+
+def test_serve_recovers_from_a_crashed_process(running, ranking_dataset):
+    import signal
+
+    from labeling import server
+
+    before = server.status().info
+    os.kill(before.worker_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.status().healthy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    current = server.status()
+    assert not current.healthy and "worker stopped" in current.detail
+
+    info = server.serve()  # no port given: back on the one it had
+    assert not info.already_running and info.port == before.port and info.worker_pid != before.worker_pid
+    assert server.status().healthy
+    assert server.connect().api_url == before.url
+    for pid in (before.pid, before.redis_pid):  # the survivors of the crash were stopped
+        assert not server._alive(pid, "argilla_launcher.py") and not server._alive(pid, "redis-server")

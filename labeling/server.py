@@ -1,0 +1,851 @@
+"""The embedded Argilla server (`align label serve`): the real argilla-server 2.8.0 and its web UI.
+
+Where things live (``<home>`` is the align home, ``$ALIGN_HOME`` or ``./.align``):
+
+- ``<home>/argilla-server-venv`` (or ``$ALIGN_ARGILLA_VENV``): the server's own virtual environment.
+  Its pins (pydantic 2.9, fastapi 0.115, typer < 0.10) clash with ours, so it runs as a separate
+  service, as in production. Built on first use; a stamp file written last marks it complete, and a
+  venv without the right stamp is rebuilt. Several homes (test sessions, CI) may share one through
+  ``$ALIGN_ARGILLA_VENV``; building takes a lock.
+- ``<home>/argilla/`` (mode 0700): the SQLite database, ``credentials.json`` (the owner's login and
+  API key, 0600), ``auth_secret`` (the JWT key, 0600: browser sessions survive restarts),
+  ``server.json`` (what is running), ``server.log``, ``worker.log``, ``redis.log``, ``tmp/``.
+
+Three processes, each in its own session, bound to 127.0.0.1 only: Debian's ``redis-server`` (on a
+free port, password-protected, nothing saved to disk), the API + UI (uvicorn, ``argilla_launcher.py
+server``) and the job worker (``argilla_launcher.py worker``). Search is answered from the SQL
+database by ``argilla_search.py`` (Elasticsearch cannot be installed here).
+
+Everything else in align talks to Argilla through :func:`connect`, which prefers an existing
+deployment named by ``ARGILLA_API_URL`` + ``ARGILLA_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from align.errors import AlignError
+from align.registry import registry_home
+
+SERVER_VERSION = "2.8.0"
+# click 8.2+ breaks every `python -m argilla_server ...` command of this release.
+SERVER_REQUIREMENTS = (f"argilla-server=={SERVER_VERSION}", "click<8.2")
+DEFAULT_PORT = 6900
+WORKSPACE = "align"
+OWNER = "owner"
+ROLES = ("annotator", "admin")
+HOST = "127.0.0.1"
+ENGINE_NAME = "align-sql"
+
+VENV_ENV = "ALIGN_ARGILLA_VENV"
+URL_ENV = "ARGILLA_API_URL"
+KEY_ENV = "ARGILLA_API_KEY"
+
+_HERE = Path(__file__).resolve().parent
+_LAUNCHER = _HERE / "argilla_launcher.py"
+_STAMP = "align-server-stamp.json"
+_BUILDING = "align-server-building"
+_START_TIMEOUT_S = 120.0
+_STOP_TIMEOUT_S = 15.0
+_HTTP_TIMEOUT_S = 10.0
+_LOG_ROTATE_BYTES = 5 * 1024 * 1024
+_USERNAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+class Connection(NamedTuple):
+    """Where Argilla is and the key to use; unpacks as ``api_url, api_key = connect()``."""
+
+    api_url: str
+    api_key: str
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A running embedded server."""
+
+    url: str
+    port: int
+    pid: int
+    worker_pid: int
+    redis_pid: int
+    redis_port: int
+    home: Path
+    credentials_file: Path
+    log_file: Path
+    username: str = OWNER
+    already_running: bool = False
+    # Set only by the serve() that created the owner, so the CLI can show it once.
+    new_owner_password: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What `align label serve status` reports."""
+
+    running: bool
+    healthy: bool
+    home: Path
+    info: ServerInfo | None = None
+    detail: str = ""
+
+
+# --- Paths -------------------------------------------------------------------------------------
+
+def argilla_home() -> Path:
+    """``<align home>/argilla``: the server's database, secrets, logs and run state."""
+    return registry_home().absolute() / "argilla"
+
+
+def venv_dir() -> Path:
+    """The server's virtual environment: ``$ALIGN_ARGILLA_VENV`` or ``<align home>/argilla-server-venv``."""
+    override = os.environ.get(VENV_ENV)
+    if override:
+        return Path(override).expanduser().absolute()
+    return registry_home().absolute() / "argilla-server-venv"
+
+
+def credentials_file() -> Path:
+    return argilla_home() / "credentials.json"
+
+
+def _state_file() -> Path:
+    return argilla_home() / "server.json"
+
+
+def _venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+# --- The server's virtual environment ------------------------------------------------------------
+
+def _stamp_value() -> dict[str, Any]:
+    return {
+        "requirements": list(SERVER_REQUIREMENTS),
+        "python": ".".join(map(str, sys.version_info[:2])),
+    }
+
+
+def venv_ready(venv: Path | None = None) -> bool:
+    """Whether the server venv is complete (its stamp, written last, matches this align)."""
+    venv = venv or venv_dir()
+    try:
+        stamp = json.loads((venv / _STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp == _stamp_value() and _venv_python(venv).exists()
+
+
+def ensure_server_venv(say=None) -> Path:
+    """The server venv's python, building the venv first if needed (~1-2 min, once)."""
+    venv = venv_dir()
+    if venv_ready(venv):
+        return _venv_python(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(venv.parent / f".{venv.name}.lock"):
+        if venv_ready(venv):  # another process built it while we waited
+            return _venv_python(venv)
+        _check_replaceable(venv)
+        (say or _say)(f"setting up the Argilla server (once, ~1 min) in {venv} ...")
+        started = time.monotonic()
+        shutil.rmtree(venv, ignore_errors=True)
+        venv.mkdir(parents=True)
+        (venv / _BUILDING).write_text("an unfinished align build of the Argilla server venv\n")
+        log = venv.parent / f"{venv.name}.build.log"
+        with log.open("w") as out:
+            _build_step([sys.executable, "-m", "venv", str(venv)], out, log,
+                        "creating the virtual environment failed (on Debian: apt-get install python3-venv)")
+            _build_step([str(_venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check",
+                         "--no-input", *SERVER_REQUIREMENTS], out, log,
+                        f"installing {' '.join(SERVER_REQUIREMENTS)} failed")
+            _build_step([str(_venv_python(venv)), "-c",
+                         "import importlib.metadata as m; v = m.version('argilla-server'); "
+                         f"assert v == {SERVER_VERSION!r}, v"], out, log,
+                        "the installed argilla-server is not the pinned version")
+        (venv / _STAMP).write_text(json.dumps(_stamp_value()))
+        (venv / _BUILDING).unlink()
+        (say or _say)(f"Argilla server installed ({time.monotonic() - started:.0f} s)")
+    return _venv_python(venv)
+
+
+def _check_replaceable(venv: Path) -> None:
+    """Refuse to delete a folder that is not (an old or unfinished) server venv of ours."""
+    if not venv.exists() or (venv.is_dir() and not any(venv.iterdir())):
+        return
+    if (venv / _STAMP).exists() or (venv / _BUILDING).exists():
+        return
+    raise AlignError(f"{venv} exists but is not an Argilla server environment made by align; remove it or point "
+                     f"{VENV_ENV} at another folder")
+
+
+def _build_step(command: list[str], out, log: Path, message: str) -> None:
+    out.write(f"$ {' '.join(command)}\n")
+    out.flush()
+    result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=_clean_env(), check=False)
+    if result.returncode != 0:
+        raise AlignError(f"Argilla server setup: {message} (exit {result.returncode}); "
+                         f"last output: {_last_line(log)!r}; full log: {log}")
+
+
+# --- Lifecycle -------------------------------------------------------------------------------------
+
+def serve(port: int | None = None, say=None) -> ServerInfo:
+    """Start the embedded server (idempotent: a healthy running one is returned as it is).
+
+    Builds the server venv on first use, starts redis, migrates the database and creates the owner
+    user on first start, then the API/UI and the worker, and waits until the API answers.
+    """
+    say = say or _say
+    redis_server = find_redis_server()
+    python = ensure_server_venv(say)
+    home = argilla_home()
+    _make_private_dir(home)
+    with _file_lock(home / ".lock"):
+        state = _read_state()
+        if state is not None:
+            info = _info_from_state(state, already_running=True)
+            if _healthy(state) and _alive(state.get("worker_pid"), "argilla_launcher.py"):
+                if port is not None and port != info.port:
+                    raise AlignError(f"the Argilla server is already running at {info.url}; stop it first "
+                                     "(`align label serve stop`) to use another port")
+                return info
+            _stop_processes(state)  # leftovers of a crashed or half-started server, or a lone one
+            if port is None:
+                port = info.port  # come back where it was
+        port = DEFAULT_PORT if port is None else port
+        if not 0 < port < 65536:
+            raise AlignError(f"--port {port}: not a TCP port (1-65535)")
+        if _port_in_use(port):
+            other = "another align Argilla server (from another align home?)" if _healthy(
+                {"port": port}, check_pid=False) else "another program"
+            raise AlignError(f"port {port} on {HOST} is taken by {other}; "
+                             "choose another with `align label serve --port N`")
+
+        tmp = home / "tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # argilla_server copies its 14 MB UI here per process
+        tmp.mkdir()
+        for name in ("server.log", "worker.log", "redis.log", "setup.log"):
+            _rotate(home / name)
+        creds = _ensure_credentials(home)
+        state: dict[str, Any] = {"port": port, "home": str(home), "started_at": time.time()}
+        try:
+            redis_port, redis_password = _start_redis(redis_server, home, state)
+            env = _server_env(home, redis_port, redis_password)
+            owner_set = _ensure_database(python, home, env, creds)
+            state["pid"] = _spawn([str(python), str(_LAUNCHER), "server", "--port", str(port)],
+                                  home, env, home / "server.log")
+            state["worker_pid"] = _spawn([str(python), str(_LAUNCHER), "worker"], home, env, home / "worker.log")
+            _write_private(_state_file(), json.dumps(state, indent=2))
+            _wait_healthy(state, home)
+        except BaseException:
+            _stop_processes(state)
+            _state_file().unlink(missing_ok=True)
+            raise
+    info = _info_from_state(state, already_running=False)
+    if owner_set:  # the owner was just created or reset to the password in credentials.json
+        info = dataclasses.replace(info, new_owner_password=creds["password"])
+    return info
+
+
+def stop() -> bool:
+    """Stop the embedded server, its worker and redis; False if nothing was running."""
+    home = argilla_home()
+    if not _state_file().exists():
+        return False
+    with _file_lock(home / ".lock"):
+        state = _read_state()
+        if state is None:
+            return False
+        was_running = any(_alive(state.get(key), marker) for key, marker in _PROCESSES)
+        _stop_processes(state)
+        _state_file().unlink(missing_ok=True)
+        shutil.rmtree(home / "tmp", ignore_errors=True)
+        return was_running
+
+
+def status() -> ServerStatus:
+    """Whether the embedded server runs and answers."""
+    home = argilla_home()
+    state = _read_state()
+    if state is None:
+        return ServerStatus(running=False, healthy=False, home=home, detail="not running")
+    info = _info_from_state(state, already_running=True)
+    if not _alive(state.get("pid"), "argilla_launcher.py"):
+        return ServerStatus(running=False, healthy=False, home=home, info=info,
+                            detail=f"stopped unexpectedly; see {info.log_file}")
+    if not _healthy(state):
+        return ServerStatus(running=True, healthy=False, home=home, info=info,
+                            detail=f"not answering at {info.url}; see {info.log_file}")
+    if not _alive(state.get("worker_pid"), "argilla_launcher.py"):
+        return ServerStatus(running=True, healthy=False, home=home, info=info,
+                            detail=f"the job worker stopped; see {home / 'worker.log'}")
+    return ServerStatus(running=True, healthy=True, home=home, info=info, detail="running")
+
+
+def server_url() -> str | None:
+    """The embedded server's URL if it is running (per its state file), else None."""
+    state = _read_state()
+    if state is None or not _alive(state.get("pid"), "argilla_launcher.py"):
+        return None
+    return _url(state["port"])
+
+
+# --- Clients -----------------------------------------------------------------------------------------
+
+def connect(check: bool = True) -> Connection:
+    """Where to reach Argilla: ``ARGILLA_API_URL`` + ``ARGILLA_API_KEY``, else the embedded server.
+
+    With ``check``, the server must answer and accept the key; each failure is one clear AlignError
+    naming the URL.
+    """
+    url, key = os.environ.get(URL_ENV, "").strip(), os.environ.get(KEY_ENV, "").strip()
+    if url or key:
+        if not (url and key):
+            missing = KEY_ENV if url else URL_ENV
+            raise AlignError(f"{URL_ENV} and {KEY_ENV} go together: {missing} is not set")
+        source = f"${KEY_ENV}"
+    else:
+        creds = _read_credentials()
+        if creds is None:
+            raise AlignError(f"no Argilla server: run `align label serve` or set {URL_ENV}/{KEY_ENV}")
+        url = server_url()
+        if url is None:
+            raise AlignError(f"the Argilla server in {argilla_home()} is not running: "
+                             f"start it with `align label serve` (or set {URL_ENV}/{KEY_ENV})")
+        key, source = creds["api_key"], str(credentials_file())
+    url = url.rstrip("/")
+    connection = Connection(url, key)
+    if check:
+        me = _check_key(connection, source)
+        if not isinstance(me, dict) or "username" not in me:
+            raise AlignError(f"{url} does not look like an Argilla server (GET /api/v1/me answered "
+                             f"without a user)")
+    return connection
+
+
+def add_user(name: str, role: str = "annotator", workspace: str = WORKSPACE) -> str:
+    """Create a user in the workspace (created if missing) and return its random password."""
+    if role not in ROLES:
+        raise AlignError(f"role {role!r}: choose one of {', '.join(ROLES)}")
+    if not _USERNAME.fullmatch(name or ""):
+        raise AlignError(f"user name {name!r}: use lowercase letters, digits, '-' and '_' "
+                         "(starting with a letter or digit)")
+    connection = connect()
+    password = secrets.token_urlsafe(12)
+    code, body = _request(connection, "POST", "/api/v1/users",
+                          {"username": name, "first_name": name, "role": role, "password": password})
+    if code == 409:
+        raise AlignError(f"user {name!r} already exists on {connection.api_url}")
+    _expect(connection, code, body, 201, f"creating user {name!r}")
+    workspace_id = _workspace_id(connection, workspace)
+    code, body = _request(connection, "POST", f"/api/v1/workspaces/{workspace_id}/users", {"user_id": body["id"]})
+    _expect(connection, code, body, 201, f"adding user {name!r} to workspace {workspace!r}")
+    return password
+
+
+def login_url(username: str, password: str, url: str | None = None) -> str:
+    """A link that signs ``username`` in to the web UI (``/sign-in?auth=<base64 user:password>``)."""
+    base = (url or os.environ.get(URL_ENV) or server_url() or _url(DEFAULT_PORT)).rstrip("/")
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return f"{base}/sign-in?auth={token}"
+
+
+# --- What the CLI prints ------------------------------------------------------------------------------
+
+def serve_command(port: int | None = None) -> ServerInfo:
+    """`align label serve`: start (or find) the server and say how to log in."""
+    info = serve(port)
+    if info.already_running:
+        _show(f"[bold green]Argilla is already running[/bold green] at [bold]{info.url}[/bold] (pid {info.pid})")
+    else:
+        _show(f"[bold green]Argilla is running[/bold green] at [bold]{info.url}[/bold] (pid {info.pid}; it keeps "
+              f"running in the background; log {_esc(info.log_file)})")
+    if info.new_owner_password:
+        _show(f"  log in as [bold]{info.username}[/bold] with password [bold]{_esc(info.new_owner_password)}[/bold] "
+              f"(shown once; it and the API key are kept in {_esc(info.credentials_file)}, readable only by you)")
+    else:
+        _show(f"  log in as [bold]{info.username}[/bold]; the password and API key are in "
+              f"{_esc(info.credentials_file)}")
+    _show("  add annotators: [bold]align label add-user NAME[/bold]    stop: [bold]align label serve stop[/bold]")
+    return info
+
+
+def stop_command() -> None:
+    """`align label serve stop`."""
+    _show("Argilla server stopped." if stop() else "The Argilla server was not running.")
+
+
+def status_command() -> ServerStatus:
+    """`align label serve status`."""
+    current = status()
+    if current.healthy and current.info is not None:
+        _show(f"[bold green]running[/bold green] at [bold]{current.info.url}[/bold] (pid {current.info.pid}; "
+              f"home {_esc(current.home)})")
+        _show(f"  owner login and API key: {_esc(current.info.credentials_file)}")
+    else:
+        _show(f"[bold]{_esc(current.detail)}[/bold] (home {_esc(current.home)})")
+    return current
+
+
+def add_user_command(name: str, role: str = "annotator") -> str:
+    """`align label add-user NAME [--role annotator|admin]`: the password is printed once."""
+    password = add_user(name, role)
+    url = connect(check=False).api_url
+    _show(f"user [bold]{_esc(name)}[/bold] ({role}) added to workspace '{WORKSPACE}' on {_esc(url)}")
+    _show(f"  password: [bold]{_esc(password)}[/bold] (shown once)")
+    _show(f"  sign-in link: {_esc(login_url(name, password, url))}")
+    return password
+
+
+def _show(markup: str) -> None:
+    from align.reporting import console
+
+    console.print(markup, soft_wrap=True)  # soft_wrap: never break a URL or path across lines
+
+
+def _esc(value: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+# --- Internals: credentials and settings ------------------------------------------------------
+
+def _ensure_credentials(home: Path) -> dict[str, str]:
+    creds = _read_credentials()
+    if creds is not None:
+        return creds
+    creds = {
+        "username": OWNER,
+        "password": secrets.token_urlsafe(15),
+        "api_key": "align-" + secrets.token_urlsafe(32),
+        "workspace": WORKSPACE,
+    }
+    _write_private(credentials_file(), json.dumps(creds, indent=2))
+    return creds
+
+
+def _read_credentials() -> dict[str, str] | None:
+    try:
+        creds = json.loads(credentials_file().read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise AlignError(f"cannot read {credentials_file()}: {e}; delete it and run `align label serve` "
+                         "to reset the owner's password and key") from None
+    if not isinstance(creds, dict) or not all(isinstance(creds.get(k), str) for k in ("username", "password",
+                                                                                        "api_key")):
+        raise AlignError(f"{credentials_file()} is damaged; delete it and run `align label serve` to reset "
+                         "the owner's password and key")
+    return creds
+
+
+def _auth_secret(home: Path) -> str:
+    path = home / "auth_secret"
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        secret = ""
+    if len(secret) < 32:
+        secret = secrets.token_hex(32)
+        _write_private(path, secret)
+    return secret
+
+
+def _server_env(home: Path, redis_port: int, redis_password: str) -> dict[str, str]:
+    env = _clean_env()
+    env.update({
+        "ARGILLA_HOME_PATH": str(home),
+        "ARGILLA_DATABASE_URL": f"sqlite+aiosqlite:///{home / 'argilla.db'}?check_same_thread=False",
+        "ARGILLA_DATABASE_SQLITE_TIMEOUT": "30",
+        "ARGILLA_SEARCH_ENGINE": ENGINE_NAME,
+        "ARGILLA_REDIS_URL": f"redis://:{redis_password}@{HOST}:{redis_port}/0",
+        "ARGILLA_AUTH_SECRET_KEY": _auth_secret(home),
+        # Keep the oauth config lookup inside the home, whatever the working directory.
+        "ARGILLA_AUTH_OAUTH_CFG": str(home / "oauth.yaml"),
+        # "false", not "0": the server warns that ARGILLA_ENABLE_TELEMETRY=0 is deprecated.
+        "ARGILLA_ENABLE_TELEMETRY": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TMPDIR": str(home / "tmp"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _clean_env() -> dict[str, str]:
+    """Our environment minus what would leak into the server's Python or settings."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("ARGILLA_")}
+
+
+def _ensure_database(python: Path, home: Path, env: dict[str, str], creds: dict[str, str]) -> bool:
+    """Migrate the database and make the owner match credentials.json; False if nothing had changed."""
+    marker = home / "setup.json"
+    fingerprint = hashlib.sha256(json.dumps(
+        [SERVER_VERSION, creds["username"], creds["password"], creds["api_key"], creds.get("workspace", WORKSPACE),
+         str(home / "argilla.db")]).encode()).hexdigest()
+    if (home / "argilla.db").exists() and marker.exists():
+        try:
+            if json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+                return False
+        except (OSError, ValueError):
+            pass
+    request = json.dumps({"username": creds["username"], "password": creds["password"],
+                          "api_key": creds["api_key"], "workspace": creds.get("workspace", WORKSPACE)})
+    log = home / "setup.log"
+    with log.open("a") as out:
+        result = subprocess.run([str(python), str(_LAUNCHER), "setup"], input=request, text=True, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=home, timeout=300, check=False)
+    if result.returncode != 0:
+        raise AlignError(f"preparing the Argilla database failed (exit {result.returncode}): "
+                         f"{_last_line(log)!r}; see {log}")
+    _write_private(marker, json.dumps({"fingerprint": fingerprint}))
+    return True
+
+
+# --- Internals: processes ------------------------------------------------------------------------------
+
+# (state key, text its command line must contain): a recycled pid is never mistaken for ours.
+_PROCESSES = (("worker_pid", "argilla_launcher.py"), ("pid", "argilla_launcher.py"), ("redis_pid", "redis-server"))
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def find_redis_server() -> str:
+    """The redis-server binary; AlignError saying how to install it if there is none."""
+    found = shutil.which("redis-server")
+    for candidate in (found, "/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise AlignError("the Argilla server needs redis-server, which is not installed: "
+                     "apt-get install redis-server (or brew install redis)")
+
+
+def _start_redis(redis_server: str, home: Path, state: dict[str, Any]) -> tuple[int, str]:
+    password = secrets.token_hex(24)
+    data_dir = home / "redis"
+    _make_private_dir(data_dir)
+    last_error = ""
+    for _ in range(3):  # a free port can be taken between our probe and redis' bind
+        port = _free_port()
+        conf = home / "redis.conf"
+        _write_private(conf, "\n".join([
+            f"bind {HOST}", f"port {port}", "protected-mode yes", f"requirepass {password}",
+            'save ""', "appendonly no", f"dir {data_dir}", "daemonize no", 'logfile ""', "",
+        ]))
+        pid = _spawn([redis_server, str(conf)], home, _clean_env(), home / "redis.log")
+        state["redis_pid"], state["redis_port"] = pid, port
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if _redis_ping(port, password):
+                return port, password
+            if not _alive(pid, "redis-server"):
+                break
+            time.sleep(0.1)
+        last_error = _last_line(home / "redis.log")
+        _terminate(pid, "redis-server")
+    raise AlignError(f"redis-server did not start: {last_error!r}; see {home / 'redis.log'}")
+
+
+def _redis_ping(port: int, password: str) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1) as conn:
+            conn.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            reply = b""
+            while b"PONG" not in reply and len(reply) < 200:
+                chunk = conn.recv(100)
+                if not chunk:
+                    break
+                reply += chunk
+            return b"+PONG" in reply
+    except OSError:
+        return False
+
+
+def _spawn(command: list[str], home: Path, env: dict[str, str], log: Path) -> int:
+    with log.open("a") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, cwd=home, start_new_session=True)
+    _CHILDREN[process.pid] = process
+    return process.pid
+
+
+def _wait_healthy(state: dict[str, Any], home: Path) -> None:
+    url = _url(state["port"])
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not _alive(state["pid"], "argilla_launcher.py"):
+            raise AlignError(f"the Argilla server exited during startup: {_log_tail(home / 'server.log')}")
+        if not _alive(state["worker_pid"], "argilla_launcher.py"):
+            raise AlignError(f"the Argilla job worker exited during startup: {_log_tail(home / 'worker.log')}")
+        if _healthy(state):
+            return
+        time.sleep(0.25)
+    raise AlignError(f"the Argilla server did not answer at {url} within {_START_TIMEOUT_S:.0f} s: "
+                     f"{_log_tail(home / 'server.log')}")
+
+
+def _healthy(state: dict[str, Any], check_pid: bool = True) -> bool:
+    """Our server process is alive and its status endpoint names our search engine."""
+    if check_pid and not _alive(state.get("pid"), "argilla_launcher.py"):
+        return False
+    try:
+        with _LOCAL.open(f"{_url(state['port'])}/api/v1/status", timeout=3) as response:
+            answer = json.loads(response.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(answer, dict) and (answer.get("search_engine") or {}).get("name") == ENGINE_NAME
+
+
+def _stop_processes(state: dict[str, Any]) -> None:
+    for key, marker in _PROCESSES:
+        _terminate(state.get(key), marker)
+
+
+def _terminate(pid: int | None, marker: str) -> None:
+    if not _alive(pid, marker):
+        return
+    for sig, wait in ((signal.SIGTERM, _STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)  # its own session: the process group holds it and its children
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return  # not ours to stop
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid, marker):
+                _CHILDREN.pop(pid, None)
+                return
+            time.sleep(0.1)
+
+
+def _alive(pid: Any, marker: str) -> bool:
+    """Whether ``pid`` runs and is ours; reaps our zombies.
+
+    A child this process started is known by its Popen. Any other pid (from server.json) must name
+    ``marker`` in its command line or executable, so a recycled pid is never mistaken for ours (the
+    executable too: redis-server blanks its command line for a moment while it sets its title).
+    """
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        _CHILDREN.pop(pid, None)
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): fall back to "some process has this pid"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+        return True
+    if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+        return False
+    if marker.encode() in cmdline:
+        return True
+    try:
+        return marker in os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: SO_REUSEADDR, so sockets in TIME_WAIT from a quick restart do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+# --- Internals: state, files, HTTP --------------------------------------------------------------------
+
+def _read_state() -> dict[str, Any] | None:
+    try:
+        state = json.loads(_state_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("port"), int) else None
+
+
+def _info_from_state(state: dict[str, Any], already_running: bool) -> ServerInfo:
+    home = argilla_home()
+    creds = _read_credentials() or {}
+    return ServerInfo(
+        url=_url(state["port"]), port=state["port"], pid=state.get("pid", 0),
+        worker_pid=state.get("worker_pid", 0), redis_pid=state.get("redis_pid", 0),
+        redis_port=state.get("redis_port", 0), home=home, credentials_file=credentials_file(),
+        log_file=home / "server.log", username=creds.get("username", OWNER), already_running=already_running,
+    )
+
+
+def _url(port: int) -> str:
+    return f"http://{HOST}:{port}"
+
+
+def _say(message: str) -> None:
+    from align.reporting import console
+
+    console.print(message, markup=False)
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable only by its owner (0600)."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, path)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _rotate(log: Path) -> None:
+    try:
+        if log.stat().st_size > _LOG_ROTATE_BYTES:
+            os.replace(log, log.with_name(log.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+def _last_line(path: Path) -> str:
+    lines = _tail_lines(path, 50)
+    return lines[-1] if lines else "(no output)"
+
+
+def _log_tail(path: Path, count: int = 8) -> str:
+    lines = _tail_lines(path, count)
+    return f"last lines of {path}: " + " | ".join(lines) if lines else f"{path} is empty"
+
+
+def _tail_lines(path: Path, count: int) -> list[str]:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()][-count:]
+
+
+def _request(connection: Connection, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One JSON request with the connection's API key: (status code, parsed body or text)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(connection.api_url + path, data=data, method=method,
+                                     headers={"X-Argilla-Api-Key": connection.api_key,
+                                              "Content-Type": "application/json", "Accept": "application/json"})
+    try:
+        with _opener(connection.api_url).open(request, timeout=_HTTP_TIMEOUT_S) as response:
+            code, raw = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        code, raw = e.code, e.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise AlignError(f"cannot reach the Argilla server at {connection.api_url} ({reason}); is it running? "
+                         "(`align label serve status`)") from None
+    try:
+        return code, json.loads(raw) if raw else None
+    except ValueError:
+        return code, raw.decode("utf-8", "replace")[:200]
+
+
+# Our own server is on the loopback: never send its requests (and keys) through an HTTP proxy.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _opener(url: str):
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return _LOCAL if host in ("127.0.0.1", "localhost", "::1") else urllib.request.build_opener()
+
+
+def _check_key(connection: Connection, source: str) -> Any:
+    code, body = _request(connection, "GET", "/api/v1/me")
+    if code in (401, 403):
+        raise AlignError(f"the Argilla server at {connection.api_url} rejected the API key from {source}")
+    if code != 200:
+        raise AlignError(f"the Argilla server at {connection.api_url} answered HTTP {code} to GET /api/v1/me"
+                         f"{_detail(body)}")
+    return body
+
+
+def _expect(connection: Connection, code: int, body: Any, wanted: int, doing: str) -> None:
+    if code != wanted:
+        raise AlignError(f"{doing} on {connection.api_url} failed: HTTP {code}{_detail(body)}")
+
+
+def _detail(body: Any) -> str:
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        text = detail if isinstance(detail, str) else json.dumps(detail)[:300]
+        return f": {text}"
+    return f": {body}" if isinstance(body, str) and body else ""
+
+
+def _workspace_id(connection: Connection, name: str) -> str:
+    code, body = _request(connection, "GET", "/api/v1/me/workspaces")
+    _expect(connection, code, body, 200, "listing workspaces")
+    for workspace in body.get("items", []):
+        if workspace.get("name") == name:
+            return workspace["id"]
+    code, body = _request(connection, "POST", "/api/v1/workspaces", {"name": name})
+    _expect(connection, code, body, 201, f"creating workspace {name!r}")
+    return body["id"]
