@@ -78,6 +78,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     gen.set_defaults(handler=_run_generate)
 
+    label = commands.add_parser("label", help="human rankings in Argilla: server, users, push, pull")
+    label_commands = label.add_subparsers(title="label commands", metavar="COMMAND", required=True,
+                                          parser_class=_Parser)
+    serve = label_commands.add_parser("serve", help="run the embedded Argilla server + web UI on 127.0.0.1")
+    serve.add_argument("action", nargs="?", choices=("start", "stop", "status"), default="start",
+                       help="start (default; does nothing if it already runs), stop, or status")
+    serve.add_argument("--port", type=int, help="port for a new server (default 6900)")
+    serve.set_defaults(handler=_label_serve)
+    users = label_commands.add_parser("users", help="annotator and admin logins")
+    users_commands = users.add_subparsers(title="users commands", metavar="COMMAND", required=True,
+                                          parser_class=_Parser)
+    add_user = users_commands.add_parser("add", help="create a login; prints its password once")
+    add_user.add_argument("name", help="user name: lowercase letters, digits, '-', '_'")
+    add_user.add_argument("--role", choices=("annotator", "admin"), default="annotator")
+    add_user.set_defaults(handler=_label_add_user)
+    for sub in (serve, add_user):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     registry = commands.add_parser("registry", help="list and inspect registered artifacts")
     registry_commands = registry.add_subparsers(title="registry commands", metavar="COMMAND", required=True,
                                                 parser_class=_Parser)
@@ -165,6 +183,25 @@ def _read_prompts(path: str) -> list[str]:
     if not prompts:
         raise AlignError(f"--prompts: {path} has no prompts")
     return prompts
+
+
+def _label_serve(args) -> None:
+    from labeling import server
+
+    if args.action != "start" and args.port is not None:
+        raise AlignError(f"--port is for starting the server, not for '{args.action}'")
+    if args.action == "stop":
+        server.stop_command()
+    elif args.action == "status":
+        server.status_command()
+    else:
+        server.serve_command(args.port)
+
+
+def _label_add_user(args) -> None:
+    from labeling import server
+
+    server.add_user_command(args.name, args.role)
 
 
 def _registry_list(args) -> None:
