@@ -43,8 +43,8 @@ class RunDir:
                 raise AlignError(f"--resume: no checkpoint in {self.work / CHECKPOINTS} (nothing to resume; run "
                                  f"without --resume)")
             return checkpoint
-        if self.work.exists() and is_main and self.last_checkpoint() is None:
-            shutil.rmtree(self.work)  # a run that died before its first checkpoint: nothing worth keeping
+        if self.work.exists() and is_main and (self.overwrite or self.last_checkpoint() is None):
+            shutil.rmtree(self.work)  # overwrite asked for, or a run that died before its first checkpoint
         elif self.work.exists() and is_main:
             raise AlignError(f"output: an unfinished run with checkpoints is in {self.work}. Add --resume to "
                              f"continue it, or delete that folder to start over")

@@ -48,8 +48,10 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, tem
     """
     template = template or TemplateConfig()
     seq2seq = bool(model.config.is_encoder_decoder)
-    # An encoder-decoder model reads the bare prompt (as align sft trains it).
-    texts = prompts if seq2seq else render_prompts(tokenizer, prompts, template)
+    if seq2seq and template.name == "chat":  # align sft feeds an encoder the messages' text, no chat markup
+        texts = [f"{template.system}\n{p}" if template.system else p for p in prompts]
+    else:
+        texts = render_prompts(tokenizer, prompts, template)
     templated = not seq2seq and template.name == "chat" and bool(tokenizer.chat_template)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outputs: list[str] = [""] * len(texts)

@@ -7,10 +7,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+# The embedded Argilla server's environment, built by setup.sh (see labeling/server.py).
+export ALIGN_ARGILLA_VENV="${ALIGN_ARGILLA_VENV:-$PWD/.venv/argilla-server}"
 
 # Everything the demo needs is installed locally; the hub is unreachable here (fail fast, not retry).
 export HF_HUB_OFFLINE=1
 export ALIGN_HOME="${ALIGN_HOME:-$PWD/.align}"   # the registry and converted models live here
+# Piped into a file or CI log, tables would be cut to 80 columns; a terminal keeps its own width.
+[[ -t 1 ]] || export COLUMNS="${COLUMNS:-120}"
 
 echo "demo: align sft (outputs under runs/sft/, registry in $ALIGN_HOME/registry.db)"
 # output.overwrite=true: a re-run replaces the previous finished run instead of refusing.

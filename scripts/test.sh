@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+# The embedded Argilla server's environment, built by setup.sh (see labeling/server.py).
+export ALIGN_ARGILLA_VENV="${ALIGN_ARGILLA_VENV:-$PWD/.venv/argilla-server}"
 
 # Tests never reach the Hugging Face hub (it fails fast instead of retrying), and run single-threaded:
 # on small CPUs extra OpenMP threads fight each other and make tests several times slower.

@@ -76,7 +76,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     model = load_model(source.path, cfg.model, cfg.quantization)
     match_model_to_tokenizer(model, tokenizer)
     seq2seq = bool(model.config.is_encoder_decoder)
-    gradient_checkpointing = bool(cfg.training.get("gradient_checkpointing", False))
+    gradient_checkpointing = bool(cfg.training.get("activation_checkpointing",
+                                                   cfg.training.get("gradient_checkpointing", False)))
     model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing)
     params = parameter_summary(model)
     trained_tokens = sum(min(n, max_length or n) for n in lengths)
@@ -96,10 +97,14 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 
     # 4. Train.
     run_dir.create()
+    if "tensorboard" in str(args.report_to):  # TensorBoard's files belong with the artifact, not its checkpoints
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir.work / "tensorboard"))
     trainer = _make_trainer(model, tokenizer, args, train, evaluation, seq2seq, cfg)
-    eval_before = trainer.evaluate()["eval_loss"] if evaluation and checkpoint is None else None
+    eval_before = _eval_loss_before(trainer, run_dir, checkpoint) if evaluation else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_after = trainer.evaluate()["eval_loss"] if evaluation else None
+    eval_after = _final_eval_loss(trainer) if evaluation else None
+    # Every rank takes part in saving: ZeRO-3 / FSDP gather sharded weights (only rank 0 writes).
+    trainer.save_model(str(run_dir.work))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return None
@@ -121,10 +126,10 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
     work = run_dir.work
-    trainer.save_model(str(work))
     tokenizer.save_pretrained(str(work))
     if cfg.output.merge and cfg.lora.enabled:
         _save_merged(work, source.path, cfg)
+    (work / "eval_loss_before.json").unlink(missing_ok=True)  # folded into the metrics and the log
     config = to_dict(cfg)
     save_run_config(config, work)
     # The loss before training is the first point of the eval curve.
@@ -152,6 +157,26 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("registry", f"{artifact.ref} (id {artifact.id})"),
     ])
     return artifact
+
+
+def _eval_loss_before(trainer, run_dir: RunDir, checkpoint: str | None) -> float:
+    """Eval loss of the starting model; kept in the working folder so a resumed run still reports it."""
+    saved = run_dir.work / "eval_loss_before.json"
+    if checkpoint is not None and saved.is_file():
+        return json.loads(saved.read_text())["eval_loss"]
+    loss = trainer.evaluate()["eval_loss"]
+    if trainer.is_world_process_zero():
+        saved.write_text(json.dumps({"eval_loss": loss}))
+    return loss
+
+
+def _final_eval_loss(trainer) -> float:
+    """The eval loss at the last step: reused when the trainer just evaluated there, else measured now."""
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    for entry in last:
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return entry["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def _check_report_to(report_to) -> None:
