@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from align.artifacts import _readable_json
 from tests.tiny_models import toy_task_records, toy_text_records, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -417,14 +418,6 @@ Trainer.training_step = training_step
 from align.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def _readable_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def test_resume_after_kill_continues_from_checkpoint(workdir, tiny_llama, capsys):
