@@ -96,6 +96,49 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (serve, add_user):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    # --- label: rankings (push / status / pull / simulate; labeling/rankings.py) ---
+    push = label_commands.add_parser("push", help="sample K completions per prompt and log them for ranking")
+    push.add_argument("--model", required=True, help="folder, hub id, or registry ref (sft:latest, sft:2, a name)")
+    push.add_argument("--prompts", required=True, help="file: .txt (one per line) or .jsonl/.json/.csv with a "
+                                                       "prompt/question/instruction field")
+    push.add_argument("--dataset", required=True, help="Argilla dataset name (pushing again continues it)")
+    push.add_argument("--k", type=int, default=4, help="completions per prompt to rank (default 4)")
+    push.add_argument("--annotators-per-record", type=int,
+                      help="rankings wanted per prompt before it leaves everyone's queue (default 1; given again, "
+                           "it updates the dataset)")
+    push.add_argument("--workspace", default="align")
+    push.add_argument("--guidelines", help="markdown file shown to annotators (default: align's InstructGPT-style)")
+    push.add_argument("--max-new-tokens", type=int, default=128)
+    push.add_argument("--temperature", type=float, default=1.0)
+    push.add_argument("--top-p", type=float, default=0.95)
+    push.add_argument("--top-k", type=int, default=0)
+    push.add_argument("--seed", type=int, default=0)
+    push.add_argument("--batch-size", type=int, default=16, help="generations per forward pass")
+    push.add_argument("--log-every", type=int, default=32,
+                      help="prompts generated and logged at a time (a crash loses at most these)")
+    push.set_defaults(handler=_label_push)
+    label_status = label_commands.add_parser("status", help="ranking progress, overall and per annotator")
+    pull = label_commands.add_parser("pull", help="submitted rankings -> preference pairs (TRL format), registered")
+    pull.add_argument("--out", required=True, help=".jsonl file for the pairs (written atomically)")
+    pull.add_argument("--ties", choices=("skip", "keep"), default="skip",
+                      help="tied completions: leave out (default) or keep with \"tie\": true")
+    pull.add_argument("--aggregate", choices=("each", "majority"), default="each",
+                      help="pairs from every annotator (default) or one majority vote per pair")
+    simulate = label_commands.add_parser("simulate", help="DEMOS/TESTS ONLY: sim-annotator-N users rank by a rule")
+    simulate.add_argument("--annotators", type=int, required=True, help="number of simulated annotators")
+    simulate.add_argument("--rule", required=True, help="longer | shorter | random | keyword:WORD")
+    simulate.add_argument("--noise", type=float, default=0.0, help="probability of swapping adjacent ranks")
+    simulate.add_argument("--seed", type=int, default=0)
+    for sub in (label_status, pull, simulate):
+        sub.add_argument("--dataset", required=True, help="Argilla dataset name")
+        sub.add_argument("--workspace", default="align")
+    label_status.set_defaults(handler=_label_status)
+    pull.set_defaults(handler=_label_pull)
+    simulate.set_defaults(handler=_label_simulate)
+    for sub in (push, label_status, pull, simulate):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    # --- end label: rankings ---
+
     registry = commands.add_parser("registry", help="list and inspect registered artifacts")
     registry_commands = registry.add_subparsers(title="registry commands", metavar="COMMAND", required=True,
                                                 parser_class=_Parser)
@@ -130,11 +173,12 @@ def _run_sft(args) -> None:
 
 def _run_generate(args) -> None:
     from align.config import TemplateConfig
+    from align.data import read_prompts
     from align.generation import SamplingConfig, generate
     from align.modeling import load_for_inference
     from align.reporting import console
 
-    prompts = args.prompt or _read_prompts(args.prompts)
+    prompts = args.prompt or read_prompts(args.prompts)
     loaded = load_for_inference(args.model)
     template = TemplateConfig(name="plain") if args.no_chat_template else loaded.template
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -161,28 +205,6 @@ def _run_generate(args) -> None:
             console.rule(style="dim")
             console.print(f"[bold]prompt:[/bold] {prompt}")
             console.print(f"[bold]completion:[/bold] {completion}")
-
-
-def _read_prompts(path: str) -> list[str]:
-    from align.data import read_records
-
-    if path.endswith(".txt"):
-        try:
-            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-        except OSError as e:
-            raise AlignError(f"--prompts: cannot read {path}: {e.strerror}") from None
-        prompts = [line for line in lines if line]
-    else:
-        records = read_records(path)
-        prompts = []
-        for row, where in zip(records.rows, records.locations):
-            field = next((f for f in ("prompt", "question", "instruction", "input", "text") if f in row), None)
-            if field is None or not isinstance(row[field], str):
-                raise AlignError(f"--prompts: {where}: no prompt field (prompt, question, instruction, input, text)")
-            prompts.append(row[field])
-    if not prompts:
-        raise AlignError(f"--prompts: {path} has no prompts")
-    return prompts
 
 
 def _label_serve(args) -> None:
@@ -224,6 +246,38 @@ def _registry_lineage(args) -> None:
     from align.reporting import console
 
     print_lineage(console, Registry(), args.ref)
+
+
+# --- label: rankings handlers (labeling/rankings.py) ---
+
+def _label_push(args) -> None:
+    from align.generation import SamplingConfig
+    from labeling import rankings
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+    rankings.push_command(model=args.model, prompts_path=args.prompts, k=args.k, dataset=args.dataset,
+                          sampling=sampling, annotators_per_record=args.annotators_per_record,
+                          workspace=args.workspace, guidelines_file=args.guidelines, log_every=args.log_every)
+
+
+def _label_status(args) -> None:
+    from labeling import rankings
+
+    rankings.status_command(args.dataset, args.workspace)
+
+
+def _label_pull(args) -> None:
+    from labeling import rankings
+
+    rankings.pull_command(args.dataset, args.out, ties=args.ties, aggregate=args.aggregate, workspace=args.workspace)
+
+
+def _label_simulate(args) -> None:
+    from labeling import rankings
+
+    rankings.simulate_command(args.dataset, args.annotators, args.rule, noise=args.noise, seed=args.seed,
+                              workspace=args.workspace)
 
 
 if __name__ == "__main__":

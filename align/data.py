@@ -450,6 +450,36 @@ def format_prompt(template: TemplateConfig, prompt: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Prompts for generation (`align generate --prompts`, `align label push --prompts`)
+
+PROMPT_FIELDS = ("prompt", "question", "instruction", "input", "text")
+
+
+def read_prompts(path: str, option: str = "--prompts") -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl/.json/.csv file whose records have one of
+    PROMPT_FIELDS. Errors name ``option`` and the record's file:line."""
+    if path.endswith(".txt"):
+        try:
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        except OSError as e:
+            raise AlignError(f"{option}: cannot read {path}: {e.strerror}") from None
+        prompts = [line for line in lines if line]
+    else:
+        records = read_records(path)
+        prompts = []
+        for row, where in zip(records.rows, records.locations):
+            field_name = next((f for f in PROMPT_FIELDS if f in row), None)
+            if field_name is None or not isinstance(row[field_name], str):
+                raise AlignError(f"{option}: {where}: no prompt field ({', '.join(PROMPT_FIELDS)})")
+            if not row[field_name].strip():
+                raise AlignError(f"{option}: {where}: field '{field_name}' is empty; fill it in or remove that record")
+            prompts.append(row[field_name])
+    if not prompts:
+        raise AlignError(f"{option}: {path} has no prompts")
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------------
 # Length, split, fingerprint
 
 def token_lengths(examples: list[dict], tokenizer) -> list[int]:

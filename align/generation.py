@@ -6,7 +6,7 @@ evaluation) that need many completions fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -87,3 +87,38 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, tem
         tokenizer.padding_side = padding_side
         torch.random.set_rng_state(generator_state)
     return outputs
+
+
+def sample_k(model, tokenizer, prompts: list[str], k: int, sampling: SamplingConfig,
+             template: TemplateConfig | None = None, retries: int = 3,
+             progress=None) -> tuple[list[list[str]], list[int]]:
+    """``k`` sampled completions per prompt (InstructGPT: K outputs to rank), all k * len(prompts) in one `generate`.
+
+    A completion identical (after strip) to an earlier one for the same prompt is sampled again with a new seed,
+    all such redos batched together, up to ``retries`` rounds; whatever is still identical then is kept. Returns the
+    completions per prompt (in sampling order) and, per prompt, how many identical ones were kept. ``progress``
+    counts the first k * len(prompts) generations only.
+    """
+    rows = [prompt for prompt in prompts for _ in range(k)]
+    flat = generate(model, tokenizer, rows, sampling, template=template, progress=progress)
+    samples = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+    for attempt in range(1, retries + 1):
+        redo = [(i, j) for i, texts in enumerate(samples) for j in _repeats(texts)]
+        if not redo or sampling.temperature <= 0:  # greedy decoding would repeat itself
+            break
+        again = generate(model, tokenizer, [prompts[i] for i, _ in redo],
+                         replace(sampling, seed=sampling.seed + 1_000_003 * attempt), template=template)
+        for (i, j), text in zip(redo, again):
+            samples[i][j] = text
+    return samples, [len(_repeats(texts)) for texts in samples]
+
+
+def _repeats(texts: list[str]) -> list[int]:
+    """Positions whose text (stripped) already appeared earlier in ``texts``."""
+    seen, repeats = set(), []
+    for j, text in enumerate(texts):
+        key = text.strip()
+        if key in seen:
+            repeats.append(j)
+        seen.add(key)
+    return repeats

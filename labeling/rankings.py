@@ -1,0 +1,982 @@
+"""Human rankings in Argilla, InstructGPT step 2: `align label push | status | pull | simulate`.
+
+``push``: the SFT model samples K completions per prompt (all K x P generations batched). Each prompt
+becomes one Argilla record: the prompt, the K completions as ``completion_1..K`` in an order shuffled
+per record (seeded by the record id; record metadata ``order`` says which sample each position shows,
+so position carries no information about sampling order), and these questions:
+
+- ``ranking`` (required): rank all K from best (1) to worst; ties allowed.
+- ``quality`` (optional): a 1-7 rating of the completion ranked first. InstructGPT rates every output
+  1-7; one rating per record keeps labeling fast, and the ranking already orders the rest.
+- ``flags`` (optional): harmful / untruthful / ignores the instruction, for any completion (the comment
+  says which; per-completion flags would need K x 3 checkboxes).
+- ``comment`` (optional).
+
+Record ids are a hash of the dataset name and the prompt: pushing again never duplicates. A push
+skips prompts whose records already exist with all K completions, so re-running an interrupted push
+(crash, server restart) finishes the job. Records are generated and logged ``log_every`` prompts at a
+time. The dataset's own metadata (``metadata.align``) records the model, the sampling parameters, K
+and whether the model is conversational; later pushes must match it.
+
+``pull``: submitted responses only -> per-annotator rankings over the original sample indices -> all
+K-choose-2 comparisons (labeling/preferences.py) -> TRL's preference format ``{prompt, chosen,
+rejected}`` plus provenance, written atomically and registered (kind ``dataset``, stage ``label``).
+
+``simulate``: for demos and tests only; ``sim-annotator-N`` users rank through the same REST calls as
+the web UI, by a fixed rule.
+
+Everything here talks to Argilla's REST API (v1, as the UI does) with httpx; the connection comes from
+:func:`labeling.server.connect`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from align.errors import AlignError
+from labeling import server
+from labeling.preferences import TIES, majority, pairwise_agreement, ranking_to_pairs
+
+WORKSPACE = server.WORKSPACE
+SIM_PREFIX = "sim-annotator-"
+RULES = ("longer", "shorter", "random", "keyword:WORD")
+AGGREGATES = ("each", "majority")
+MAX_K = 20
+METADATA_KEY = "align"  # the dataset's metadata block written by push
+FORMAT = "align-rankings/1"
+PENDING_VIEW = {  # the web UI's default "Pending" queue: records this user has not answered yet
+    "filters": {"and": [
+        {"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": ["pending"]},
+        {"type": "terms", "scope": {"entity": "record", "property": "status"}, "values": ["pending"]},
+    ]}
+}
+FLAGS = {"harmful": "Harmful", "untruthful": "Untruthful (made-up or wrong facts)",
+         "ignores_instruction": "Ignores the instruction"}
+
+DEFAULT_GUIDELINES = """\
+# Rank the completions
+
+Each record shows a **prompt** and {k} **completions** written by a model. Read them all, then **rank
+them from best (1) to worst**. Two completions that are equally good may share a rank.
+
+**Best** means, in this order when they conflict:
+
+1. **Harmless**: no content that could cause physical, psychological or social harm, no help with
+   clearly harmful requests, no insults or demeaning language.
+2. **Truthful**: no made-up facts, no misleading claims. Prefer a completion that says it does not
+   know over one that invents an answer.
+3. **Helpful**: does what the prompt asks (including what it clearly implies), in the format asked
+   for, clearly and concisely; asks for clarification when the prompt is ambiguous.
+
+A completion that ignores the instruction is worse than one that follows it imperfectly.
+
+Then, if you can:
+
+- **quality**: rate the completion you ranked first, 1 (useless) to 7 (could not be better).
+- **flags**: tick a problem if *any* completion has it, and say which in the comment.
+
+The completions appear in a random order in every record: their position says nothing about them.
+Use **Submit** when done; **Discard** a record you cannot judge (it is not used).
+"""
+
+
+# --- REST -------------------------------------------------------------------------------------------
+
+class _Api:
+    """Argilla's REST API with one user's API key; every failure is one AlignError naming the server."""
+
+    def __init__(self, url: str, api_key: str):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        local = (httpx.URL(self.url).host or "") in ("127.0.0.1", "localhost", "::1")
+        # trust_env=False on the loopback: never send our key through an HTTP proxy.
+        self._client = httpx.Client(base_url=self.url, headers={"X-Argilla-Api-Key": api_key}, timeout=120.0,
+                                    trust_env=not local)
+
+    @classmethod
+    def connect(cls) -> _Api:
+        connection = server.connect()  # checks the server answers and takes the key
+        return cls(connection.api_url, connection.api_key)
+
+    def call(self, method: str, path: str, doing: str, json_body: Any = None, params: dict | None = None,
+             expect: tuple[int, ...] = (200,)) -> Any:
+        import httpx
+
+        try:
+            response = self._client.request(method, path, json=json_body, params=params)
+        except httpx.TransportError as e:
+            raise AlignError(f"cannot reach the Argilla server at {self.url} while {doing} ({type(e).__name__}: "
+                             f"{e or 'no answer'}); is it running? (`align label serve status`)") from None
+        if response.status_code == 401:
+            raise AlignError(f"the Argilla server at {self.url} rejected the API key while {doing}")
+        if response.status_code not in expect:
+            raise AlignError(f"{doing} on {self.url} failed: HTTP {response.status_code}{_detail(response)}")
+        return response.json() if response.content else None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _detail(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f": {response.text[:300]}" if response.text else ""
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    return f": {detail if isinstance(detail, str) else json.dumps(detail)[:400]}"
+
+
+def _find_dataset(api: _Api, name: str, workspace: str) -> dict | None:
+    workspaces = api.call("GET", "/api/v1/me/workspaces", "listing workspaces")["items"]
+    workspace_id = next((w["id"] for w in workspaces if w["name"] == workspace), None)
+    if workspace_id is None:
+        return None
+    datasets = api.call("GET", "/api/v1/me/datasets", "listing datasets")["items"]
+    return next((d for d in datasets if d["name"] == name and d["workspace_id"] == workspace_id), None)
+
+
+def _require_dataset(api: _Api, name: str, workspace: str) -> dict:
+    dataset = _find_dataset(api, name, workspace)
+    if dataset is None:
+        raise AlignError(f"no dataset '{name}' in workspace '{workspace}' on {api.url}; create it with "
+                         f"`align label push --dataset {name} ...`")
+    info = (dataset.get("metadata") or {}).get(METADATA_KEY)
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise AlignError(f"dataset '{name}' on {api.url} was not made by `align label push` (its metadata has no "
+                         f"'{METADATA_KEY}' block)")
+    return dataset
+
+
+def _records(api: _Api, dataset_id: str, responses: bool) -> list[dict]:
+    items, offset = [], 0
+    params: dict[str, Any] = {"limit": 1000}
+    if responses:
+        params["include"] = "responses"
+    while True:
+        page = api.call("GET", f"/api/v1/datasets/{dataset_id}/records", "listing records",
+                        params={**params, "offset": offset})
+        items += page["items"]
+        offset += len(page["items"])
+        if not page["items"] or offset >= page.get("total", offset):
+            return items
+
+
+def _upsert_records(api: _Api, dataset_id: str, items: list[dict]) -> None:
+    """Create or update records by external id (at most 500 per call)."""
+    for start in range(0, len(items), 500):
+        api.call("PUT", f"/api/v1/datasets/{dataset_id}/records/bulk", "logging records",
+                 json_body={"items": items[start:start + 500]})
+
+
+def annotation_url(api_url: str, dataset_id: str) -> str:
+    return f"{api_url.rstrip('/')}/dataset/{dataset_id}/annotation-mode"
+
+
+# --- Dataset layout ---------------------------------------------------------------------------------------
+
+def record_id(dataset: str, prompt: str) -> str:
+    """The record's external id: a hash of the dataset name and the prompt text."""
+    return "p-" + hashlib.sha256(f"{dataset}\x00{prompt}".encode()).hexdigest()[:24]
+
+
+def shuffled_order(rid: str, k: int) -> list[int]:
+    """``order[p]`` = the sample shown as ``completion_{p+1}``; a fixed permutation per record id."""
+    order = list(range(k))
+    random.Random(rid).shuffle(order)
+    return order
+
+
+def _completion(position: int) -> str:
+    return f"completion_{position + 1}"
+
+
+def _layout(k: int) -> dict[str, Any]:
+    """Fields, questions and metadata properties of a rankings dataset, as Argilla's REST API takes them."""
+    fields = [{"name": "prompt", "title": "Prompt", "required": True,
+               "settings": {"type": "text", "use_markdown": True}}]
+    fields += [{"name": _completion(p), "title": f"Completion {p + 1}", "required": True,
+                "settings": {"type": "text", "use_markdown": False}} for p in range(k)]
+    questions = [
+        {"name": "ranking", "title": "Rank the completions from best (1) to worst; equally good ones may share a rank",
+         "required": True, "settings": {"type": "ranking", "options": [
+             {"value": _completion(p), "text": f"Completion {p + 1}"} for p in range(k)]}},
+        {"name": "quality", "title": "Overall quality of the completion you ranked first (1 = useless, 7 = excellent)",
+         "required": False, "settings": {"type": "rating", "options": [{"value": v} for v in range(1, 8)]}},
+        {"name": "flags", "title": "Does any completion have these problems? (say which in the comment)",
+         "required": False, "settings": {"type": "multi_label_selection", "options": [
+             {"value": value, "text": text} for value, text in FLAGS.items()]}},
+        {"name": "comment", "title": "Comment (optional)", "required": False,
+         "settings": {"type": "text", "use_markdown": False}},
+    ]
+    terms = {"model": "Model", "sampling": "Sampling", "order": "Sample shown in each position",
+             "model_input": "Prompt as the model saw it"}
+    metadata = [{"name": name, "title": title, "visible_for_annotators": False, "settings": {"type": "terms"}}
+                for name, title in terms.items()]
+    metadata.append({"name": "duplicates", "title": "Identical completions kept", "visible_for_annotators": False,
+                     "settings": {"type": "integer"}})
+    return {"fields": fields, "questions": questions, "metadata": metadata}
+
+
+def _shape(fields: list[dict], questions: list[dict], metadata: list[dict]) -> dict[str, dict]:
+    """What must match between an existing dataset and the one a push wants."""
+    def options(settings: dict) -> tuple:
+        return tuple(str(o.get("value")) for o in settings.get("options") or [])
+
+    return {
+        "fields": {f["name"]: (f["settings"]["type"], bool(f["settings"].get("use_markdown"))) for f in fields},
+        "questions": {q["name"]: (q["settings"]["type"], bool(q["required"]), options(q["settings"]))
+                      for q in questions},
+        "metadata": {m["name"]: m["settings"]["type"] for m in metadata},
+    }
+
+
+def _differences(have: dict[str, dict], want: dict[str, dict]) -> list[str]:
+    def k_of(shape):
+        return sum(name.startswith("completion_") for name in shape["fields"])
+
+    found, wanted = k_of(have), k_of(want)
+    diffs = []
+    if found != wanted:
+        diffs.append(f"it shows {found} completions per prompt, this push asks for --k {wanted}")
+    for part, noun in (("fields", "field"), ("questions", "question"), ("metadata", "metadata property")):
+        for name in sorted(set(have[part]) | set(want[part])):
+            if found != wanted and (name.startswith("completion_") or name == "ranking"):
+                continue  # already said
+            if name not in have[part]:
+                diffs.append(f"it has no '{name}' {noun}")
+            elif name not in want[part]:
+                if part != "metadata":  # extra metadata properties (added in the UI) do no harm
+                    diffs.append(f"it has a '{name}' {noun} that align's rankings layout does not")
+            elif have[part][name] != want[part][name]:
+                diffs.append(f"its '{name}' {noun} is {have[part][name]}, align's is {want[part][name]}")
+    return diffs
+
+
+def _existing_shape(api: _Api, dataset_id: str) -> dict[str, dict]:
+    fields = api.call("GET", f"/api/v1/datasets/{dataset_id}/fields", "reading the dataset's fields")["items"]
+    questions = api.call("GET", f"/api/v1/datasets/{dataset_id}/questions", "reading the dataset's questions")["items"]
+    metadata = api.call("GET", f"/api/v1/me/datasets/{dataset_id}/metadata-properties",
+                        "reading the dataset's metadata properties")["items"]
+    return _shape(fields, questions, metadata)
+
+
+def _create_dataset(api: _Api, name: str, workspace: str, k: int, annotators: int, guidelines: str,
+                    info: dict) -> dict:
+    workspace_id = server._workspace_id(server.Connection(api.url, api.api_key), workspace)  # created if missing
+    dataset = api.call("POST", "/api/v1/datasets", f"creating dataset '{name}'", expect=(201,), json_body={
+        "name": name, "guidelines": guidelines, "allow_extra_metadata": False, "workspace_id": workspace_id,
+        "distribution": {"strategy": "overlap", "min_submitted": annotators}, "metadata": {METADATA_KEY: info}})
+    layout = _layout(k)
+    for kind, path in (("fields", "fields"), ("questions", "questions"), ("metadata", "metadata-properties")):
+        for item in layout[kind]:
+            api.call("POST", f"/api/v1/datasets/{dataset['id']}/{path}", f"adding '{item['name']}' to dataset '{name}'",
+                     json_body=item, expect=(201,))
+    # Until published the dataset is a draft: a push that dies before this line starts over next time.
+    return api.call("PUT", f"/api/v1/datasets/{dataset['id']}/publish", f"publishing dataset '{name}'")
+
+
+# --- Push ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class PushResult:
+    dataset: str
+    dataset_id: str
+    url: str  # where annotators rank
+    prompts: int  # distinct prompts in the file
+    created: int  # records written by this push
+    skipped: int  # already in the dataset with all K completions
+    duplicates_kept: int  # completions still identical to another of the same prompt after the retries
+    repeated_prompts: int  # prompts that appeared more than once in the file (pushed once)
+    notes: list[str] = field(default_factory=list)  # settings updated, an unfinished dataset replaced
+
+
+def sampling_text(sampling) -> str:
+    return (f"temperature={sampling.temperature:g} top_p={sampling.top_p:g} top_k={sampling.top_k} "
+            f"max_new_tokens={sampling.max_new_tokens} repetition_penalty={sampling.repetition_penalty:g} "
+            f"seed={sampling.seed}")
+
+
+def model_label(ref: str) -> str:
+    """How a pushed dataset names its model: the registry ref (``sft:3``) when it is an artifact, else the path or
+    hub id (so `pull` can find the parent artifact)."""
+    from align.modeling import resolve_model
+    from align.registry import Registry
+
+    source = resolve_model(ref)
+    if source.artifact is not None:
+        return source.artifact.ref
+    for artifact in Registry().list():
+        if artifact.kind == "model" and artifact.path == source.path:
+            return artifact.ref
+    return source.path
+
+
+def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
+         annotators_per_record: int | None = None, workspace: str = WORKSPACE, guidelines_file: str | None = None,
+         log_every: int = 32, retries: int = 3) -> PushResult:
+    """Sample K completions per prompt and log one Argilla record per prompt (see the module docstring).
+
+    ``annotators_per_record`` (rankings wanted per prompt; 1 for a new dataset when None) and ``guidelines_file``
+    change an existing dataset only when given.
+    """
+    from align.data import read_prompts
+    from align.generation import SamplingConfig
+
+    sampling = sampling or SamplingConfig(temperature=1.0)
+    _check_push_args(k, annotators_per_record, sampling, log_every, dataset)
+    prompts = read_prompts(prompts_path)
+    unique = list(dict.fromkeys(prompts))
+    guidelines = _guidelines(guidelines_file, k)
+    api = _Api.connect()
+    label = model_label(model)
+    wanted_info = {"format": FORMAT, "k": k, "model": label, "sampling": sampling_text(sampling)}
+
+    notes: list[str] = []
+    existing_dataset = _find_dataset(api, dataset, workspace)
+    if existing_dataset is not None and existing_dataset["status"] != "ready":
+        # An earlier push died while creating it (a draft with no records): start it over.
+        api.call("DELETE", f"/api/v1/datasets/{existing_dataset['id']}", f"removing the unfinished dataset '{dataset}'")
+        existing_dataset = None
+        notes.append("an unfinished dataset of that name (an interrupted push) was replaced")
+    existing: dict[str, dict] = {}
+    if existing_dataset is not None:
+        notes += _check_existing(api, existing_dataset, dataset, k, wanted_info, annotators_per_record, guidelines,
+                                 guidelines_file is not None)
+        existing = {r.get("external_id"): r for r in _records(api, existing_dataset["id"], responses=False)}
+    ids = {prompt: record_id(dataset, prompt) for prompt in unique}
+    todo = [prompt for prompt in unique if not _complete(existing.get(ids[prompt]), k)]
+
+    created, duplicates = 0, 0
+    if todo or existing_dataset is None:
+        from align.modeling import load_for_inference
+
+        loaded = load_for_inference(model)
+        form = _prompt_form(loaded)
+        if existing_dataset is None:
+            info = {**wanted_info, "conversational": form["conversational"], "system": form["system"],
+                    "sampling_params": _sampling_params(sampling), "model_ref": model}
+            existing_dataset = _create_dataset(api, dataset, workspace, k, annotators_per_record or 1, guidelines,
+                                               info)
+        created, duplicates = _generate_and_log(api, existing_dataset["id"], loaded, form, todo, ids, k, sampling,
+                                                label, log_every, retries, len(unique))
+    result = PushResult(dataset=dataset, dataset_id=existing_dataset["id"], url=annotation_url(api.url,
+                        existing_dataset["id"]), prompts=len(unique), created=created,
+                        skipped=len(unique) - len(todo), duplicates_kept=duplicates,
+                        repeated_prompts=len(prompts) - len(unique), notes=notes)
+    api.close()
+    return result
+
+
+def _check_push_args(k: int, annotators: int | None, sampling, log_every: int, dataset: str) -> None:
+    if not 2 <= k <= MAX_K:
+        raise AlignError(f"--k {k}: rank between 2 and {MAX_K} completions per prompt (InstructGPT used 4-9)")
+    if annotators is not None and annotators < 1:
+        raise AlignError(f"--annotators-per-record {annotators}: at least 1")
+    if sampling.temperature <= 0:
+        raise AlignError(f"--temperature {sampling.temperature:g}: greedy decoding writes the same completion K "
+                         "times; sample with a temperature > 0 (e.g. 1.0)")
+    if not 1 <= log_every <= 500:
+        raise AlignError(f"--log-every {log_every}: between 1 and 500 prompts")
+    if not dataset.strip() or len(dataset) > 200:
+        raise AlignError(f"--dataset {dataset!r}: a name of 1-200 characters")
+
+
+def _guidelines(path: str | None, k: int) -> str:
+    if path is None:
+        return DEFAULT_GUIDELINES.format(k=k)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise AlignError(f"--guidelines: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise AlignError(f"--guidelines: {path} is not UTF-8 text") from None
+    if not text.strip() or len(text) > 10_000:
+        raise AlignError(f"--guidelines: {path} must hold 1-10,000 characters of markdown (it has {len(text):,})")
+    return text
+
+
+def _check_existing(api: _Api, dataset: dict, name: str, k: int, wanted: dict, annotators: int | None, guidelines: str,
+                    guidelines_given: bool) -> list[str]:
+    """The dataset exists: its layout and model/sampling must match this push; guidelines (when given) and the
+    number of annotators per record are updated when they differ. Returns what was updated."""
+    info = (dataset.get("metadata") or {}).get(METADATA_KEY)
+    where = f"dataset '{name}' on {api.url}"
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise AlignError(f"{where} exists but was not made by `align label push`; push to a new --dataset name")
+    diffs = _differences(_existing_shape(api, dataset["id"]), _shape(**_layout(k)))
+    for key, flag in (("model", "--model"), ("sampling", "sampling flags")):
+        if not diffs and info.get(key) != wanted[key]:
+            diffs.append(f"its completions come from {key} '{info.get(key)}', this push uses '{wanted[key]}' "
+                         f"({flag})")
+    if diffs:
+        raise AlignError(f"{where} already exists with different settings: {'; '.join(diffs)}. Push to a new "
+                         f"--dataset name (or repeat the original command to continue that dataset)")
+    update: dict[str, Any] = {}
+    notes = []
+    before = (dataset.get("distribution") or {}).get("min_submitted")
+    if annotators is not None and before != annotators:
+        update["distribution"] = {"strategy": "overlap", "min_submitted": annotators}
+        notes.append(f"rankings wanted per record changed from {before} to {annotators}")
+    if guidelines_given and dataset.get("guidelines") != guidelines:
+        update["guidelines"] = guidelines
+        notes.append("guidelines updated")
+    if update:
+        api.call("PATCH", f"/api/v1/datasets/{dataset['id']}", f"updating dataset '{name}'", json_body=update)
+        dataset.update(update)
+    return notes
+
+
+def _complete(record: dict | None, k: int) -> bool:
+    if record is None:
+        return False
+    fields, order = record.get("fields") or {}, (record.get("metadata") or {}).get("order")
+    return all(isinstance(fields.get(_completion(p)), str) for p in range(k)) and _parse_order(order, k) is not None
+
+
+def _parse_order(text: Any, k: int) -> list[int] | None:
+    try:
+        order = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        return None
+    return order if sorted(order) == list(range(k)) else None
+
+
+def _sampling_params(sampling) -> dict:
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "max_new_tokens": sampling.max_new_tokens, "repetition_penalty": sampling.repetition_penalty,
+            "seed": sampling.seed}
+
+
+def _prompt_form(loaded) -> dict:
+    """Whether the model reads chat messages (its chat template) or a text prompt, as `generate` feeds it."""
+    from align.generation import render_prompts
+
+    seq2seq = bool(getattr(loaded.model.config, "is_encoder_decoder", False))
+    conversational = not seq2seq and loaded.template.name == "chat" and bool(loaded.tokenizer.chat_template)
+
+    def model_input(prompt: str) -> str:
+        if conversational or seq2seq:
+            return prompt
+        return render_prompts(loaded.tokenizer, [prompt], loaded.template)[0]
+
+    return {"conversational": conversational, "system": loaded.template.system if conversational else None,
+            "model_input": model_input}
+
+
+def _generate_and_log(api: _Api, dataset_id: str, loaded, form: dict, todo: list[str], ids: dict[str, str], k: int,
+                      sampling, label: str, log_every: int, retries: int, total: int) -> tuple[int, int]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from align.generation import sample_k
+    from align.reporting import console
+
+    logged = duplicates = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        sampled = progress.add_task("sampling completions", total=len(todo) * k)
+        logging = progress.add_task("logging records", total=len(todo))
+        for start in range(0, len(todo), log_every):
+            chunk = todo[start:start + log_every]
+            samples, repeats = sample_k(loaded.model, loaded.tokenizer, chunk, k, sampling,
+                                        template=loaded.template, retries=retries,
+                                        progress=lambda n: progress.advance(sampled, n))
+            items = []
+            for prompt, texts, kept in zip(chunk, samples, repeats):
+                rid = ids[prompt]
+                order = shuffled_order(rid, k)
+                metadata = {"model": label, "sampling": sampling_text(sampling), "order": ",".join(map(str, order)),
+                            "duplicates": kept}
+                shown = form["model_input"](prompt)
+                if shown != prompt:
+                    metadata["model_input"] = shown
+                fields = {"prompt": prompt, **{_completion(p): texts[order[p]] for p in range(k)}}
+                items.append({"external_id": rid, "fields": fields, "metadata": metadata})
+                duplicates += kept
+            try:
+                _upsert_records(api, dataset_id, items)
+            except AlignError as e:
+                raise AlignError(f"{e}. {total - len(todo) + logged} of {total} prompts are in the dataset; run the "
+                                 "same push again to add the rest (it skips what is there)") from None
+            logged += len(items)
+            progress.advance(logging, len(items))
+    return logged, duplicates
+
+
+def push_command(**kwargs) -> PushResult:
+    """`align label push`: push, then say what happened and what comes next."""
+    result = push(**kwargs)
+    _show(f"[bold green]dataset '{_esc(result.dataset)}'[/bold green]: {result.prompts} prompts, "
+          f"{result.created} records written, {result.skipped} already there")
+    for note in result.notes:
+        _show(f"  {_esc(note)}")
+    if result.repeated_prompts:
+        _show(f"  {result.repeated_prompts} repeated prompts in the file were pushed once")
+    if result.duplicates_kept:
+        _show(f"  [yellow]{result.duplicates_kept} completions are identical to another one of the same prompt[/yellow]"
+              " even after re-sampling (metadata 'duplicates'); a higher --temperature gives more variety")
+    _show(f"  annotators rank at {_esc(result.url)}")
+    _show("  add annotators: [bold]align label users add NAME[/bold]; progress: [bold]align label status "
+          f"--dataset {_esc(result.dataset)}[/bold]; then [bold]align label pull[/bold]")
+    return result
+
+
+# --- Status --------------------------------------------------------------------------------------------------
+
+def status(dataset: str, workspace: str = WORKSPACE) -> dict:
+    """Progress overall and per annotator: ``{"total", "completed", "pending", "users": {name: {...}}}``."""
+    api = _Api.connect()
+    found = _require_dataset(api, dataset, workspace)
+    progress = api.call("GET", f"/api/v1/datasets/{found['id']}/progress", "reading progress")
+    users = api.call("GET", f"/api/v1/datasets/{found['id']}/users/progress", "reading annotator progress")["users"]
+    per_user = {}
+    for user in users:
+        totals = Counter()
+        for part in ("completed", "pending"):
+            totals.update({key: value for key, value in (user.get(part) or {}).items() if isinstance(value, int)})
+        per_user[user["username"]] = {"submitted": totals["submitted"], "draft": totals["draft"],
+                                      "discarded": totals["discarded"]}
+    api.close()
+    info = found["metadata"][METADATA_KEY]
+    return {"total": progress["total"], "completed": progress["completed"], "pending": progress["pending"],
+            "min_submitted": (found.get("distribution") or {}).get("min_submitted"), "users": per_user,
+            "model": info.get("model"), "k": info.get("k"), "url": annotation_url(api.url, found["id"])}
+
+
+def status_command(dataset: str, workspace: str = WORKSPACE) -> dict:
+    from rich.table import Table
+
+    from align.reporting import console, print_table
+
+    current = status(dataset, workspace)
+    print_table(f"dataset '{dataset}'", [
+        ("records", current["total"]), ("completed", current["completed"]), ("pending", current["pending"]),
+        ("rankings wanted per record", current["min_submitted"]), ("completions per prompt", current["k"]),
+        ("model", current["model"]),
+    ])
+    _show(f"annotators rank at {_esc(current['url'])}")
+    table = Table(title="annotators", title_justify="left")
+    for column in ("annotator", "submitted", "drafts", "discarded"):
+        table.add_column(column, justify="left" if column == "annotator" else "right")
+    for name, counts in sorted(current["users"].items()):
+        table.add_row(_esc(name) + (" (simulated)" if name.startswith(SIM_PREFIX) else ""),
+                      str(counts["submitted"]), str(counts["draft"]), str(counts["discarded"]))
+    if current["users"]:
+        console.print(table)
+    else:
+        _show("no annotator has answered yet")
+    return current
+
+
+# --- Pull ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PullResult:
+    out: Path
+    rows: list[dict]
+    metrics: dict[str, Any]
+    artifact: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+class _Ranking(NamedTuple):
+    """One annotator's submitted ranking of one record, over the original sample indices."""
+
+    record: dict
+    texts: list[str]  # completion text per original sample index
+    annotator: str  # annotator_id(...)
+    simulated: bool
+    ranks: dict[int, int]
+    values: dict  # the response's values (quality, flags, comment)
+
+
+def annotator_id(user_id: str) -> str:
+    """What the output names an annotator by: a short sha256 of their Argilla user id."""
+    return hashlib.sha256(str(user_id).encode()).hexdigest()[:12]
+
+
+def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", workspace: str = WORKSPACE,
+         register: bool = True) -> PullResult:
+    """Submitted rankings -> preference pairs in TRL's format, written atomically to ``out`` and registered."""
+    if ties not in TIES:
+        raise AlignError(f"--ties {ties}: choose one of {', '.join(TIES)}")
+    if aggregate not in AGGREGATES:
+        raise AlignError(f"--aggregate {aggregate}: choose one of {', '.join(AGGREGATES)}")
+    api = _Api.connect()
+    found = _require_dataset(api, dataset, workspace)
+    info = found["metadata"][METADATA_KEY]
+    k = int(info["k"])
+    records = _records(api, found["id"], responses=True)
+    usernames = _usernames(api)
+    api.close()
+
+    counts = Counter()
+    rankings: list[_Ranking] = []
+    for record in records:
+        order = _parse_order((record.get("metadata") or {}).get("order"), k)
+        if order is None:
+            counts["records_without_order"] += 1
+            continue
+        texts = [""] * k
+        for position, sample in enumerate(order):
+            texts[sample] = (record.get("fields") or {}).get(_completion(position), "")
+        for response in record.get("responses") or []:
+            if response.get("status") != "submitted":
+                counts[response.get("status") or "unknown"] += 1
+                continue
+            values = response.get("values") or {}
+            ranks = _ranks((values.get("ranking") or {}).get("value"), order, k)
+            if ranks is None:
+                counts["unusable"] += 1
+                continue
+            username = usernames.get(str(response.get("user_id")), "")
+            rankings.append(_Ranking(record, texts, annotator_id(response.get("user_id")),
+                                     username.startswith(SIM_PREFIX), ranks, values))
+    if not rankings:
+        pending = sum(r.get("status") == "pending" for r in records)
+        drafts = f"; drafts, not counted until submitted: {counts['draft']}" if counts["draft"] else ""
+        raise AlignError(f"no submitted rankings in dataset {dataset} yet ({pending} records pending{drafts}); "
+                         f"annotators rank at {annotation_url(api.url, found['id'])}")
+
+    conversational, system = bool(info.get("conversational")), info.get("system")
+    by_record: dict[str, dict[str, dict[int, int]]] = {}
+    for ranking in rankings:
+        by_record.setdefault(ranking.record["external_id"], {})[ranking.annotator] = ranking.ranks
+
+    rows: list[dict] = []
+    if aggregate == "each":
+        tied_pairs = sum(pair.tie for r in rankings for pair in ranking_to_pairs(r.ranks, "keep"))  # kept or not
+        for record, texts, annotator, simulated, ranks, values in rankings:
+            prompt = _prompt_value(record, conversational, system)
+            for pair in ranking_to_pairs(ranks, ties):
+                row = {"prompt": prompt, **_chosen_rejected(texts[pair.winner], texts[pair.loser], conversational),
+                       "record_id": record["external_id"], "annotator": annotator, "simulated": simulated,
+                       "chosen_rank": ranks[pair.winner], "rejected_rank": ranks[pair.loser],
+                       "chosen_index": pair.winner, "rejected_index": pair.loser}
+                if ties == "keep":
+                    row["tie"] = pair.tie
+                quality, flags = (values.get("quality") or {}).get("value"), (values.get("flags") or {}).get("value")
+                if quality is not None:
+                    row["best_quality"] = quality
+                if flags:
+                    row["flags"] = flags
+                rows.append(row)
+    else:
+        tied_pairs = 0  # pairs without a majority
+        grouped: dict[str, list[_Ranking]] = {}
+        for ranking in rankings:
+            grouped.setdefault(ranking.record["external_id"], []).append(ranking)
+        for rid, entries in grouped.items():
+            record, texts = entries[0].record, entries[0].texts
+            prompt = _prompt_value(record, conversational, system)
+            tied_pairs += sum(vote.tie for vote in majority([e.ranks for e in entries], "keep"))
+            for vote in majority([e.ranks for e in entries], ties):
+                row = {"prompt": prompt, **_chosen_rejected(texts[vote.winner], texts[vote.loser], conversational),
+                       "record_id": rid, "annotators": sorted(e.annotator for e in entries),
+                       "simulated": all(e.simulated for e in entries),
+                       "votes": {"chosen": vote.wins, "rejected": vote.losses, "tie": vote.ties},
+                       "chosen_index": vote.winner, "rejected_index": vote.loser}
+                if ties == "keep":
+                    row["tie"] = vote.tie
+                rows.append(row)
+
+    stats = pairwise_agreement(by_record)
+    metrics = {
+        "records": len(records), "ranked_records": len(by_record), "rankings": len(rankings),
+        "annotators": len({r.annotator for r in rankings}), "simulated_rankings": sum(r.simulated for r in rankings),
+        "pairs": len(rows), "ties": tied_pairs, "multi_annotator_records": stats.records,
+        "agreement": stats.agreement, "kendall_tau": stats.mean_tau,
+        "drafts_ignored": counts["draft"], "discarded_ignored": counts["discarded"],
+    }
+    for key in ("unusable", "records_without_order"):  # not made by push, or partial rankings: left out
+        if counts[key]:
+            metrics[key] = counts[key]
+    target = Path(out)
+    _write_jsonl(target, rows)
+    result = PullResult(out=target, rows=rows, metrics=metrics)
+    if register:
+        result.artifact, note = _register(dataset, target, rows, metrics, info, found, ties, aggregate, api.url)
+        if note:
+            result.notes.append(note)
+    return result
+
+
+def _usernames(api: _Api) -> dict[str, str]:
+    try:
+        users = api.call("GET", "/api/v1/users", "listing users")["items"]
+    except AlignError:
+        return {}  # an admin key may not list users: annotators are then not marked simulated
+    return {str(u["id"]): u["username"] for u in users}
+
+
+def _ranks(value: Any, order: list[int], k: int) -> dict[int, int] | None:
+    """A response's ranking (positions ``completion_N``) as ``{original sample index: rank}``; None if partial."""
+    if not isinstance(value, list):
+        return None
+    ranks = {}
+    for item in value:
+        match = re.fullmatch(r"completion_(\d+)", str((item or {}).get("value", "")))
+        rank = (item or {}).get("rank")
+        if not match or not isinstance(rank, int) or rank < 1 or not 1 <= int(match.group(1)) <= k:
+            return None
+        ranks[order[int(match.group(1)) - 1]] = rank
+    return ranks if len(ranks) == k else None
+
+
+def _prompt_value(record: dict, conversational: bool, system: str | None) -> Any:
+    prompt = record["fields"]["prompt"]
+    if conversational:
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return (record.get("metadata") or {}).get("model_input") or prompt
+
+
+def _chosen_rejected(chosen: str, rejected: str, conversational: bool) -> dict:
+    if conversational:
+        return {"chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def _write_jsonl(target: Path, rows: list[dict]) -> None:
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staging.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+    except OSError as e:
+        staging.unlink(missing_ok=True)
+        raise AlignError(f"--out: cannot write {target}: {e.strerror or e}") from None
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def _register(dataset: str, target: Path, rows: list[dict], metrics: dict, info: dict, found: dict, ties: str,
+              aggregate: str, api_url: str):
+    from align.data import fingerprint
+    from align.registry import Registry, looks_like_ref
+
+    registry = Registry()
+    parent, note = None, None
+    label = str(info.get("model") or "")
+    if looks_like_ref(label):
+        try:
+            parent = registry.resolve(label)
+        except AlignError:
+            note = f"model {label} is no longer in the registry: no parent recorded"
+    else:
+        parent = next((a for a in registry.list() if a.kind == "model" and a.path == label), None)
+        if parent is None:
+            note = f"model {label} is not a registry artifact: no parent recorded"
+    artifact = registry.add(
+        stage="label", name=dataset, kind="dataset", path=target, parents=[parent.id] if parent else [],
+        data_fingerprint=fingerprint(rows), metrics=metrics,
+        config={"dataset": dataset, "dataset_id": found["id"], "api_url": api_url, "ties": ties,
+                "aggregate": aggregate, "k": info.get("k"), "model": label, "sampling": info.get("sampling"),
+                "conversational": bool(info.get("conversational"))},
+    )
+    return artifact, note
+
+
+def pull_command(dataset: str, out: str, ties: str = "skip", aggregate: str = "each",
+                 workspace: str = WORKSPACE) -> PullResult:
+    from align.reporting import print_table
+
+    result = pull(dataset, out, ties, aggregate, workspace)
+    m = result.metrics
+    print_table(f"preference pairs from '{dataset}'", [
+        ("records", m["records"]), ("ranked records", m["ranked_records"]),
+        ("submitted rankings", m["rankings"]), ("annotators", m["annotators"]),
+        ("pairs written", m["pairs"]), (f"tied pairs ({'kept' if ties == 'keep' else 'skipped'})", m["ties"]),
+        ("records with >= 2 annotators", m["multi_annotator_records"]),
+        ("pairwise agreement", "n/a (needs >= 2 annotators per record)" if m["agreement"] is None else m["agreement"]),
+        ("mean Kendall tau-b", "n/a" if m["kendall_tau"] is None else m["kendall_tau"]),
+        ("drafts / discarded (ignored)", f"{m['drafts_ignored']} / {m['discarded_ignored']}"),
+    ])
+    if m["simulated_rankings"]:
+        _show(f"[yellow]{m['simulated_rankings']} rankings come from simulated annotators (marked "
+              "\"simulated\": true): demo data, not human preferences[/yellow]")
+    if m.get("unusable") or m.get("records_without_order"):
+        _show(f"[yellow]left out: {m.get('unusable', 0)} partial rankings, {m.get('records_without_order', 0)} "
+              "records without align's 'order' metadata[/yellow]")
+    for note in result.notes:
+        _show(f"note: {_esc(note)}")
+    where = f" and registered as {result.artifact.ref}" if result.artifact is not None else ""
+    _show(f"{len(result.rows)} pairs written to {_esc(result.out)}{where}")
+    return result
+
+
+# --- Simulate -------------------------------------------------------------------------------------------------
+
+def parse_rule(rule: str) -> tuple[str, str | None]:
+    """``longer`` | ``shorter`` | ``random`` | ``keyword:WORD`` -> (name, word)."""
+    if rule in ("longer", "shorter", "random"):
+        return rule, None
+    if rule.startswith("keyword:") and rule[len("keyword:"):].strip():
+        return "keyword", rule[len("keyword:"):].strip()
+    raise AlignError(f"--rule {rule!r}: choose one of {', '.join(RULES)}")
+
+
+def rank_by_rule(texts: list[str], rule: str, rng: random.Random) -> list[int]:
+    """Ranks (1 = best) for the completions ``texts`` under a simulation rule.
+
+    ``longer``/``shorter``: by length in characters (stripped), equal lengths tied; ``keyword:WORD``: completions
+    containing WORD (case-insensitive) first, then longer first, ties as for ``longer``; ``random``: a random strict
+    order from ``rng``. Tied completions share a rank; ranks are dense (1, 1, 2, ...).
+    """
+    name, word = parse_rule(rule)
+    if name == "random":
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        ranks = [0] * len(texts)
+        for rank, position in enumerate(order, 1):
+            ranks[position] = rank
+        return ranks
+    lengths = [len(t.strip()) for t in texts]
+    if name == "longer":
+        keys = [(n,) for n in lengths]
+    elif name == "shorter":
+        keys = [(-n,) for n in lengths]
+    else:
+        keys = [(word.lower() in t.lower(), n) for t, n in zip(texts, lengths)]
+    distinct = sorted(set(keys), reverse=True)
+    return [distinct.index(key) + 1 for key in keys]
+
+
+def add_noise(ranks: list[int], noise: float, rng: random.Random) -> list[int]:
+    """Walk the ranking best to worst and swap each adjacent pair with probability ``noise`` (ranks move with the
+    positions, so a tie stays a tie)."""
+    if noise <= 0:
+        return list(ranks)
+    order = sorted(range(len(ranks)), key=lambda p: (ranks[p], p))
+    slots = [ranks[p] for p in order]
+    for i in range(len(order) - 1):
+        if rng.random() < noise:
+            order[i], order[i + 1] = order[i + 1], order[i]
+    noisy = [0] * len(ranks)
+    for slot, position in zip(slots, order):
+        noisy[position] = slot
+    return noisy
+
+
+def simulate(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed: int = 0,
+             workspace: str = WORKSPACE) -> dict[str, int]:
+    """For demos and tests: ``sim-annotator-1..N`` rank every record still in their queue, through the REST calls
+    the web UI makes. Returns the rankings each submitted now."""
+    parse_rule(rule)
+    if not 1 <= annotators <= 100:
+        raise AlignError(f"--annotators {annotators}: between 1 and 100")
+    if not 0 <= noise <= 1:
+        raise AlignError(f"--noise {noise}: a probability between 0 and 1")
+    api = _Api.connect()
+    found = _require_dataset(api, dataset, workspace)
+    users = _owner_users(api)
+    names = [f"{SIM_PREFIX}{i}" for i in range(1, annotators + 1)]
+    workspace_id = found["workspace_id"]
+    for name in names:
+        if name not in users:
+            password = server.add_user(name, "annotator", workspace)
+            _remember_password(api.url, name, password)
+        else:
+            api.call("POST", f"/api/v1/workspaces/{workspace_id}/users", f"adding {name} to workspace '{workspace}'",
+                     json_body={"user_id": users[name]["id"]}, expect=(201, 409))
+    users = _owner_users(api)
+    submitted = {}
+    for name in names:
+        key = users[name].get("api_key")
+        if not key:
+            raise AlignError(f"the API key of {name} is not visible with this key: simulate needs an owner's key")
+        submitted[name] = _annotate(_Api(api.url, key), found["id"], name, rule, noise, seed)
+    api.close()
+    return submitted
+
+
+def _owner_users(api: _Api) -> dict[str, dict]:
+    try:
+        users = api.call("GET", "/api/v1/users", "listing users")["items"]
+    except AlignError as e:
+        raise AlignError(f"simulate creates annotator users and needs an owner's API key: {e}") from None
+    return {u["username"]: u for u in users}
+
+
+def _remember_password(url: str, name: str, password: str) -> None:
+    """Simulated users' passwords (to look at their work in the UI), 0600 under the align home."""
+    path = simulated_users_file()
+    server._make_private_dir(path.parent)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known.setdefault(url, {})[name] = password
+    server._write_private(path, json.dumps(known, indent=2))
+
+
+def simulated_users_file() -> Path:
+    return server.argilla_home() / "simulated_users.json"
+
+
+def _annotate(api: _Api, dataset_id: str, name: str, rule: str, noise: float, seed: int) -> int:
+    submitted, seen = 0, set()
+    while True:
+        page = api.call("POST", f"/api/v1/me/datasets/{dataset_id}/records/search", f"{name} reading their queue",
+                        json_body=PENDING_VIEW, params={"limit": 100})
+        records = [item["record"] for item in page["items"] if item["record"]["id"] not in seen]
+        if not records:
+            api.close()
+            return submitted
+        for record in records:
+            seen.add(record["id"])
+            fields = record["fields"]
+            positions = sorted((key for key in fields if re.fullmatch(r"completion_\d+", key)),
+                               key=lambda key: int(key.split("_")[1]))
+            texts = [fields[key] for key in positions]
+            tag = f"{seed}:{name}:{record.get('external_id') or record['id']}"
+            ranks = add_noise(rank_by_rule(texts, rule, random.Random(f"rule:{tag}")), noise,
+                              random.Random(f"noise:{tag}"))
+            quality = random.Random(f"quality:{tag}").randint(3, 7)
+            body = {"status": "submitted", "values": {
+                "ranking": {"value": [{"value": key, "rank": rank} for key, rank in zip(positions, ranks)]},
+                "quality": {"value": quality}}}
+            api.call("POST", f"/api/v1/records/{record['id']}/responses", f"{name} submitting a ranking",
+                     json_body=body, expect=(201, 409))
+            submitted += 1
+
+
+def simulate_command(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed: int = 0,
+                     workspace: str = WORKSPACE) -> dict[str, int]:
+    from align.reporting import print_table
+
+    submitted = simulate(dataset, annotators, rule, noise, seed, workspace)
+    _show("[yellow]simulated annotators are for demos and tests only: `align label pull` marks their pairs "
+          "\"simulated\": true[/yellow]")
+    print_table(f"rankings submitted now (rule {rule}, noise {noise:g})",
+                [(name, count) for name, count in submitted.items()])
+    _show(f"their passwords (to look in the UI): {_esc(simulated_users_file())}")
+    return submitted
+
+
+# --- Output ------------------------------------------------------------------------------------------------------
+
+def _show(markup: str) -> None:
+    from align.reporting import console
+
+    console.print(markup, soft_wrap=True)
+
+
+def _esc(value: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(value))
