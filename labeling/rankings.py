@@ -65,7 +65,9 @@ DEFAULT_GUIDELINES = """\
 # Rank the completions
 
 Each record shows a **prompt** and {k} **completions** written by a model. Read them all, then **rank
-them from best (1) to worst**. Two completions that are equally good may share a rank.
+them from best (1) to worst**: drag each "Completion N" card on the right into a rank box (or focus it
+and press the rank's number key). The cards are labelled like the numbered completions on the left.
+Two completions that are equally good may share a rank.
 
 **Best** means, in this order when they conflict:
 
@@ -80,8 +82,8 @@ A completion that ignores the instruction is worse than one that follows it impe
 
 Then, if you can:
 
-- **quality**: rate the completion you ranked first, 1 (useless) to 7 (could not be better).
-- **flags**: tick a problem if *any* completion has it, and say which in the comment.
+- **Overall quality**: rate your top-ranked completion (any one ranked 1), 1 (useless) to 7 (excellent).
+- **Problems**: tick a problem if *any* completion has it, and say which one in the comment.
 
 The completions appear in a random order in every record: their position says nothing about them.
 Use **Submit** when done; **Discard** a record you cannot judge (it is not used).
@@ -210,7 +212,7 @@ def _layout(k: int) -> dict[str, Any]:
         {"name": "ranking", "title": "Rank the completions from best (1) to worst; equally good ones may share a rank",
          "required": True, "settings": {"type": "ranking", "options": [
              {"value": _completion(p), "text": f"Completion {p + 1}"} for p in range(k)]}},
-        {"name": "quality", "title": "Overall quality of the completion you ranked first (1 = useless, 7 = excellent)",
+        {"name": "quality", "title": "Overall quality of your top-ranked completion (1 = useless, 7 = excellent)",
          "required": False, "settings": {"type": "rating", "options": [{"value": v} for v in range(1, 8)]}},
         {"name": "flags", "title": "Does any completion have these problems? (say which in the comment)",
          "required": False, "settings": {"type": "multi_label_selection", "options": [
@@ -669,6 +671,9 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
                     row["best_quality"] = quality
                 if flags:
                     row["flags"] = flags
+                comment = (values.get("comment") or {}).get("value")
+                if comment:
+                    row["comment"] = comment
                 rows.append(row)
     else:
         tied_pairs = 0  # pairs without a majority
