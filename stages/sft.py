@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from align import reporting
 from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
 from align.config import SFTRunConfig, load_config, to_dict
 from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
@@ -22,7 +21,7 @@ from align.errors import AlignError
 from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, parameter_summary,
                             prepare_tokenizer, resolve_model, torch_dtype, training_flops)
 from align.registry import Artifact, Registry
-from align.reporting import console, human_bytes, print_table
+from align.reporting import human_bytes, plot_training_curves, print_table
 
 STAGE = "sft"
 
@@ -81,7 +80,10 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing)
     params = parameter_summary(model)
     trained_tokens = sum(min(n, max_length or n) for n in lengths)
-    epochs = cfg.training.get("num_train_epochs", 3.0)
+    epochs = args.num_train_epochs
+    if args.max_steps > 0:  # steps, not epochs, end the run
+        epochs = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            args.world_size / len(train)
     print_table(f"align sft: {name}", [
         ("model", f"{source.path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
                                       " (8-bit)" if cfg.quantization.load_in_8bit else "")),
@@ -90,7 +92,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("memory (weights)", human_bytes(params.memory_bytes)),
         ("data", f"{cfg.data.path} [{prepared.format}] {len(train)} train / {len(evaluation)} eval"),
         ("over max_length", f"{overlong} ({'dropped' if cfg.data.overlong == 'drop' else 'truncated'})"),
-        ("est. training FLOPs", f"{training_flops(params, trained_tokens, epochs):.3e} (~{epochs} epochs)"),
+        ("est. training FLOPs", f"{training_flops(params, trained_tokens, epochs):.3e} (~{epochs:.2g} epochs)"),
         *[("tokenizer", change) for change in tokenizer_changes],
         ("output", str(run_dir.final)),
     ])
@@ -135,7 +137,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     # The loss before training is the first point of the eval curve.
     history = ([{"step": 0, "eval_loss": eval_before}] if eval_before is not None else []) + trainer.state.log_history
     save_training_log(history, work)
-    plots = reporting.plot_training_curves(history, work)
+    plots = plot_training_curves(history, work)
     base_model = source.artifact.base_model if source.artifact else source.path
     write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=base_model,
                      model_source=cfg.model.path, adapter=cfg.lora.enabled,
