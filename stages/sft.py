@@ -94,6 +94,10 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("over max_length", f"{overlong} ({'dropped' if cfg.data.overlong == 'drop' else 'truncated'})"),
         ("est. training FLOPs", f"{training_flops(params, trained_tokens, epochs):.3e} (~{epochs:.2g} epochs)"),
         *[("tokenizer", change) for change in tokenizer_changes],
+        *([("packing", f"1 packed row per forward pass x {args.gradient_accumulation_steps} accumulated "
+                       f"(no flash-attention: same loss, less attention compute)")]
+          if args.packing and args.per_device_train_batch_size != cfg.training.get("per_device_train_batch_size", 8)
+          else []),
         ("output", str(run_dir.final)),
     ])
 
@@ -219,8 +223,19 @@ def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):
     if cfg.early_stopping_patience and not cfg.training.get("load_best_model_at_end"):
         raise AlignError("early_stopping_patience needs training.load_best_model_at_end: true (and matching "
                          "training.eval_strategy / save_strategy)")
+    values = defaults | cfg.training
+    rows = values.get("per_device_train_batch_size", 8)
+    flash = (cfg.model.attn_implementation or "").startswith("flash")
+    if values.get("packing") and values.get("packing_strategy", "bfd") in ("bfd", "bfd_split") and not flash \
+            and rows > 1:
+        # BFD packing trains padding-free: the collator joins a micro-batch's packed rows into ONE sequence.
+        # Without a varlen attention kernel (flash-attention) that costs dense attention over rows x max_length
+        # tokens; one packed row per forward pass, accumulated to the same optimizer batch, gives the same
+        # loss and steps for a fraction of the compute.
+        values |= dict(per_device_train_batch_size=1, per_device_eval_batch_size=1,
+                       gradient_accumulation_steps=values.get("gradient_accumulation_steps", 1) * rows)
     try:
-        return SFTConfig(**defaults | cfg.training)
+        return SFTConfig(**values)
     except ValueError as e:  # TrainingArguments' own consistency checks (strategies, precision...)
         raise AlignError("training: " + " ".join(str(e).split())) from None
 
