@@ -99,15 +99,16 @@ def save_training_log(log_history: list[dict], folder: Path) -> None:
 def write_model_card(folder: Path, *, final_path: Path, title: str, stage: str, base_model: str, model_source: str,
                      adapter: bool,
                      data_source: str, data_fingerprint: str, metrics: dict, config: dict,
-                     plots: list[str]) -> None:
-    """README.md in the artifact: what it is, how it was made, how well it did, how to load it."""
-    if adapter:
-        usage = ("```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-                 f"model = AutoPeftModelForCausalLM.from_pretrained({str(final_path)!r})\n"
-                 f"tokenizer = AutoTokenizer.from_pretrained({str(final_path)!r})\n```")
-    else:
-        usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                 f"model = AutoModelForCausalLM.from_pretrained({str(final_path)!r})\n"
+                     plots: list[str], usage: str | None = None) -> None:
+    """README.md in the artifact: what it is, how it was made, how well it did, how to load it.
+
+    `usage` replaces the default "how to load it" section (a causal LM, with or without peft).
+    """
+    if usage is None:
+        auto = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+        module = "peft" if adapter else "transformers"
+        usage = (f"```python\nfrom {module} import {auto}\nfrom transformers import AutoTokenizer\n\n"
+                 f"model = {auto}.from_pretrained({str(final_path)!r})\n"
                  f"tokenizer = AutoTokenizer.from_pretrained({str(final_path)!r})\n```")
     metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     plot_lines = "\n".join(f"![{Path(p).stem}]({p})" for p in plots)

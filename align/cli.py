@@ -60,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sft.set_defaults(handler=_run_sft)
 
+    # --- reward model: train (stages/reward.py) and score (align/scoring.py) ---
+    reward = commands.add_parser("reward", help="reward model from human preference pairs (stage 2)")
+    reward.add_argument("--config", required=True, help="YAML config (see configs/reward.yaml)")
+    reward.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. lora.r=8")
+    reward.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    reward.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    reward.set_defaults(handler=_run_reward)
+    score = commands.add_parser("score", help="score (prompt, response) records with a reward model")
+    score.add_argument("--model", required=True, help="reward model: folder or registry ref (reward:latest, reward:2)")
+    score.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet records with a prompt and a response "
+                                                     "(or completion / chosen) field; texts or message lists")
+    score.add_argument("--out", help="write the records with a 'reward' field to this .jsonl (default: "
+                                     "<data name>.scores.jsonl in the current folder)")
+    score.add_argument("--raw", action="store_true", help="raw rewards (default: normalized, reference mean 0)")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    score.set_defaults(handler=_run_score)
+    # --- end reward model ---
+
     gen = commands.add_parser("generate", help="batched generation from a model or registry reference")
     gen.add_argument("--model", required=True, help="folder, hub id, or registry ref (sft:latest, sft:2, a name)")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -169,6 +188,22 @@ def _run_sft(args) -> None:
     from stages import sft
 
     sft.run(args.config, args.overrides, resume=args.resume)
+
+
+# --- reward model handlers ---
+
+def _run_reward(args) -> None:
+    from stages import reward
+
+    reward.run(args.config, args.overrides, resume=args.resume)
+
+
+def _run_score(args) -> None:
+    from align.scoring import score_command
+
+    score_command(args.model, args.data, out=args.out, raw=args.raw, batch_size=args.batch_size)
+
+# --- end reward model handlers ---
 
 
 def _run_generate(args) -> None:

@@ -12,6 +12,7 @@ Errors name the file and line, the dotted key, and the nearest valid key:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
 import enum
 import re
@@ -568,6 +569,16 @@ def _check_format_string(text: str, source: Source) -> None:
                              f"{{question}}")
 
 
+def check_report_to(report_to) -> None:
+    """Fail before training when `training.report_to` names a tracker that is not installed."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    modules = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
+    for name in names:
+        if name in modules and importlib.util.find_spec(modules[name]) is None:
+            raise AlignError(f"training.report_to: '{name}' is not installed (pip install {modules[name]}), or "
+                             f"remove it from report_to")
+
+
 def to_dict(config: Any) -> dict:
     """A config dataclass as plain data (for the saved config, the registry and the model card)."""
     return dataclasses.asdict(config)
@@ -575,3 +586,71 @@ def to_dict(config: Any) -> dict:
 
 def save_yaml(data: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# `align reward` (stages/reward.py): preference data, reward normalization, the run config
+
+# The fields the preference formats read (align.data.PREFERENCE_FORMATS); `data.columns` maps onto these.
+PREFERENCE_FIELD_NAMES = ("prompt", "chosen", "rejected", "completions", "ranks", "margin", "category", "tie")
+
+
+@dataclass
+class PreferenceDataConfig:
+    path: str = field(metadata={"help": "Preference data: a registry reference (`label:latest`, the pairs `align "
+                                        "label pull` wrote), a .jsonl/.json/.csv/.parquet file, a saved dataset "
+                                        "folder, a hub dataset or `pkg:<package>/<file>`. Formats, detected per file: "
+                                        "rankings (prompt, completions, ranks: rank 1 best, expanded to all pairs), "
+                                        "explicit (prompt, chosen, rejected), implicit (chosen, rejected: the shared "
+                                        "start is the prompt; HH-RLHF `\\n\\nHuman: ... \\n\\nAssistant: ...` "
+                                        "dialogues are split at the last Assistant turn). Texts or conversational "
+                                        "message lists."})
+    columns: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Map format fields to your fields, dotted for nesting: `{prompt: question, chosen: good.text}`.",
+        "keys": PREFERENCE_FIELD_NAMES})
+    split: str = field(default="train", metadata={"help": "Split to read from a hub or saved DatasetDict."})
+    eval_path: str | None = field(default=None, metadata={
+        "help": "Separate held-out preferences (same formats). Pairs whose prompt is also in the training data are "
+                "left out of it. Otherwise `val_set_size` is held out of `path`."})
+    val_set_size: float = field(default=0.1, metadata={
+        "help": "Held-out share (0-1) or count (>= 1) of PROMPTS: all pairs of a prompt go to the same side, so no "
+                "prompt is in both. 0: no held-out metrics.", "range": (0, None)})
+    seed: int = field(default=42, metadata={"help": "Seed of the held-out split and of the batch order."})
+    min_pairs: int = field(default=8, metadata={
+        "help": "Refuse to train on fewer usable pairs than this (after ties and identical pairs are dropped).",
+        "range": (1, None)})
+    use_margin: bool = field(default=True, metadata={
+        "help": "When pairs have a numeric `margin` (e.g. a rating difference), train on "
+                "-log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin loss)."})
+
+
+@dataclass
+class NormalizationConfig:
+    enabled: bool = field(default=True, metadata={
+        "help": "After training, score a reference set and store its mean/std in `reward_normalization.json`, so "
+                "the scorer returns rewards where the reference outputs average 0 (InstructGPT)."})
+    reference: str | None = field(default=None, metadata={
+        "help": "File of {prompt, response} (or completion / chosen) records, e.g. SFT completions from "
+                "`align generate --out`. Default: the distinct chosen responses of the training pairs."})
+    max_examples: int | None = field(default=2048, metadata={
+        "help": "Score at most this many reference examples (a seeded random subset).", "range": (1, None)})
+    divide_by_std: bool = field(default=False, metadata={
+        "help": "Also divide by the reference std (unit variance). InstructGPT only subtracts the mean."})
+
+
+@dataclass
+class RewardRunConfig:
+    """`align reward`: a reward model from human preference pairs (InstructGPT stage 2)."""
+
+    model: ModelConfig
+    data: PreferenceDataConfig
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    training: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Fields of TRL's RewardConfig (transformers TrainingArguments + max_length, "
+                "center_rewards_coefficient, ...). `per_device_train_batch_size` counts PAIRS: batches are built from "
+                "whole prompts. align sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing "
+                "off, report_to none; and one epoch (InstructGPT: reward models overfit after one)."})
+    seed: int = field(default=42, metadata={"help": "Seed for the new score head and LoRA weights, and data order."})

@@ -523,3 +523,242 @@ def fingerprint(examples: list[dict]) -> str:
         digest.update(json.dumps(example, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Preferences (`align reward`, `align score`): TRL's preference formats, HH-RLHF dialogues, K-way rankings
+
+# Fields that identify each preference format, in detection order.
+PREFERENCE_FORMATS = {
+    "rankings": ("prompt", "completions", "ranks"),
+    "explicit": ("prompt", "chosen", "rejected"),
+    "implicit": ("chosen", "rejected"),
+}
+RESPONSE_FIELDS = ("response", "completion", "chosen")  # what `align score` reads next to `prompt`
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass
+class Preferences:
+    """Preference pairs ``{prompt, chosen, rejected, group[, margin][, category]}`` in TRL's explicit-prompt
+    format: all texts, or all message lists (conversational). ``group`` numbers the distinct prompts in order of
+    appearance; ``locations[i]`` is the file:line pair ``i`` came from."""
+
+    pairs: list[dict]
+    locations: list[str]
+    format: str
+    records: int
+    rankings: int = 0  # ranking records expanded into all their pairs
+    dropped_ties: int = 0
+    dropped_identical: int = 0
+
+    @property
+    def conversational(self) -> bool:
+        return bool(self.pairs) and isinstance(self.pairs[0]["prompt"], list)
+
+    @property
+    def prompts(self) -> int:
+        return len({pair["group"] for pair in self.pairs})
+
+
+def read_preferences(records: Records, columns: dict[str, str] | None = None, use_margin: bool = True) -> Preferences:
+    """Records in any preference format -> pairs. Ties (``tie: true``, equal ranks) and pairs whose chosen and
+    rejected are the same are dropped and counted; empty texts and missing fields fail with the record's file:line.
+    """
+    records = apply_columns(records, columns or {})
+    fmt = _preference_format(records)
+    pairs, locations, groups = [], [], {}
+    dropped = {"tie": 0, "identical": 0}
+    margins: tuple[bool, str] | None = None  # (first record has a margin, where): all records or none need one
+
+    def add(prompt, chosen, rejected, row: dict, where: str, margin=None) -> None:
+        prompt, chosen, rejected = _same_kind(prompt, chosen, rejected)
+        if _pref_key(chosen) == _pref_key(rejected):
+            dropped["identical"] += 1
+            return
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                "group": groups.setdefault(_pref_key(prompt), len(groups))}
+        if margin is not None:
+            pair["margin"] = margin
+        if row.get("category") is not None:
+            pair["category"] = str(row["category"])
+        pairs.append(pair)
+        locations.append(where)
+
+    for row, where in zip(records.rows, records.locations):
+        missing = [f for f in PREFERENCE_FORMATS[fmt] if f not in row]
+        if missing:
+            raise AlignError(f"data: {where}: field '{missing[0]}' is missing (format {fmt} needs "
+                             f"{', '.join(PREFERENCE_FORMATS[fmt])}, as the first record has; map yours with "
+                             f"data.columns)")
+        if row.get("tie") is True:
+            dropped["tie"] += 1
+            continue
+        if fmt == "rankings":
+            prompt = _pref_value(row, "prompt", where)
+            completions, ranks = _ranking(row, where)
+            order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+            for a, b in ((order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))):
+                if ranks[a] == ranks[b]:
+                    dropped["tie"] += 1
+                else:
+                    add(prompt, completions[a], completions[b], row, where)
+            continue
+        margin = row.get("margin") if use_margin else None
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise AlignError(f"data: {where}: field 'margin' must be a number, got {_json_kind(margin)}")
+        if margins is None:
+            margins = (margin is not None, where)
+        elif margins[0] != (margin is not None):
+            raise AlignError(f"data: {where}: field 'margin' is {'present' if margin is not None else 'missing'} here "
+                             f"but not in {margins[1]}; give every pair a margin or none (or data.use_margin: false)")
+        if fmt == "explicit":
+            prompt = _pref_value(row, "prompt", where)
+            chosen, rejected = _pref_value(row, "chosen", where), _pref_value(row, "rejected", where)
+        else:
+            prompt, chosen, rejected = _split_implicit(_pref_value(row, "chosen", where),
+                                                       _pref_value(row, "rejected", where), where)
+        add(prompt, chosen, rejected, row, where, None if margin is None else float(margin))
+    if not pairs:
+        raise AlignError(f"data: {records.source}: no usable preference pairs: all {len(records.rows)} records were "
+                         f"ties ({dropped['tie']} pairs) or had chosen identical to rejected ({dropped['identical']})")
+    return Preferences(pairs, locations, fmt, len(records.rows),
+                       rankings=len(records.rows) if fmt == "rankings" else 0,
+                       dropped_ties=dropped["tie"], dropped_identical=dropped["identical"])
+
+
+def _preference_format(records: Records) -> str:
+    if not records.rows:
+        raise AlignError(f"data: {records.source} has no records (is it the right file?)")
+    first = records.rows[0]
+    for name, needed in PREFERENCE_FORMATS.items():
+        if all(f in first for f in needed):
+            return name
+    tried = "; ".join(f"{name} ({'/'.join(fields)})" for name, fields in PREFERENCE_FORMATS.items())
+    raise AlignError(f"data: {records.locations[0]}: no preference format in fields "
+                     f"[{', '.join(map(str, first)) or 'none'}]. Tried: {tried}. Map your fields with data.columns, "
+                     f"e.g. data.columns={{prompt: question, chosen: good, rejected: bad}}")
+
+
+def _pref_value(row: dict, key: str, where: str, value: Any = None) -> str | list[dict]:
+    """A non-empty text or a list of {role, content} messages with some content."""
+    value = row[key] if value is None else value
+    if isinstance(value, str):
+        if not value.strip():
+            raise AlignError(f"data: {where}: field '{key}' is empty; fill it in or remove that record")
+        return value
+    if isinstance(value, list) and value:
+        messages = []
+        for i, message in enumerate(value):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise AlignError(f"data: {where}: {key}[{i}] needs 'role' and 'content'")
+            if not isinstance(message["content"], str):
+                raise AlignError(f"data: {where}: {key}[{i}].content must be text, got "
+                                 f"{_json_kind(message['content'])}")
+            messages.append({"role": str(message["role"]), "content": message["content"]})
+        if not any(m["content"].strip() for m in messages):
+            raise AlignError(f"data: {where}: field '{key}' is empty (every message's content is empty)")
+        return messages
+    kind = "an empty list" if value == [] else "null" if value is None else _json_kind(value)
+    raise AlignError(f"data: {where}: field '{key}' must be text or a list of {{role, content}} messages, got {kind}")
+
+
+def _ranking(row: dict, where: str) -> tuple[list, list[int]]:
+    completions, ranks = row["completions"], row["ranks"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise AlignError(f"data: {where}: field 'completions' must be a list of at least 2 responses")
+    if (not isinstance(ranks, list) or len(ranks) != len(completions)
+            or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks)):
+        raise AlignError(f"data: {where}: field 'ranks' must be a list of {len(completions)} integers >= 1 (1 = best, "
+                         f"one per completion; equal ranks are ties)")
+    return [_pref_value(row, f"completions[{i}]", where, value=c) for i, c in enumerate(completions)], ranks
+
+
+def _split_implicit(chosen, rejected, where: str):
+    """Implicit prompt: the shared start of chosen and rejected is the prompt, the rest the responses."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif isinstance(chosen, str) and isinstance(rejected, str) and _HH_ASSISTANT in f"{chosen}\0{rejected}":
+        if _HH_ASSISTANT not in chosen or _HH_ASSISTANT not in rejected:
+            raise AlignError(f"data: {where}: an HH-RLHF dialogue needs a final '\\n\\nAssistant:' turn in both chosen "
+                             f"and rejected")
+        # HH-RLHF: "\n\nHuman: ...\n\nAssistant: ..." dialogues that differ in the last Assistant turn.
+        cut_c, cut_r = chosen.rindex(_HH_ASSISTANT), rejected.rindex(_HH_ASSISTANT)
+        if chosen[:cut_c] != rejected[:cut_r]:
+            raise AlignError(f"data: {where}: chosen and rejected differ before their last Assistant turn; an "
+                             f"HH-RLHF pair must share the dialogue and differ only in the final answer")
+        prompt = _hh_dialogue(chosen[:cut_c])
+        chosen = [{"role": "assistant", "content": chosen[cut_c + len(_HH_ASSISTANT):].strip()}]
+        rejected = [{"role": "assistant", "content": rejected[cut_r + len(_HH_ASSISTANT):].strip()}]
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        shared = os.path.commonprefix([chosen, rejected])
+        if shared not in (chosen, rejected):  # cut back to a word boundary: "The cat" / "The car" share "The "
+            shared = shared[:max(shared.rfind(" "), shared.rfind("\n")) + 1]
+        prompt, chosen, rejected = shared, chosen[len(shared):], rejected[len(shared):]
+    else:
+        raise AlignError(f"data: {where}: chosen and rejected must both be texts or both message lists")
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        raise AlignError(f"data: {where}: no prompt: the record has no 'prompt' field and chosen/rejected share no "
+                         f"beginning to use as one. Tried: explicit (prompt/chosen/rejected), implicit "
+                         f"(chosen/rejected with a shared prompt), HH-RLHF dialogues; add a prompt field or map one "
+                         f"with data.columns")
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        _pref_value({key: value}, key, where + " (after the shared prompt)")
+    return prompt, chosen, rejected
+
+
+def _hh_dialogue(text: str) -> list[dict]:
+    """``"\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: bye"`` -> user/assistant/user messages."""
+    parts = _HH_TURN.split(text)
+    messages = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def _same_kind(prompt, chosen, rejected):
+    """All texts, or all message lists: a text beside messages becomes one user (prompt) or assistant message."""
+    if isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        chosen, rejected = ([{"role": "assistant", "content": v}] if isinstance(v, str) else v
+                            for v in (chosen, rejected))
+    return prompt, chosen, rejected
+
+
+def _pref_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def split_by_prompt(pairs: list[dict], size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `size` of the PROMPTS (share if < 1, count if >= 1) with all their pairs, reproducibly for `seed`:
+    no prompt is on both sides."""
+    if not size:
+        return pairs, []
+    groups = sorted({pair["group"] for pair in pairs})
+    count = max(1, int(round(size * len(groups))) if size < 1 else int(size))
+    if count >= len(groups):
+        raise AlignError(f"data.val_set_size: {size} leaves no training prompts ({len(groups)} distinct prompts in "
+                         f"all); lower it or give data.eval_path")
+    random.Random(seed).shuffle(groups)
+    held = set(groups[:count])
+    return [p for p in pairs if p["group"] not in held], [p for p in pairs if p["group"] in held]
+
+
+def read_prompt_responses(path: str, option: str = "--data") -> tuple[list, list, Records]:
+    """(prompts, responses, records) from records with `prompt` and one of RESPONSE_FIELDS (texts or messages)."""
+    records = read_records(path)
+    if not records.rows:
+        raise AlignError(f"{option}: {records.source} has no records")
+    prompts, responses = [], []
+    for row, where in zip(records.rows, records.locations):
+        field_name = next((f for f in RESPONSE_FIELDS if f in row), None)
+        if "prompt" not in row or field_name is None:
+            raise AlignError(f"{option}: {where}: needs a 'prompt' field and a response field "
+                             f"({', '.join(RESPONSE_FIELDS)}); the record has {', '.join(map(str, row)) or 'none'}")
+        prompts.append(_pref_value(row, "prompt", where))
+        responses.append(_pref_value(row, field_name, where))
+    return prompts, responses, records

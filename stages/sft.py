@@ -7,7 +7,6 @@ plots) renamed into place -> registry row.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
-from align.config import SFTRunConfig, load_config, to_dict
+from align.config import SFTRunConfig, check_report_to, load_config, to_dict
 from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
 from align.errors import AlignError
 from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, parameter_summary,
@@ -40,7 +39,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
     is_main = int(os.environ.get("RANK", "0")) == 0
     checkpoint = run_dir.open(resume, is_main)
-    _check_report_to(cfg.training.get("report_to"))
+    check_report_to(cfg.training.get("report_to"))
     registry = Registry()
     source = resolve_model(cfg.model.path, registry, cfg.model.gguf_file)
     if source.adapter_of:
@@ -183,15 +182,6 @@ def _final_eval_loss(trainer) -> float:
         if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
             return entry["eval_loss"]
     return trainer.evaluate()["eval_loss"]
-
-
-def _check_report_to(report_to) -> None:
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    modules = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
-    for name in names:
-        if name in modules and importlib.util.find_spec(modules[name]) is None:
-            raise AlignError(f"training.report_to: '{name}' is not installed (pip install {modules[name]}), or "
-                             f"remove it from report_to")
 
 
 def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):

