@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import tempfile
 from dataclasses import dataclass
 from functools import partial
