@@ -1,6 +1,6 @@
 """SFT training throughput: `align sft` vs the seeds' recipe vs plain TRL, on one model and one data set.
 
-    python benchmarks/sft_throughput.py            # default run (256 examples, ~2 minutes on an idle 2-core CPU)
+    python benchmarks/sft_throughput.py            # default run (256 examples, ~1.5 min on an idle 2-core CPU)
     python benchmarks/sft_throughput.py --quick    # smoke run (64 examples)
 
 What is compared (everything else is identical: model weights, data, learning rate, batch size, one epoch over
@@ -23,9 +23,9 @@ the same examples, seed, float32, OMP threads):
 
 Each variant runs in its own fresh process; its peak RSS and CPU seconds are that process's own rusage, read with
 `os.wait4`. Throughput = real (non-pad) tokens trained, prompt tokens included / the trainer's train time (imports,
-model loading, data preparation and saving are not included; they show in the `wall s` column). All three count
-tokens the same way, with the Trainer's `include_num_input_tokens_seen="non_padding"`; the script warns unless all
-three counts equal the data's token count. `--repeats N` interleaves N runs of each variant and reports each one's
+model loading, data preparation and saving are not included; they show in the `wall s` column). Every variant
+counts tokens the same way, with the Trainer's `include_num_input_tokens_seen="non_padding"`; the script warns unless
+every count equals the data's token count. `--repeats N` interleaves N runs of each variant and reports each one's
 best run (outside load only slows a run down) with the range: timings on a shared machine are noisy (the load
 average before and after is printed and saved).
 
@@ -70,8 +70,8 @@ TRAINING = dict(
     disable_tqdm=True,
 )
 # The SFTConfig defaults align sets in stages/sft.py `training_arguments` (CPU run, no eval set), for the seeds'
-# recipe (all are TrainingArguments fields: only the data pipeline differs) and trl_batch8. plain_trl reads the values
-# align actually resolves instead (setup checks these against them and lists every difference).
+# recipe (all are TrainingArguments fields: only the data pipeline differs) and trl_batch8. plain_trl uses the values
+# align actually resolves instead; setup records where those differ from these (`align_sftconfig.adjusted`).
 ALIGN_DEFAULTS = dict(
     bf16=False,
     fp16=False,
@@ -231,8 +231,7 @@ def child_seeds_recipe(work: Path) -> None:
         columns["input_ids"].append(encoded["input_ids"])
         columns["attention_mask"].append(encoded["attention_mask"])
         columns["labels"].append(labels)
-    args = TrainingArguments(output_dir=str(work / "seeds_recipe"),
-                             **ALIGN_DEFAULTS, **TRAINING)
+    args = TrainingArguments(output_dir=str(work / "seeds_recipe"), **ALIGN_DEFAULTS, **TRAINING)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(columns),
                       data_collator=default_data_collator)
     _report(work, "seeds_recipe", trainer, trainer.train())
