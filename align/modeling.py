@@ -85,6 +85,28 @@ def resolve_model(ref: str, registry: Registry | None = None, gguf_file: str | N
     return ModelSource(path, artifact)
 
 
+def cached_model_folder(name: str, identity: str, what: str, build) -> str:
+    """A derived model folder `<align home>/models/<name>-<digest of identity>/`, built once by `build(folder)`.
+
+    Written to a staging folder and renamed, so a half-built folder is never picked up; reused while
+    `identity` (what it was built from) is unchanged.
+    """
+    target = registry_home() / "models" / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+    if (target / "config.json").is_file():
+        return str(target)
+    print(f"{what} (once): {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    build(staging)
+    os.replace(staging, target)
+    return str(target)
+
+
+def _file_identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def gguf_to_folder(folder: str, gguf_file: str) -> str:
     """De-quantize a GGUF model once into a standard folder under the align home and return that folder.
 
@@ -96,25 +118,51 @@ def gguf_to_folder(folder: str, gguf_file: str) -> str:
     source = Path(folder) / gguf_file
     if not source.is_file():
         raise AlignError(f"model: GGUF file not found: {source}")
-    stat = source.stat()
-    digest = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    target = registry_home() / "models" / f"{source.stem}-{digest}"
-    if (target / "config.json").is_file():
-        return str(target)
-    print(f"Converting {source.name} to a standard transformers folder (once): {target}")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    config = model.config
-    del config.quantization_config  # the weights are plain floats now; keeping it makes loaders expect GGUF
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, target)  # atomic: a half-converted folder is never picked up
-    return str(target)
+
+    def build(staging: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        config = model.config
+        del config.quantization_config  # the weights are plain floats now; keeping it makes loaders expect GGUF
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return cached_model_folder(source.stem, _file_identity(source),
+                               f"Converting {source.name} to a standard transformers folder", build)
+
+
+def save_merged(adapter_folder: Path, base_path: str, out: Path, dtype: str = "auto",
+                trust_remote_code: bool = False) -> None:
+    """Merge a causal or seq2seq LoRA adapter into full-precision base weights (also after QLoRA) and save the
+    model and the adapter's tokenizer to `out`: loadable without peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    adapter_config = json.loads((adapter_folder / "adapter_config.json").read_text())
+    auto = AutoModelForSeq2SeqLM if adapter_config.get("task_type") == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
+    base = auto.from_pretrained(base_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_folder))
+    match_model_to_tokenizer(base, tokenizer)
+    merged = PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload()
+    merged.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def merge_adapter(source: ModelSource, dtype: str = "auto") -> str:
+    """Merge a causal-LM LoRA adapter into its base once, into `<align home>/models/<adapter>-merged-<digest>/`
+    (reused while the adapter is unchanged). Returns the folder."""
+    folder = Path(source.path)
+    weights = next((p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.is_file()),
+                   None)
+    if weights is None:
+        raise AlignError(f"model: {folder} has adapter_config.json but no adapter weights")
+    base = resolve_model(source.adapter_of).path
+    return cached_model_folder(f"{folder.name}-merged", f"{_file_identity(weights)}:{torch_dtype(dtype)}",
+                               f"Merging the adapter {folder} into its base",
+                               lambda staging: save_merged(folder, base, staging, dtype))
 
 
 def _hub_error(path: str, error: Exception) -> AlignError:
@@ -237,8 +285,13 @@ def keep_cpu_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_tuning(model, lora: LoraConfig, model_cfg: ModelConfig, quantized: bool, gradient_checkpointing: bool):
-    """LoRA adapters, full fine-tuning, or full fine-tuning of `model.train_only` parameters."""
+def apply_tuning(model, lora: LoraConfig, model_cfg: ModelConfig, quantized: bool, gradient_checkpointing: bool,
+                 task_type: str | None = None):
+    """LoRA adapters, full fine-tuning, or full fine-tuning of `model.train_only` parameters.
+
+    `task_type`: peft's task (`SEQ_CLS` for reward models: the score head is then trained in full and saved
+    with the adapter); default CAUSAL_LM, or SEQ_2_SEQ_LM for encoder-decoders.
+    """
     if quantized:
         from peft import prepare_model_for_kbit_training
 
@@ -251,7 +304,8 @@ def apply_tuning(model, lora: LoraConfig, model_cfg: ModelConfig, quantized: boo
         from peft import LoraConfig as PeftLoraConfig
         from peft import TaskType, get_peft_model
 
-        task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+        task = TaskType(task_type) if task_type else \
+            TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
         peft_config = PeftLoraConfig(
             task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, bias=lora.bias,

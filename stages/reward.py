@@ -11,12 +11,10 @@ plots) renamed into place -> registry row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,8 +28,8 @@ from align.config import RewardRunConfig, check_report_to, load_config, to_dict
 from align.data import (fingerprint, read_preferences, read_prompt_responses, read_records, split_by_prompt)
 from align.errors import AlignError
 from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_model_to_tokenizer, parameter_summary,
-                            prepare_tokenizer, resolve_model, torch_dtype)
-from align.registry import Artifact, Registry, registry_home, resolve_path
+                            merge_adapter, prepare_tokenizer, resolve_model, torch_dtype)
+from align.registry import Artifact, Registry, resolve_path
 from align.reporting import human_bytes, plot_training_curves, print_table
 from align.scoring import Normalization, RewardScorer, as_text, encode_pair, load_sequence_classifier
 
@@ -101,7 +99,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     resized = len(tokenizer) > model.get_input_embeddings().num_embeddings  # a pad token was added
     match_model_to_tokenizer(model, tokenizer)
     gradient_checkpointing = bool(cfg.training.get("gradient_checkpointing", False))
-    model = _apply_tuning(model, cfg, quantized, gradient_checkpointing)
+    model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing, task_type="SEQ_CLS")
     params = parameter_summary(model)
     train_groups = len({r["group"] for r in train_rows})
     print_table(f"align reward: {name}", [
@@ -348,57 +346,6 @@ def _backbone(source: ModelSource, cfg: RewardRunConfig) -> tuple[str, str | Non
     if (merged / "config.json").is_file():
         return str(merged), f"{label}: its merged/ folder"
     return merge_adapter(source, cfg.model.dtype), f"{label}: adapter merged into its base (cached)"
-
-
-def merge_adapter(source: ModelSource, dtype: str = "auto") -> str:
-    """Merge a causal-LM LoRA adapter into its base once, into `<align home>/models/<adapter>-merged-<digest>/`
-    (written atomically, reused while the adapter is unchanged). Returns the folder."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(source.path)
-    weights = next((p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.is_file()),
-                   None)
-    if weights is None:
-        raise AlignError(f"model: {folder} has adapter_config.json but no adapter weights")
-    stat = weights.stat()
-    torch_type = torch_dtype(dtype)
-    key = f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{torch_type}"
-    target = registry_home() / "models" / f"{folder.name}-merged-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    if (target / "config.json").is_file():
-        return str(target)
-    print(f"Merging the adapter {folder} into its base, once: {target}")
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(source.adapter_of).path, dtype=torch_type)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    match_model_to_tokenizer(base, tokenizer)
-    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    merged.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, target)  # atomic: a half-written folder is never picked up
-    return str(target)
-
-
-def _apply_tuning(model, cfg: RewardRunConfig, quantized: bool, gradient_checkpointing: bool):
-    """LoRA for sequence classification (the score head is in modules_to_save: trained in full, saved with the
-    adapter), or align's full / partial fine-tuning."""
-    if not cfg.lora.enabled:
-        return apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing)
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.model.train_only:
-        raise AlignError("model.train_only: selects layers for full fine-tuning; set lora.enabled: false")
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    lora = cfg.lora
-    peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, bias=lora.bias,
-                             use_rslora=lora.use_rslora, use_dora=lora.use_dora)
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as e:
-        raise AlignError(f"lora.target_modules: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from align.config import SFTRunConfig, check_report_to, load_config, to_dict
 from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
 from align.errors import AlignError
 from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, parameter_summary,
-                            prepare_tokenizer, resolve_model, torch_dtype, training_flops)
+                            prepare_tokenizer, resolve_model, save_merged, torch_dtype, training_flops)
 from align.registry import Artifact, Registry
 from align.reporting import human_bytes, plot_training_curves, print_table
 
@@ -133,7 +133,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     work = run_dir.work
     tokenizer.save_pretrained(str(work))
     if cfg.output.merge and cfg.lora.enabled:
-        _save_merged(work, source.path, cfg)
+        save_merged(work, source.path, work / "merged", cfg.model.dtype, cfg.model.trust_remote_code)
     (work / "eval_loss_before.json").unlink(missing_ok=True)  # folded into the metrics and the log
     config = to_dict(cfg)
     save_run_config(config, work)
@@ -282,20 +282,3 @@ def _seq2seq_trainer(model, tokenizer, args, train, evaluation, callbacks):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-
-
-def _save_merged(work: Path, base_path: str, cfg: SFTRunConfig) -> None:
-    """Merge the adapter into full-precision base weights (also after QLoRA) and save to `merged/`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    adapter_config = json.loads((work / "adapter_config.json").read_text())
-    auto = AutoModelForSeq2SeqLM if adapter_config.get("task_type") == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
-    dtype = torch_dtype(cfg.model.dtype)
-    base = auto.from_pretrained(base_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(work))
-    match_model_to_tokenizer(base, tokenizer)
-    merged = PeftModel.from_pretrained(base, str(work)).merge_and_unload()
-    merged.save_pretrained(str(work / "merged"))
-    tokenizer.save_pretrained(str(work / "merged"))
-
