@@ -179,6 +179,40 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def trainer_defaults(model_cfg: ModelConfig, output_dir: Path, seed: int, data_seed: int, training: dict) -> dict:
+    """align's defaults for any TRL/transformers training config, under the user's `training:` values.
+
+    Explicit about precision (TRL defaults to bf16 and gradient checkpointing, also on CPU), quiet about
+    tracking, and DDP over gloo when torchrun starts several CPU processes.
+    """
+    defaults = dict(
+        output_dir=str(output_dir),
+        bf16=torch_dtype(model_cfg.dtype) == torch.bfloat16 and torch.cuda.is_available(),
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=10,
+        seed=seed,
+        data_seed=data_seed,
+        per_device_eval_batch_size=training.get("per_device_train_batch_size", 8),
+        save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # torchrun on CPU: without use_cpu, accelerate sets up no process group (DistributedType.NO) and
+        # every rank trains alone and writes its own artifact; with it, DDP over gloo.
+        defaults["use_cpu"] = True
+    return defaults
+
+
+def training_config(config_class: type, values: dict):
+    """`config_class(**values)`, with TrainingArguments' own consistency checks as one-line user errors."""
+    try:
+        return config_class(**values)
+    except ValueError as e:
+        raise AlignError("training: " + " ".join(str(e).split())) from None
+
+
 def load_tokenizer(path: str, model_cfg: ModelConfig | None = None):
     from transformers import AutoTokenizer
 

@@ -28,7 +28,8 @@ from align.config import RewardRunConfig, check_report_to, load_config, to_dict
 from align.data import (fingerprint, read_preferences, read_prompt_responses, read_records, split_by_prompt)
 from align.errors import AlignError
 from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_model_to_tokenizer, parameter_summary,
-                            merge_adapter, prepare_tokenizer, resolve_model, torch_dtype)
+                            merge_adapter, prepare_tokenizer, resolve_model, torch_dtype, trainer_defaults,
+                            training_config)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import human_bytes, plot_training_curves, print_table
 from align.scoring import Normalization, RewardScorer, as_text, encode_pair, load_sequence_classifier
@@ -356,32 +357,14 @@ def training_arguments(cfg: RewardRunConfig, run_dir: RunDir, has_eval: bool):
     the user's `training:`."""
     from trl import RewardConfig
 
-    bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16 and torch.cuda.is_available()
-    defaults = dict(
-        output_dir=str(run_dir.work / CHECKPOINTS),
-        bf16=bf16,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        logging_steps=10,
-        num_train_epochs=1,  # InstructGPT: reward models overfit after one epoch
-        seed=cfg.seed,
-        data_seed=cfg.data.seed,
-        per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8),
-        save_only_model=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        defaults["use_cpu"] = True  # torchrun on CPU: DDP over gloo (see stages/sft.py)
+    defaults = trainer_defaults(cfg.model, run_dir.work / CHECKPOINTS, cfg.seed, cfg.data.seed, cfg.training)
+    defaults["num_train_epochs"] = 1  # InstructGPT: reward models overfit after one epoch
     strategy = cfg.training.get("eval_strategy")
     if not has_eval and (cfg.training.get("load_best_model_at_end") or
                          (strategy is not None and str(strategy).lower() != "no")):
         raise AlignError("training.eval_strategy / load_best_model_at_end need held-out pairs: set data.val_set_size "
                          "or data.eval_path (or eval_strategy: no)")
-    try:
-        return RewardConfig(**defaults | cfg.training)
-    except ValueError as e:
-        raise AlignError("training: " + " ".join(str(e).split())) from None
+    return training_config(RewardConfig, defaults | cfg.training)
 
 
 @dataclass

@@ -11,14 +11,14 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
 from align.config import SFTRunConfig, check_report_to, load_config, to_dict
 from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
 from align.errors import AlignError
 from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, parameter_summary,
-                            prepare_tokenizer, resolve_model, save_merged, torch_dtype, training_flops)
+                            prepare_tokenizer, resolve_model, save_merged, trainer_defaults, training_config,
+                            training_flops)
 from align.registry import Artifact, Registry
 from align.reporting import human_bytes, plot_training_curves, print_table
 
@@ -188,25 +188,8 @@ def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):
     """TRL's SFTConfig: align's defaults (safe on CPU, explicit about precision) under the user's `training:`."""
     from trl import SFTConfig
 
-    bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16 and torch.cuda.is_available()
-    defaults = dict(
-        output_dir=str(run_dir.work / CHECKPOINTS),
-        bf16=bf16,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        logging_steps=10,
-        seed=cfg.seed,
-        data_seed=cfg.data.seed,
-        include_num_input_tokens_seen="non_padding",
-        per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8),
-        save_only_model=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # torchrun on CPU: without use_cpu, accelerate sets up no process group (DistributedType.NO) and
-        # every rank trains alone and writes its own artifact; with it, DDP over gloo.
-        defaults["use_cpu"] = True
+    defaults = trainer_defaults(cfg.model, run_dir.work / CHECKPOINTS, cfg.seed, cfg.data.seed, cfg.training)
+    defaults["include_num_input_tokens_seen"] = "non_padding"  # trained tokens in the summary and registry
     if cfg.training.get("load_best_model_at_end") and not has_eval:
         raise AlignError("training.load_best_model_at_end needs a validation set: set data.val_set_size or "
                          "data.eval_path")
@@ -224,10 +207,7 @@ def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):
         # loss and steps for a fraction of the compute.
         values |= dict(per_device_train_batch_size=1, per_device_eval_batch_size=1,
                        gradient_accumulation_steps=values.get("gradient_accumulation_steps", 1) * rows)
-    try:
-        return SFTConfig(**values)
-    except ValueError as e:  # TrainingArguments' own consistency checks (strategies, precision...)
-        raise AlignError("training: " + " ".join(str(e).split())) from None
+    return training_config(SFTConfig, values)
 
 
 def _make_trainer(model, tokenizer, args, train, evaluation, seq2seq: bool, cfg: SFTRunConfig):
