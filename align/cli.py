@@ -79,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=_run_score)
     # --- end reward model ---
 
+    # --- policy optimization: PPO (stages/ppo.py) and DPO (stages/dpo.py) ---
+    ppo = commands.add_parser("ppo", help="PPO against a reward model, KL-penalized to the SFT model (stage 3)")
+    ppo.add_argument("--config", required=True, help="YAML config (see configs/ppo.yaml)")
+    ppo.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. ppo.steps=50")
+    ppo.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    ppo.set_defaults(handler=_run_ppo)
+    dpo = commands.add_parser("dpo", help="DPO on preference pairs, reference = the SFT model (stage 3)")
+    dpo.add_argument("--config", required=True, help="YAML config (see configs/dpo.yaml)")
+    dpo.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. training.beta=0.2")
+    dpo.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    dpo.set_defaults(handler=_run_dpo)
+    for sub in (ppo, dpo):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    # --- end policy optimization ---
+
     gen = commands.add_parser("generate", help="batched generation from a model or registry reference")
     gen.add_argument("--model", required=True, help="folder, hub id, or registry ref (sft:latest, sft:2, a name)")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -204,6 +219,18 @@ def _run_score(args) -> None:
     score_command(args.model, args.data, out=args.out, raw=args.raw, batch_size=args.batch_size)
 
 # --- end reward model handlers ---
+
+
+def _run_ppo(args) -> None:
+    from stages import ppo
+
+    ppo.run(args.config, args.overrides, resume=args.resume)
+
+
+def _run_dpo(args) -> None:
+    from stages import dpo
+
+    dpo.run(args.config, args.overrides, resume=args.resume)
 
 
 def _run_generate(args) -> None:

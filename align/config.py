@@ -654,3 +654,128 @@ class RewardRunConfig:
                 "whole prompts. align sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing "
                 "off, report_to none; and one epoch (InstructGPT: reward models overfit after one)."})
     seed: int = field(default=42, metadata={"help": "Seed for the new score head and LoRA weights, and data order."})
+
+
+# --------------------------------------------------------------------------------------------------
+# `align ppo` (stages/ppo.py): InstructGPT PPO against a reward model, KL-penalized to the SFT model, PPO-ptx
+
+@dataclass
+class RewardModelConfig:
+    path: str = field(metadata={"help": "Reward model: a registry reference (`reward:latest`) or a folder saved by "
+                                        "`align reward`. Its stored normalization is applied (reference mean 0)."})
+    share_base: Literal["auto", "true", "false"] = field(default="auto", metadata={
+        "help": "Score with the reward adapter on the policy's own base weights (no second copy). `auto`: when the "
+                "reward model is a LoRA adapter on the same base (as `align reward` on the SFT model makes); `true`: "
+                "require it (error otherwise); `false`: always load the reward model separately and pass it "
+                "responses as text (any architecture and tokenizer)."})
+    normalized: bool = field(default=True, metadata={
+        "help": "Use the normalized reward (InstructGPT: the SFT outputs average 0) when the model has one."})
+    batch_size: int = field(default=16, metadata={"help": "Responses scored per forward pass.", "range": (1, None)})
+
+
+@dataclass
+class PromptDataConfig:
+    path: str = field(metadata={"help": "Prompts: .txt (one per line) or .jsonl/.json/.csv records with a prompt "
+                                        "field (prompt, question, instruction, input or text), or `pkg:<pkg>/<file>`."})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "Use a random subset of N prompts (drawn with `seed`).", "range": (1, None)})
+    seed: int = field(default=42, metadata={"help": "Seed of the subset."})
+
+
+@dataclass
+class PtxConfig:
+    path: str | None = field(default=None, metadata={
+        "help": "PPO-ptx (InstructGPT): pretraining or SFT data whose language-model loss is mixed into every PPO "
+                "update to reduce the alignment tax. Any `align sft` data format; loss on completions (all tokens "
+                "for plain text). Unset: no ptx term."})
+    columns: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Map format fields to your fields, as `data.columns` of `align sft`.", "keys": FORMAT_FIELD_NAMES})
+    coef: float = field(default=1.0, metadata={
+        "help": "Weight of the ptx loss against the PPO loss (InstructGPT's gamma).", "range": (0, None)})
+    batch_size: int = field(default=4, metadata={"help": "ptx examples per PPO minibatch.", "range": (1, None)})
+    max_length: int = field(default=256, metadata={"help": "ptx examples are truncated to this many tokens.",
+                                                    "range": (8, None)})
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = field(default=64, metadata={"help": "Response length limit in tokens.", "range": (1, None)})
+    max_prompt_length: int = field(default=256, metadata={
+        "help": "Longer prompts keep their last tokens (the question and the assistant turn) and are counted.",
+        "range": (1, None)})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature; the log-probabilities of policy and reference are taken at the same one.",
+        "range": (0.01, None)})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off). Off keeps PPO on-policy.",
+                                            "range": (0, None)})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off). Off keeps PPO on-policy.",
+                                                "range": (0, 1)})
+    stop_strings: list[str] = field(default_factory=list, metadata={
+        "help": "The response ends after the first of these strings (like EOS)."})
+    missing_eos_penalty: float = field(default=1.0, metadata={
+        "help": "Subtracted from the reward of a response that reaches max_new_tokens without EOS or a stop string "
+                "(0: no penalty).", "range": (0, None)})
+
+
+@dataclass
+class PPOConfig:
+    steps: int = field(default=100, metadata={"help": "PPO iterations: each samples a batch, scores it, updates.",
+                                              "range": (1, None)})
+    batch_size: int = field(default=16, metadata={
+        "help": "Prompts sampled per iteration per process (one response each).", "range": (1, None)})
+    mini_batch_size: int = field(default=8, metadata={"help": "Responses per gradient step.", "range": (1, None)})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts.", "range": (1, None)})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the policy.",
+                                                         "range": (0, None)})
+    value_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the value function (adapter and head); default: learning_rate.", "range": (0, None)})
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = field(default="linear", metadata={
+        "help": "Learning-rate schedule over `steps` (after warmup)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup iterations.", "range": (0, None)})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "range": (0, None)})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off).", "range": (0, None)})
+    gamma: float = field(default=1.0, metadata={"help": "Discount of GAE.", "range": (0, 1)})
+    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE.", "range": (0, 1)})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip.", "range": (0, None)})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value prediction clip around the old values.",
+                                                          "range": (0, None)})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss.", "range": (0, None)})
+    kl_coef: float = field(default=0.05, metadata={
+        "help": "Per-token KL penalty coefficient beta (InstructGPT: 0.02); the start value when adaptive.",
+        "range": (0, None)})
+    adaptive_kl: bool = field(default=False, metadata={
+        "help": "Adapt kl_coef towards `target_kl` (Ziegler et al. 2019's proportional controller)."})
+    target_kl: float = field(default=6.0, metadata={"help": "Target KL (nats per response) of the adaptive "
+                                                            "controller.", "range": (0, None)})
+    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (responses) of the adaptive controller.",
+                                                     "range": (1, None)})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
+    max_bad_steps: int = field(default=3, metadata={
+        "help": "Iterations in a row with NaN/inf rewards or losses (each skipped and reported) before the run "
+                "stops with a checkpoint kept.", "range": (1, None)})
+    logging_steps: int = field(default=1, metadata={"help": "Print the metrics every N iterations.",
+                                                    "range": (1, None)})
+    sample_steps: int = field(default=10, metadata={
+        "help": "Print a table of sample prompts, responses and rewards every N iterations (0: only at the end).",
+        "range": (0, None)})
+    save_steps: int = field(default=20, metadata={"help": "Checkpoint every N iterations (for --resume).",
+                                                  "range": (1, None)})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept.", "range": (1, None)})
+
+
+@dataclass
+class PPORunConfig:
+    """`align ppo`: InstructGPT PPO against a reward model, KL-penalized to the SFT model, with PPO-ptx."""
+
+    model: ModelConfig = field(metadata={"help": "The policy to optimize: an SFT artifact (`sft:latest`), prompted with "
+                                                 "the template it was trained with. It is also the frozen reference "
+                                                 "of the KL penalty."})
+    reward: RewardModelConfig
+    data: PromptDataConfig
+    ptx: PtxConfig = field(default_factory=PtxConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = field(default=42, metadata={"help": "Seed of sampling, minibatch order and new weights."})
