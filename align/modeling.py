@@ -422,10 +422,10 @@ def load_for_inference(ref: str, registry: Registry | None = None, dtype: str = 
         match_model_to_tokenizer(model, tokenizer)
         model = PeftModel.from_pretrained(model, source.path)
     model.eval()
-    return InferenceModel(model, tokenizer, source, _training_template(source.path))
+    return InferenceModel(model, tokenizer, source, training_template(source.path))
 
 
-def _training_template(path: str) -> TemplateConfig:
+def training_template(path: str) -> TemplateConfig:
     saved = Path(path) / "align_config.yaml"
     if not saved.is_file():
         return TemplateConfig()

@@ -68,3 +68,39 @@ def plot_training_curves(log_history: list[dict], folder: Path) -> list[str]:
             written.append(f"plots/{filename}")
         plt.close(fig)
     return written
+
+
+def plot_metric_grid(history: list[dict], folder: Path, filename: str,
+                     panels: list[tuple[str, list[str]]]) -> list[str]:
+    """One PNG with a small chart per panel (title, metric keys) against `step`; panels with no data are left out.
+    Returns the relative path written (or nothing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = [(title, keys) for title, keys in panels if any(k in e for e in history for k in keys)]
+    if not drawn:
+        return []
+    columns = 3 if len(drawn) > 4 else 2
+    rows = -(-len(drawn) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, drawn):
+        for key in keys:
+            points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    (folder / "plots").mkdir(exist_ok=True)
+    fig.savefig(folder / "plots" / filename, dpi=100)
+    plt.close(fig)
+    return [f"plots/{filename}"]

@@ -1,0 +1,1095 @@
+"""`align ppo`: InstructGPT stage 3, PPO against the reward model with a per-token KL penalty and PPO-ptx.
+
+Reads top to bottom: config -> output folder -> prompts (and ptx data) -> the SFT policy (a LoRA adapter merged
+once into its base, so "adapter disabled" IS the SFT model) -> models: with LoRA, ONE copy of the base weights
+holds the policy (adapter `default`, trained), the reference (all adapters disabled), the value function (adapter
+`value` + a linear head) and, when it was trained on the same base, the reward model (adapter `reward` + its score
+head); otherwise the reward model is loaded on its own and reads responses as text -> the PPO loop (`PPOTrainer`:
+sample, score, KL-shaped per-token rewards, GAE, clipped policy and value losses over minibatches, ptx, adaptive
+KL, NaN guard, checkpoints) -> artifact (policy adapter or weights, value function, tokenizer, card, log, plots,
+samples) renamed into place -> registry row with the SFT model, the reward model and the ptx data as parents.
+
+Distributed: under `torchrun` / `accelerate launch --multi_gpu` every process samples its own prompts and the
+gradients are averaged across processes after each backward pass (data parallel, gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
+from align.config import DataConfig, PPORunConfig, TemplateConfig, load_config, to_dict
+from align.data import fingerprint, read_prompts, read_records, to_examples
+from align.errors import AlignError
+from align.generation import render_prompts
+from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, merge_adapter,
+                            parameter_summary, prepare_tokenizer, resolve_model, training_template)
+from align.registry import Artifact, Registry, resolve_path
+from align.reporting import console, human_bytes, plot_metric_grid, print_table
+from align.scoring import Normalization, RewardScorer, encode_pair
+
+STAGE = "ppo"
+STATE_FILE = "trainer_state.json"
+VALUE_FOLDER = "value"
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+def load(config_path: str, overrides: list[str]) -> PPORunConfig:
+    cfg = load_config(config_path, overrides, PPORunConfig)
+    if cfg.ppo.mini_batch_size > cfg.ppo.batch_size:
+        raise AlignError(f"ppo.mini_batch_size ({cfg.ppo.mini_batch_size}) is larger than ppo.batch_size "
+                         f"({cfg.ppo.batch_size}): a minibatch is a slice of the sampled batch")
+    if cfg.reward.share_base == "true" and not cfg.lora.enabled:
+        raise AlignError("reward.share_base: true needs lora.enabled: true (full fine-tuning changes the base "
+                         "weights the reward adapter was trained on); set reward.share_base: false")
+    return cfg
+
+
+def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
+    # 1. Config, output folder, references. Everything the user can get wrong fails here, before models load.
+    cfg = load(config_path, overrides)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or \
+            os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise AlignError("align ppo runs data-parallel (accelerate launch --multi_gpu, or torchrun); DeepSpeed ZeRO "
+                         "and FSDP are not supported by its trainer yet: use configs/accelerate/ddp.yaml (with "
+                         "LoRA or QLoRA, one base copy per GPU)")
+    name = cfg.output.name or Path(config_path).stem
+    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
+    dist = Distributed.start()
+    checkpoint = run_dir.open(resume, dist.is_main)
+    registry = Registry()
+    policy_source = resolve_model(cfg.model.path, registry)
+    reward_source = resolve_model(cfg.reward.path, registry)
+    _check_reward_artifact(reward_source, cfg.reward.path)
+    prompt_path, prompt_artifact = resolve_path(cfg.data.path, registry)
+    ptx_path, ptx_artifact = resolve_path(cfg.ptx.path, registry) if cfg.ptx.path else (None, None)
+
+    # 2. Prompts and ptx data, rendered as the SFT model was trained (its template, its tokenizer).
+    prompts = read_prompts(prompt_path, option="data.path")
+    if cfg.data.max_examples and cfg.data.max_examples < len(prompts):
+        keep = sorted(random.Random(cfg.data.seed).sample(range(len(prompts)), cfg.data.max_examples))
+        prompts = [prompts[i] for i in keep]
+    tokenizer = load_tokenizer(policy_source.path, cfg.model)
+    tokenizer_changes = prepare_tokenizer(tokenizer) if tokenizer.pad_token is None or \
+        tokenizer.pad_token_id == tokenizer.eos_token_id else []
+    template = training_template(policy_source.path)
+    queries, truncated_prompts = _encode_prompts(tokenizer, prompts, template, cfg.rollout.max_prompt_length)
+    ptx = _ptx_batches(cfg, ptx_path, tokenizer, template) if ptx_path else None
+
+    # 3. Models: one base copy for policy / reference / value (/ reward) with LoRA.
+    base_path = merge_adapter(policy_source, cfg.model.dtype) if policy_source.adapter_of else policy_source.path
+    share = _share_reward_base(cfg, reward_source, base_path)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # new adapter and value-head weights
+    quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
+    model = load_model(base_path, cfg.model, cfg.quantization)
+    if model.config.is_encoder_decoder:
+        raise AlignError(f"model.path: {cfg.model.path} is an encoder-decoder model; align ppo trains decoder-only "
+                         f"policies")
+    match_model_to_tokenizer(model, tokenizer)
+    model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing=False)
+    reference = None if cfg.lora.enabled else _frozen_copy(model)
+    value = ValueFunction.create(model, cfg, reward_source if share else None)
+    reward = SharedBaseReward.attach(model, reward_source, cfg.reward) if share else \
+        TextReward(RewardScorer.load(reward_source.path, registry), cfg.reward)
+    device = dist.device
+    model.to(device)
+    value.head.to(device)
+    if reference is not None:
+        reference.to(device)
+    params = parameter_summary(model)
+    copies = base_weight_copies(model, reference, reward.model if isinstance(reward, TextReward) else None)
+    trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist)
+    print_table(f"align ppo: {name}", [
+        ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
+                                                           " (8-bit)" if cfg.quantization.load_in_8bit else "")),
+        ("method", "LoRA (adapter 'default')" if cfg.lora.enabled else "full fine-tuning"),
+        ("reference (KL)", "the SFT model = the policy with its adapters disabled" if cfg.lora.enabled else
+         "a frozen copy of the SFT model"),
+        ("value function", "adapter 'value' + linear head" + (" (initialized from the reward model)" if share else "")
+         if cfg.lora.enabled else "linear head on the policy's last hidden states"),
+        ("reward model", f"{cfg.reward.path}: " + ("adapter 'reward' on the policy's base (shared weights)" if share
+                                                   else reward.describe())),
+        ("base weight copies in memory", f"{copies:g}"),
+        ("parameters", f"{trainer.trainable_count:,} trainable of {params.total:,}"),
+        ("memory (weights)", human_bytes(params.memory_bytes + (parameter_summary(reference).memory_bytes
+                                                                if reference is not None else 0))),
+        ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated_prompts} over rollout.max_prompt_length="
+                                                        f"{cfg.rollout.max_prompt_length}: kept their last tokens)"
+                                                        if truncated_prompts else "")),
+        ("ptx", f"{ptx_path}: {len(ptx.rows)} examples, coef {cfg.ptx.coef}" if ptx else "off"),
+        ("schedule", f"{cfg.ppo.steps} iterations x {cfg.ppo.batch_size} prompts x {dist.world} process(es), "
+                     f"{cfg.ppo.ppo_epochs} PPO epochs of minibatch {cfg.ppo.mini_batch_size}"),
+        ("KL", f"beta {cfg.ppo.kl_coef}" + (f", adaptive to target {cfg.ppo.target_kl}" if cfg.ppo.adaptive_kl
+                                            else ", fixed")),
+        *[("tokenizer", change) for change in tokenizer_changes],
+        ("output", str(run_dir.final)),
+    ])
+
+    # 4. Train.
+    if dist.is_main:
+        run_dir.create()
+    dist.barrier()
+    if checkpoint:
+        trainer.load_checkpoint(Path(checkpoint))
+        console.print(f"resumed from {checkpoint} (iteration {trainer.step})")
+    trainer.train(run_dir)
+    if not dist.is_main:
+        dist.stop()
+        return None
+
+    # 5. Artifact: policy (adapter or weights), value function, tokenizer, card, log, plots; rename; register.
+    work = run_dir.work
+    trainer.save_policy(work)
+    tokenizer.save_pretrained(str(work))
+    config = to_dict(cfg)
+    save_run_config(config, work)
+    save_training_log(trainer.history, work)
+    _write_samples(trainer.samples, work / "samples.jsonl")
+    plots = plot_metric_grid(trainer.history, work, "ppo_curves.png", PLOT_PANELS)
+    summary = trainer.summary()
+    metrics = {**summary, "base_weight_copies": copies, "truncated_prompts": truncated_prompts,
+               "prompts": len(prompts), "trainable_parameters": trainer.trainable_count,
+               "total_parameters": params.total}
+    data_fingerprint = fingerprint([{"prompt": p} for p in prompts])
+    base_model = policy_source.artifact.base_model if policy_source.artifact and policy_source.artifact.base_model \
+        else base_path
+    write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=base_model,
+                     model_source=cfg.model.path, adapter=cfg.lora.enabled, data_source=cfg.data.path,
+                     data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots)
+    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
+    parents = [a.id for a in (policy_source.artifact, reward_source.artifact, prompt_artifact, ptx_artifact) if a]
+    artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=base_model, parents=parents,
+                            config=config, data_fingerprint=data_fingerprint, metrics=metrics)
+    dist.stop()
+    print_table(f"finished: {artifact.ref} ({name})", [
+        ("reward (normalized)", f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f} (first -> last "
+                                f"{summary['window']} iterations' mean)"),
+        ("KL to SFT (nats/response)", f"{summary['kl_last']:.3f} (max {summary['kl_max']:.3f}); beta "
+                                      f"{summary['kl_coef_last']:.4g}"),
+        ("response length", f"{summary['length_first']:.1f} -> {summary['length_last']:.1f} tokens"),
+        ("EOS rate", f"{summary['eos_rate_first']:.2f} -> {summary['eos_rate_last']:.2f}"),
+        *([("ptx loss", f"{summary['ptx_loss_first']:.3f} -> {summary['ptx_loss_last']:.3f}")]
+          if "ptx_loss_last" in summary else []),
+        ("skipped iterations (NaN/inf)", summary["skipped_steps"]),
+        ("episodes", f"{summary['episodes']:,} in {summary['train_runtime_s']:.1f} s "
+                     f"({summary['episodes_per_s']:.2f}/s)"),
+        ("artifact", str(final)),
+        ("plots", ", ".join(plots) or "none"),
+        ("registry", f"{artifact.ref} (id {artifact.id})"),
+    ])
+    return artifact
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+def _check_reward_artifact(source, given: str) -> None:
+    if source.adapter_of:
+        task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise AlignError(f"reward.path: {given} is a {task} adapter, not a reward model (train one with "
+                             f"`align reward`)")
+
+
+def _encode_prompts(tokenizer, prompts: list[str], template: TemplateConfig,
+                    max_length: int) -> tuple[list[tuple[str, list[int]]], int]:
+    """(prompt text, token ids as the SFT model saw its prompts). Longer prompts keep their LAST tokens: the end
+    holds the question and the opened assistant turn the response continues."""
+    rendered = render_prompts(tokenizer, prompts, template)
+    templated = template.name == "chat" and bool(tokenizer.chat_template)
+    queries, truncated = [], 0
+    for prompt, text in zip(prompts, rendered):
+        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        if len(ids) > max_length:
+            ids = ids[-max_length:]
+            truncated += 1
+        queries.append((prompt, ids))
+    return queries, truncated
+
+
+@dataclass
+class PtxData:
+    """Tokenized ptx examples (input ids, labels with -100 on prompt tokens), served in a fixed seeded order."""
+
+    rows: list[tuple[list[int], list[int]]]
+    batch_size: int
+    seed: int
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        order = _epoch_order(len(self.rows), index * self.batch_size, self.batch_size, self.seed)
+        chosen = [self.rows[i] for i in order]
+        width = max(len(ids) for ids, _ in chosen)
+        ids = torch.zeros((len(chosen), width), dtype=torch.long)
+        labels = torch.full((len(chosen), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, (tokens, targets) in enumerate(chosen):
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            labels[row, :len(targets)] = torch.tensor(targets)
+            mask[row, :len(tokens)] = 1
+        return ids, mask, labels
+
+
+def _ptx_batches(cfg: PPORunConfig, path: str, tokenizer, template: TemplateConfig) -> PtxData:
+    """ptx examples in any `align sft` format: loss on completions, or on every token of plain text."""
+    prepared = to_examples(read_records(path), DataConfig(path=path, columns=cfg.ptx.columns), template)
+    rows = []
+    for example in prepared.examples:
+        if "text" in example:
+            ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+            prompt_len = 0
+        elif "messages" in example:
+            ids = _chat_ids(tokenizer, example["messages"])
+            prompt_len = len(_chat_ids(tokenizer, example["messages"][:-1], generation_prompt=True))
+        elif isinstance(example["prompt"], list):
+            ids = _chat_ids(tokenizer, example["prompt"] + example["completion"])
+            prompt_len = len(_chat_ids(tokenizer, example["prompt"], generation_prompt=True))
+        else:
+            prompt_ids = tokenizer(example["prompt"])["input_ids"]
+            ids = prompt_ids + tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + \
+                [tokenizer.eos_token_id]
+            prompt_len = len(prompt_ids)
+        ids = ids[:cfg.ptx.max_length]
+        labels = [-100] * min(prompt_len, len(ids)) + ids[prompt_len:]
+        if any(label != -100 for label in labels):
+            rows.append((ids, labels))
+    if not rows:
+        raise AlignError(f"ptx.path: {path}: no example keeps a completion token within ptx.max_length="
+                         f"{cfg.ptx.max_length}; raise it")
+    return PtxData(rows, cfg.ptx.batch_size, cfg.seed)
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _epoch_order(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Items `start .. start+count` of an endless sequence of seeded permutations of range(n): every item once per
+    epoch, and the same items for the same positions on a resumed run."""
+    out = []
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, n)
+        out.append(_permutation(n, seed, epoch)[offset])
+    return out
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        _PERMUTATIONS[key] = order
+    return _PERMUTATIONS[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models around the one base: reference, value function, reward
+
+def _frozen_copy(model):
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def _share_reward_base(cfg: PPORunConfig, reward_source, base_path: str) -> bool:
+    """Whether the reward adapter can run on the policy's base weights: a LoRA reward model trained on exactly the
+    folder the policy starts from (what `align reward` on the same SFT model makes)."""
+    if cfg.reward.share_base == "false":
+        return False
+    reward_base = resolve_model(reward_source.adapter_of).path if reward_source.adapter_of else None
+    same = bool(reward_base) and Path(reward_base).resolve() == Path(base_path).resolve() and cfg.lora.enabled
+    if cfg.reward.share_base == "true" and not same:
+        raise AlignError(f"reward.share_base: true, but the reward model {cfg.reward.path} was trained on "
+                         f"{reward_base or 'its own full weights'} and the policy starts from {base_path}; set "
+                         f"reward.share_base: auto (a separate reward model) or train the reward model on the same "
+                         f"SFT model")
+    return same
+
+
+def _backbone(model):
+    """The transformer body (hidden states, no LM head) of a causal LM, through peft's wrappers."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, lm.base_model_prefix)
+
+
+def _adapter_config(folder: Path, **changes):
+    from peft import LoraConfig
+
+    values = json.loads((folder / "adapter_config.json").read_text())
+    known = {k: v for k, v in values.items() if k in LoraConfig.__dataclass_fields__}
+    return LoraConfig(**{**known, **changes})
+
+
+def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    file = folder / "adapter_model.safetensors"
+    if file.is_file():
+        return load_file(str(file))
+    return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+
+
+def _split_score_head(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A SEQ_CLS adapter's LoRA weights and its score head (saved as modules_to_save)."""
+    lora = {k: v for k, v in weights.items() if "lora_" in k}
+    head = [v for k, v in weights.items() if "lora_" not in k and k.split(".")[-2] in ("score", "classifier")
+            and k.endswith("weight")]
+    if len(head) != 1:
+        raise AlignError("reward model: its adapter holds no single score head (expected `score.weight`, as "
+                         "`align reward` saves); set reward.share_base: false")
+    return lora, head[0]
+
+
+def _load_adapter_weights(model, name: str, weights: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, weights, adapter_name=name)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise AlignError(f"adapter '{name}': {len(missing)} weights do not fit the model (e.g. {missing[0]})")
+
+
+def _last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last real token (rows are right-padded)."""
+    last = mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class ValueFunction:
+    """V(s) for every response position: the `value` adapter's (LoRA) or the policy's (full fine-tuning) last hidden
+    states through a linear head. With a shared-base reward model it starts as the reward model (InstructGPT): its
+    adapter weights, its score head, and the normalization mean as the head's bias."""
+
+    def __init__(self, head: torch.nn.Linear, adapter: str | None):
+        self.head = head
+        self.adapter = adapter
+
+    @classmethod
+    def create(cls, model, cfg: PPORunConfig, reward_source=None) -> ValueFunction:
+        hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
+            else model.config.hidden_size
+        head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        if not cfg.lora.enabled:
+            return cls(head, None)
+        folder = Path(reward_source.path) if reward_source else None
+        if folder is not None:
+            model.add_adapter("value", _adapter_config(folder, task_type="CAUSAL_LM", modules_to_save=None,
+                                                       inference_mode=False))
+            lora, score = _split_score_head(_adapter_weights(folder))
+            _load_adapter_weights(model, "value", lora)
+            with torch.no_grad():
+                head.weight.copy_(score.float())
+                normalization = Normalization.load(folder)
+                head.bias.fill_(-normalization.mean if normalization and cfg.reward.normalized else 0.0)
+        else:
+            model.add_adapter("value", copy.deepcopy(model.peft_config["default"]))
+        model.set_adapter("default")
+        return cls(head, "value")
+
+    def parameters(self, model) -> list[torch.nn.Parameter]:
+        adapter = [p for n, p in model.named_parameters() if ".value." in n and "lora_" in n] if self.adapter else []
+        return adapter + list(self.head.parameters())
+
+    def __call__(self, model, ids, mask, positions, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if self.adapter is None:
+            hidden = policy_hidden
+        else:
+            model.set_adapter(self.adapter)
+            try:
+                hidden = _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                          use_cache=False).last_hidden_state
+            finally:
+                model.set_adapter("default")
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+
+class SharedBaseReward:
+    """The reward model as adapter `reward` + its score head on the policy's base weights: no second copy. Reads
+    (prompt, response) formatted exactly as `align reward` trained it (align.scoring.encode_pair)."""
+
+    model = None
+
+    def __init__(self, tokenizer, score: torch.Tensor, normalization: Normalization | None, normalized: bool,
+                 batch_size: int):
+        self.tokenizer = tokenizer
+        self.score = score
+        self.normalization = normalization if normalized else None
+        self.batch_size = batch_size
+
+    @classmethod
+    def attach(cls, model, source, reward_cfg) -> SharedBaseReward:
+        folder = Path(source.path)
+        lora, score = _split_score_head(_adapter_weights(folder))
+        model.add_adapter("reward", _adapter_config(folder, task_type="CAUSAL_LM", modules_to_save=None,
+                                                    inference_mode=True))
+        _load_adapter_weights(model, "reward", lora)
+        model.set_adapter("default")
+        for name, param in model.named_parameters():
+            if ".reward." in name:
+                param.requires_grad_(False)
+        tokenizer = load_tokenizer(str(folder))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # the score is read at the last real token, found by length
+        return cls(tokenizer, score.float(), Normalization.load(folder), reward_cfg.normalized, reward_cfg.batch_size)
+
+    @torch.no_grad()
+    def __call__(self, model, prompts: list[str], responses: list[str]) -> tuple[list[float], list[float]]:
+        encoded = [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        device = next(model.parameters()).device
+        raw = [0.0] * len(encoded)
+        model.set_adapter("reward", inference_mode=True)
+        try:
+            for start in range(0, len(encoded), self.batch_size):
+                chunk = encoded[start:start + self.batch_size]
+                width = max(len(ids) for ids in chunk)
+                ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, tokens in enumerate(chunk):
+                    ids[row, :len(tokens)] = torch.tensor(tokens)
+                    mask[row, :len(tokens)] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                hidden = _backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                values = _last_token_states(hidden, mask).float() @ self.score.to(device).T
+                raw[start:start + len(chunk)] = values.squeeze(-1).tolist()
+        finally:
+            model.set_adapter("default")
+        normalized = [self.normalization.apply(r) for r in raw] if self.normalization else raw
+        return raw, normalized
+
+
+class TextReward:
+    """A separately loaded reward model (another base, architecture or tokenizer): responses pass as text."""
+
+    def __init__(self, scorer: RewardScorer, reward_cfg):
+        self.scorer = scorer
+        self.model = scorer.model
+        self.normalized = reward_cfg.normalized
+        self.batch_size = reward_cfg.batch_size
+
+    def describe(self) -> str:
+        return f"separate model ({type(self.scorer.model).__name__}), reads responses as text with its own tokenizer"
+
+    def __call__(self, model, prompts: list[str], responses: list[str]) -> tuple[list[float], list[float]]:
+        raw = self.scorer.score(prompts, responses, self.batch_size, normalized=False)
+        norm = self.scorer.normalization
+        return raw, [norm.apply(r) for r in raw] if norm is not None and self.normalized else raw
+
+
+def base_weight_copies(*models) -> float:
+    """How many copies of the base (non-adapter) weights the given models hold in memory together, counting each
+    tensor storage once: 1.0 when policy, reference, value and reward share one base."""
+    seen, total, base = set(), 0, None
+    for model in models:
+        if model is None:
+            continue
+        size = 0
+        for name, param in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                continue
+            size += param.numel() * param.element_size()
+            key = (param.untyped_storage().data_ptr(), param.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += param.numel() * param.element_size()
+        base = size if base is None else base
+    return round(total / base, 2) if base else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed: plain data parallel
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def start(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        return cls(int(os.environ.get("RANK", "0")), world, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise mean over processes."""
+        if self.world > 1:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        return values
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+        return values
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def stop(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# The PPO trainer
+
+@dataclass
+class Rollout:
+    """One sampled batch, everything PPO needs, on the training device. Sequences are [left-padded prompt |
+    right-padded response]; per-token tensors cover the response positions only."""
+
+    prompts: list[str]
+    responses: list[str]
+    ids: torch.Tensor  # (B, P + R)
+    mask: torch.Tensor  # (B, P + R)
+    positions: torch.Tensor  # (B, P + R)
+    response_mask: torch.Tensor  # (B, R) float
+    logprobs: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019): beta_{t+1} = beta_t * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+
+    def __init__(self, coef: float, target: float | None, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, episodes: int) -> None:
+        if self.target:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.coef *= 1 + error * episodes / self.horizon
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float() / temperature
+    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class PPOTrainer:
+    """InstructGPT PPO: sample, score, shape per-token rewards with the KL to the reference, GAE, clipped updates."""
+
+    def __init__(self, cfg: PPORunConfig, model, reference, value: ValueFunction, reward, tokenizer,
+                 queries: list[tuple[str, list[int]]], ptx: PtxData | None, dist: Distributed):
+        self.cfg, self.ppo, self.rollout_cfg = cfg, cfg.ppo, cfg.rollout
+        self.model, self.reference, self.value, self.reward = model, reference, value, reward
+        self.tokenizer, self.queries, self.ptx, self.dist = tokenizer, queries, ptx, dist
+        self.model.eval()  # no dropout: the sampled log-probs and the trained ones must come from the same function
+        self.lora = cfg.lora.enabled
+        policy_params = [p for n, p in model.named_parameters() if p.requires_grad and ".value." not in n
+                         and ".reward." not in n]
+        value_params = value.parameters(model)
+        self.params = policy_params + [p for p in value_params if all(p is not q for q in policy_params)]
+        self.trainable_count = sum(p.numel() for p in self.params)
+        value_lr = self.ppo.value_learning_rate if self.ppo.value_learning_rate is not None else self.ppo.learning_rate
+        self.optimizer = torch.optim.AdamW([
+            {"params": policy_params, "lr": self.ppo.learning_rate},
+            {"params": [p for p in value_params if all(p is not q for q in policy_params)], "lr": value_lr},
+        ], weight_decay=self.ppo.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.kl = AdaptiveKL(self.ppo.kl_coef, self.ppo.target_kl if self.ppo.adaptive_kl else None,
+                             self.ppo.kl_horizon)
+        self.step = 0
+        self.history: list[dict] = []
+        self.samples: list[dict] = []
+        self.bad_in_a_row = 0
+        self.skipped = 0
+        self.train_time = 0.0
+        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.eos_ids = set(stop_ids + ([model.generation_config.eos_token_id]
+                                       if isinstance(model.generation_config.eos_token_id, int) else
+                                       list(model.generation_config.eos_token_id or [])))
+
+    def _lr_factor(self, step: int) -> float:
+        warmup, total = self.ppo.warmup_steps, self.ppo.steps
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if self.ppo.lr_scheduler_type == "linear":
+            return max(0.0, 1 - progress)
+        if self.ppo.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    # ---- the loop ----
+
+    def train(self, run_dir: RunDir) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[status]}"), console=console, transient=True,
+                      disable=not self.dist.is_main) as progress:
+            task = progress.add_task("ppo", total=self.ppo.steps, completed=self.step, status="")
+            while self.step < self.ppo.steps:
+                started = time.perf_counter()
+                entry = self.iteration()
+                self.train_time += time.perf_counter() - started
+                self.step += 1
+                entry.update(step=self.step, time_s=round(self.train_time, 3))
+                self.history.append(entry)
+                progress.update(task, advance=1, status=f"reward {entry.get('reward', float('nan')):+.3f}  "
+                                                        f"kl {entry.get('kl', float('nan')):.3f}")
+                if self.dist.is_main and (self.step % self.ppo.logging_steps == 0 or self.step == self.ppo.steps):
+                    progress.console.print(self._log_line(entry))
+                if self.dist.is_main and self.ppo.sample_steps and self.step % self.ppo.sample_steps == 0:
+                    self._print_samples(progress.console)
+                if self.bad_in_a_row >= self.ppo.max_bad_steps:
+                    saved = self.save_checkpoint(run_dir)
+                    raise AlignError(f"ppo: {self.bad_in_a_row} iterations in a row had NaN/inf rewards or losses "
+                                     f"(last at iteration {self.step}); stopped. Checkpoint kept: {saved}. Lower "
+                                     f"ppo.learning_rate, check the reward model, then continue with --resume")
+                if self.step % self.ppo.save_steps == 0 and self.step < self.ppo.steps:
+                    self.save_checkpoint(run_dir)
+        if self.dist.is_main and self.ppo.sample_steps == 0:
+            self._print_samples(console)
+
+    def iteration(self) -> dict:
+        """Sample one batch, score it, and run the PPO epochs on it. Returns the iteration's metrics."""
+        # Seeded per iteration (and process): a resumed run samples exactly what the uninterrupted one did.
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * self.dist.world + self.dist.rank)
+        rollout, raw, scores, ended = self.sample()
+        finite = torch.isfinite(scores).all() & torch.isfinite(rollout.logprobs).all() & \
+            torch.isfinite(rollout.ref_logprobs).all() & torch.isfinite(rollout.values).all()
+        if not bool(self.dist.sum(finite.float().reshape(1)).item() == self.dist.world):
+            return self._skip("non-finite rewards or log-probs", rollout, scores)
+        kl_per_token = (rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask
+        self.shape_rewards(rollout, scores, kl_per_token)
+        stats = self.update(rollout)
+        if stats is None:
+            return self._skip("non-finite loss", rollout, scores)
+        self.bad_in_a_row = 0
+        kl = kl_per_token.sum(1)
+        entry = self._reduce({
+            "reward": scores.mean(), "reward_std": scores.std(unbiased=False), "reward_raw": raw.mean(),
+            "reward_raw_std": raw.std(unbiased=False), "kl": kl.mean(),
+            "response_length": rollout.response_mask.sum(1).mean(), "eos_rate": ended.float().mean(), **stats})
+        entry["kl_coef"] = self.kl.coef
+        entry["learning_rate"] = self.scheduler.get_last_lr()[0]
+        self.kl.update(entry["kl"], self.ppo.batch_size * self.dist.world)
+        self.scheduler.step()
+        self._keep_samples(rollout, scores)
+        return entry
+
+    def _skip(self, why: str, rollout: Rollout, scores: torch.Tensor) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        if self.dist.is_main:
+            console.print(f"[yellow]iteration {self.step + 1}: {why}; skipped (no update). {self.bad_in_a_row} in a "
+                          f"row, the run stops at {self.ppo.max_bad_steps}[/yellow]")
+        self._keep_samples(rollout, scores)
+        return {"skipped": 1}
+
+    def _reduce(self, values: dict) -> dict:
+        keys = list(values)
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).detach().cpu() for k in keys])
+        return dict(zip(keys, self.dist.mean(stacked).tolist()))
+
+    # ---- sampling ----
+
+    @torch.no_grad()
+    def sample(self) -> tuple[Rollout, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = _epoch_order(len(self.queries), (self.step * self.dist.world + self.dist.rank) * self.ppo.batch_size,
+                            self.ppo.batch_size, self.cfg.seed)
+        prompts = [self.queries[i][0] for i in rows]
+        query_ids = [self.queries[i][1] for i in rows]
+        device = self.dist.device
+        pad = self.tokenizer.pad_token_id
+        width = max(len(q) for q in query_ids)
+        queries = torch.full((len(rows), width), pad, dtype=torch.long)
+        query_mask = torch.zeros_like(queries)
+        for row, q in enumerate(query_ids):
+            queries[row, width - len(q):] = torch.tensor(q)
+            query_mask[row, width - len(q):] = 1
+        queries, query_mask = queries.to(device), query_mask.to(device)
+        r = self.rollout_cfg
+        self.model.set_adapter("default") if self.lora else None
+        generated = self.model.generate(
+            input_ids=queries, attention_mask=query_mask, max_new_tokens=r.max_new_tokens, do_sample=True,
+            temperature=r.temperature, top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1 else None,
+            pad_token_id=pad, stop_strings=r.stop_strings or None,
+            tokenizer=self.tokenizer if r.stop_strings else None)
+        response = generated[:, width:]
+        response, response_mask, ended = self._cut_responses(response)
+        ids = torch.cat([queries, response], dim=1)
+        mask = torch.cat([query_mask, response_mask], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logprobs, ref_logprobs, values = [], [], []
+        for start in range(0, len(rows), self.ppo.mini_batch_size):
+            part = slice(start, start + self.ppo.mini_batch_size)
+            lp, hidden = self._policy_logprobs(ids[part], mask[part], positions[part], width)
+            logprobs.append(lp)
+            ref_logprobs.append(self._reference_logprobs(ids[part], mask[part], positions[part], width))
+            values.append(self._values(ids[part], mask[part], positions[part], width, hidden))
+        texts = [self.tokenizer.decode(response[i][response_mask[i].bool()], skip_special_tokens=True).strip()
+                 for i in range(len(rows))]
+        raw, normalized = self.reward(self.model, prompts, texts)
+        scores = torch.tensor(normalized, dtype=torch.float32, device=device)
+        if r.missing_eos_penalty:
+            scores = scores - r.missing_eos_penalty * (~ended).float()
+        rollout = Rollout(prompts, texts, ids, mask, positions, response_mask.float(), torch.cat(logprobs),
+                          torch.cat(ref_logprobs), torch.cat(values))
+        return rollout, torch.tensor(raw, dtype=torch.float32, device=device), scores, ended
+
+    def _cut_responses(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each response ends at its first EOS (kept: the model learns to stop) or stop string; what follows is
+        padding. Returns (tokens, mask, ended-by-EOS-or-stop)."""
+        length = response.shape[1]
+        is_eos = torch.zeros_like(response, dtype=torch.bool)
+        for token in self.eos_ids:
+            is_eos |= response == token
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(response[:, 0], length))
+        ends = torch.minimum(first + 1, torch.full_like(first, length))
+        ended = first < length
+        if self.rollout_cfg.stop_strings:
+            for row in range(response.shape[0]):
+                stop = self._stop_position(response[row, :ends[row]].tolist())
+                if stop is not None:
+                    ends[row], ended[row] = stop, True
+        mask = torch.arange(length, device=response.device)[None, :] < ends[:, None]
+        return response.masked_fill(~mask, self.tokenizer.pad_token_id), mask.long(), ended
+
+    def _stop_position(self, tokens: list[int]) -> int | None:
+        """Tokens up to and including the one that completes the first stop string."""
+        for count in range(1, len(tokens) + 1):
+            text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
+            if any(stop in text for stop in self.rollout_cfg.stop_strings):
+                return count
+        return None
+
+    def _policy_logprobs(self, ids, mask, positions, width, grad: bool = False):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                         output_hidden_states=not self.lora)
+        logits = out.logits[:, width - 1:-1]
+        hidden = out.hidden_states[-1][:, width - 1:-1] if not self.lora else None
+        return _token_logprobs(logits, ids[:, width:], self.rollout_cfg.temperature), hidden if grad else \
+            (hidden if hidden is None else hidden.detach())
+
+    def _reference_logprobs(self, ids, mask, positions, width):
+        if self.reference is not None:
+            logits = self.reference(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        else:
+            with self.model.disable_adapter():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        return _token_logprobs(logits[:, width - 1:-1], ids[:, width:], self.rollout_cfg.temperature)
+
+    def _values(self, ids, mask, positions, width, policy_hidden=None):
+        if self.value.adapter is None:
+            return self.value(self.model, ids, mask, positions, policy_hidden)
+        return self.value(self.model, ids, mask, positions)[:, width - 1:-1]
+
+    # ---- advantages ----
+
+    def shape_rewards(self, rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Tensor) -> None:
+        """Per-token reward = -beta * KL_t, plus the reward model's score on the last response token; then GAE."""
+        mask = rollout.response_mask
+        rewards = -self.kl.coef * kl_per_token
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(len(last)), last] += scores
+        if self.ppo.whiten_rewards:
+            rewards = self._whiten(rewards, mask, shift_mean=False)
+        values = rollout.values * mask
+        advantages = torch.zeros_like(rewards)
+        gae = torch.zeros_like(rewards[:, 0])
+        for t in reversed(range(rewards.shape[1])):
+            next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(gae)
+            delta = rewards[:, t] + self.ppo.gamma * next_value - values[:, t]
+            gae = (delta + self.ppo.gamma * self.ppo.lam * gae) * mask[:, t]
+            advantages[:, t] = gae
+        rollout.returns = advantages + values
+        rollout.advantages = self._whiten(advantages, mask)
+
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """Whitened over every response token of every process."""
+        totals = self.dist.sum(torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(), mask.sum()]).cpu())
+        mean = totals[0] / totals[2].clamp(min=1)
+        var = (totals[1] / totals[2].clamp(min=1) - mean ** 2).clamp(min=0)
+        whitened = (values - mean.to(values.device)) * torch.rsqrt(var.to(values.device) + 1e-8)
+        if not shift_mean:
+            whitened = whitened + mean.to(values.device)
+        return whitened * mask
+
+    # ---- the update ----
+
+    def update(self, rollout: Rollout) -> dict | None:
+        """ppo_epochs passes of clipped policy + value loss (+ ptx) over shuffled minibatches. None if a loss was
+        NaN/inf (the weights are left as they were before that minibatch)."""
+        ppo, size = self.ppo, rollout.ids.shape[0]
+        width = rollout.ids.shape[1] - rollout.response_mask.shape[1]
+        order_rng = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
+        totals: dict[str, float] = {}
+        count = 0
+        for epoch in range(ppo.ppo_epochs):
+            order = torch.randperm(size, generator=order_rng).tolist()
+            for start in range(0, size, ppo.mini_batch_size):
+                rows = order[start:start + ppo.mini_batch_size]
+                stats = self._minibatch(rollout, rows, width, ptx_index=self.step * ppo.ppo_epochs * size + count)
+                if stats is None:
+                    return None
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                count += 1
+        mask = rollout.response_mask
+        returns, values = rollout.returns, rollout.values
+        residual = _masked_var(returns - values, mask)
+        totals = {k: v / count for k, v in totals.items()}
+        totals["explained_variance"] = float(1 - residual / _masked_var(returns, mask).clamp(min=1e-8))
+        totals["value_mean"] = float(_masked_mean(values, mask))
+        return totals
+
+    def _minibatch(self, rollout: Rollout, rows: list[int], width: int, ptx_index: int) -> dict | None:
+        ppo = self.ppo
+        ids, mask, positions = rollout.ids[rows], rollout.mask[rows], rollout.positions[rows]
+        response_mask = rollout.response_mask[rows]
+        old_logprobs, advantages = rollout.logprobs[rows], rollout.advantages[rows]
+        old_values, returns = rollout.values[rows], rollout.returns[rows]
+        self.optimizer.zero_grad(set_to_none=True)
+
+        if self.lora:
+            self.model.set_adapter("default")
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                         output_hidden_states=not self.lora)
+        logits = out.logits[:, width - 1:-1].float() / self.rollout_cfg.temperature
+        logprobs = torch.gather(logits, 2, ids[:, width:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        log_ratio = (logprobs - old_logprobs) * response_mask
+        ratio = torch.exp(log_ratio)
+        pg_losses = torch.max(-advantages * ratio,
+                              -advantages * torch.clamp(ratio, 1 - ppo.cliprange, 1 + ppo.cliprange))
+        pg_loss = _masked_mean(pg_losses, response_mask)
+        loss = pg_loss
+        ptx_loss = None
+        if self.ptx is not None:
+            ptx_ids, ptx_mask, ptx_labels = (t.to(self.dist.device) for t in self.ptx.batch(ptx_index))
+            ptx_loss = self.model(input_ids=ptx_ids, attention_mask=ptx_mask, labels=ptx_labels,
+                                  use_cache=False).loss
+            if self.cfg.ptx.coef > 0:
+                loss = loss + self.cfg.ptx.coef * ptx_loss
+
+        def value_loss(predicted):
+            clipped = old_values + torch.clamp(predicted - old_values, -ppo.cliprange_value, ppo.cliprange_value)
+            return 0.5 * _masked_mean(torch.max((predicted - returns) ** 2, (clipped - returns) ** 2), response_mask), \
+                _masked_mean(((predicted - returns) ** 2 > (clipped - returns) ** 2).float(), response_mask)
+
+        if self.lora:  # the value adapter runs its own forward pass: two backward passes, one optimizer step
+            if not torch.isfinite(loss):
+                return None
+            loss.backward()
+            predicted = self.value(self.model, ids, mask, positions)[:, width - 1:-1]
+            vf_loss, vf_clipfrac = value_loss(predicted)
+            if not torch.isfinite(vf_loss):
+                return None
+            (ppo.vf_coef * vf_loss).backward()
+        else:
+            predicted = self.value(self.model, ids, mask, positions, out.hidden_states[-1][:, width - 1:-1])
+            vf_loss, vf_clipfrac = value_loss(predicted)
+            loss = loss + ppo.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                return None
+            loss.backward()
+        self.dist.average_gradients(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, ppo.max_grad_norm) if ppo.max_grad_norm else \
+            torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        with torch.no_grad():
+            probs = torch.softmax(logits, -1)
+            entropy = _masked_mean(torch.logsumexp(logits, -1) - (probs * logits).sum(-1), response_mask)
+            stats = {
+                "pg_loss": float(pg_loss), "vf_loss": float(vf_loss), "vf_clipfrac": float(vf_clipfrac),
+                "entropy": float(entropy),
+                "clipfrac": float(_masked_mean(((ratio - 1).abs() > ppo.cliprange).float(), response_mask)),
+                "approx_kl": float(_masked_mean(0.5 * log_ratio ** 2, response_mask)),
+                "grad_norm": float(grad_norm),
+            }
+            if ptx_loss is not None:
+                stats["ptx_loss"] = float(ptx_loss)
+        return stats
+
+    # ---- reporting ----
+
+    def _log_line(self, entry: dict) -> str:
+        if entry.get("skipped"):
+            return f"iteration {self.step}/{self.ppo.steps}: skipped"
+        parts = [f"iteration {self.step}/{self.ppo.steps}", f"reward {entry['reward']:+.3f} (raw "
+                 f"{entry['reward_raw']:+.3f})", f"kl {entry['kl']:.3f}", f"beta {entry['kl_coef']:.3g}",
+                 f"entropy {entry['entropy']:.3f}", f"clip {entry['clipfrac']:.3f}", f"approx_kl "
+                 f"{entry['approx_kl']:.4f}", f"vf_loss {entry['vf_loss']:.4f}", f"ev {entry['explained_variance']:.2f}",
+                 f"len {entry['response_length']:.1f}", f"eos {entry['eos_rate']:.2f}"]
+        if "ptx_loss" in entry:
+            parts.append(f"ptx {entry['ptx_loss']:.3f}")
+        return "  ".join(parts)
+
+    def _keep_samples(self, rollout: Rollout, scores: torch.Tensor) -> None:
+        self.samples = [{"step": self.step + 1, "prompt": p, "response": r, "reward": float(s)}
+                        for p, r, s in zip(rollout.prompts, rollout.responses, scores.tolist())]
+
+    def _print_samples(self, target) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"samples at iteration {self.step}", title_justify="left")
+        table.add_column("prompt", overflow="fold", max_width=40)
+        table.add_column("response", overflow="fold", max_width=60)
+        table.add_column("reward", justify="right")
+        for sample in self.samples[:4]:
+            table.add_row(sample["prompt"], sample["response"] or "(empty)", f"{sample['reward']:+.3f}")
+        target.print(table)
+
+    def summary(self) -> dict:
+        done = [e for e in self.history if not e.get("skipped")]
+        window = max(1, min(5, len(done) // 4 or 1))
+
+        def mean(key, part):
+            values = [e[key] for e in part if key in e]
+            return sum(values) / len(values) if values else float("nan")
+
+        first, last = done[:window], done[-window:]
+        summary = {"window": window, "iterations": self.step, "skipped_steps": self.skipped,
+                   "episodes": self.step * self.ppo.batch_size * self.dist.world,
+                   "train_runtime_s": round(self.train_time, 2),
+                   "kl_max": max((e["kl"] for e in done), default=float("nan")),
+                   "kl_coef_last": self.kl.coef}
+        summary["episodes_per_s"] = summary["episodes"] / max(self.train_time, 1e-9)
+        for key in ("reward", "reward_raw", "kl", "length", "eos_rate", "ptx_loss", "entropy"):
+            source = "response_length" if key == "length" else key
+            if any(source in e for e in done):
+                summary[f"{key}_first"] = mean(source, first)
+                summary[f"{key}_last"] = mean(source, last)
+        return summary
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self, run_dir: RunDir) -> Path:
+        """checkpoints/checkpoint-N: adapters (or weights), value head, optimizer, scheduler, RNG, step, KL
+        controller, history. Written to a staging folder and renamed: a kill never leaves a half checkpoint."""
+        folder = run_dir.work / CHECKPOINTS / f"checkpoint-{self.step}"
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return folder
+        staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.save_policy(staging)
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save({"torch": torch.random.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
+        (staging / STATE_FILE).write_text(json.dumps({
+            "step": self.step, "kl_coef": self.kl.coef, "history": self.history, "samples": self.samples,
+            "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row, "train_time": self.train_time}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        checkpoints = sorted((p for p in folder.parent.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                             key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[:-self.ppo.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return folder
+
+    def load_checkpoint(self, folder: Path) -> None:
+        if self.lora:
+            _load_adapter_weights(self.model, "default", _adapter_weights(folder))
+            _load_adapter_weights(self.model, "value", _adapter_weights(folder / VALUE_FOLDER))
+            self.model.set_adapter("default")
+        else:
+            from transformers import AutoModelForCausalLM
+
+            saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(self.model.parameters()).dtype)
+            self.model.load_state_dict(saved.state_dict())
+        self.value.head.load_state_dict(torch.load(folder / VALUE_FOLDER / VALUE_HEAD_FILE, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = torch.load(folder / "rng.pt", weights_only=False)
+        torch.random.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        state = json.loads((folder / STATE_FILE).read_text())
+        self.step, self.kl.coef, self.history = state["step"], state["kl_coef"], state["history"]
+        self.samples, self.skipped = state["samples"], state["skipped"]
+        self.bad_in_a_row, self.train_time = state["bad_in_a_row"], state["train_time"]
+
+    def save_policy(self, folder: Path) -> None:
+        """The policy in a standard format (a peft adapter on the SFT weights, or full weights) at `folder`, the
+        value function (adapter + head) in `folder/value/`."""
+        (folder / VALUE_FOLDER).mkdir(parents=True, exist_ok=True)
+        if self.lora:
+            self.model.save_pretrained(str(folder), selected_adapters=["default"])
+            self.model.save_pretrained(str(folder / VALUE_FOLDER), selected_adapters=["value"])
+            nested = folder / VALUE_FOLDER / "value"  # peft writes non-default adapters into a subfolder
+            if nested.is_dir():
+                for item in nested.iterdir():
+                    os.replace(item, folder / VALUE_FOLDER / item.name)
+                nested.rmdir()
+        else:
+            self.model.save_pretrained(str(folder))
+        torch.save(self.value.head.state_dict(), folder / VALUE_FOLDER / VALUE_HEAD_FILE)
+
+
+def _masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = _masked_mean(values, mask)
+    return _masked_mean((values - mean) ** 2, mask)
+
+
+def _write_samples(samples: list[dict], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+
+PLOT_PANELS = [
+    ("reward (normalized)", ["reward"]), ("KL to SFT (nats/response)", ["kl"]), ("KL coefficient", ["kl_coef"]),
+    ("entropy (nats/token)", ["entropy"]), ("policy clip fraction", ["clipfrac"]), ("approx. KL (old||new)",
+                                                                                    ["approx_kl"]),
+    ("value loss", ["vf_loss"]), ("explained variance", ["explained_variance"]),
+    ("response length (tokens)", ["response_length"]), ("EOS rate", ["eos_rate"]), ("ptx loss", ["ptx_loss"]),
+]
