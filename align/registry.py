@@ -82,8 +82,8 @@ _SECRET_VALUE = re.compile(
 )
 # Metrics shown first in the list view; the rest follow in the order the stage recorded them.
 _KEY_METRICS = (
-    "eval_loss", "eval_accuracy", "accuracy", "win_rate", "reward_mean", "eval_reward", "kl",
-    "loss",
+    "eval_loss", "eval_accuracy", "accuracy", "win_rate", "reward_mean", "eval_reward", "reward_last", "kl",
+    "kl_last", "loss",
 )
 
 

@@ -122,8 +122,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
          if cfg.lora.enabled else "linear head on the policy's last hidden states"),
         ("reward model", f"{cfg.reward.path}: " + ("adapter 'reward' on the policy's base (shared weights)" if share
                                                    else reward.describe())),
-        ("base weight copies in memory", f"{copies:g}"),
-        ("parameters", f"{trainer.trainable_count:,} trainable of {params.total:,}"),
+        ("base weight copies in memory", copies),
+        ("parameters", f"{trainer.trainable_count:,} trainable (policy and value) of {params.total:,} in the "
+                       f"policy model"),
         ("memory (weights)", human_bytes(params.memory_bytes + (parameter_summary(reference).memory_bytes
                                                                 if reference is not None else 0))),
         ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated_prompts} over rollout.max_prompt_length="
@@ -494,24 +495,11 @@ class TextReward:
         return raw, [norm.apply(r) for r in raw] if norm is not None and self.normalized else raw
 
 
-def base_weight_copies(*models) -> float:
-    """How many copies of the base (non-adapter) weights the given models hold in memory together, counting each
-    tensor storage once: 1.0 when policy, reference, value and reward share one base."""
-    seen, total, base = set(), 0, None
-    for model in models:
-        if model is None:
-            continue
-        size = 0
-        for name, param in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                continue
-            size += param.numel() * param.element_size()
-            key = (param.untyped_storage().data_ptr(), param.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += param.numel() * param.element_size()
-        base = size if base is None else base
-    return round(total / base, 2) if base else 0.0
+def base_weight_copies(*models) -> int:
+    """How many copies of base weights the given models hold in memory: models whose input embeddings are one
+    tensor count once (policy, reference and value, and a shared-base reward model, are adapters on one base)."""
+    storages = {model.get_input_embeddings().weight.data_ptr() for model in models if model is not None}
+    return len(storages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,12 +742,17 @@ class PPOTrainer:
             query_mask[row, width - len(q):] = 1
         queries, query_mask = queries.to(device), query_mask.to(device)
         r = self.rollout_cfg
-        self.model.set_adapter("default") if self.lora else None
-        generated = self.model.generate(
-            input_ids=queries, attention_mask=query_mask, max_new_tokens=r.max_new_tokens, do_sample=True,
-            temperature=r.temperature, top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1 else None,
-            pad_token_id=pad, stop_strings=r.stop_strings or None,
-            tokenizer=self.tokenizer if r.stop_strings else None)
+        if self.lora:
+            self.model.set_adapter("default")
+        # A complete generation config: the model's own defaults (top_k 50, repetition penalty...) would sample
+        # from another distribution than the one whose log-probs PPO trains.
+        from transformers import GenerationConfig
+
+        sampling = GenerationConfig(do_sample=True, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                    top_k=r.top_k, top_p=r.top_p, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
+                                    stop_strings=r.stop_strings or None)
+        generated = self.model.generate(input_ids=queries, attention_mask=query_mask, generation_config=sampling,
+                                        tokenizer=self.tokenizer if r.stop_strings else None)
         response = generated[:, width:]
         response, response_mask, ended = self._cut_responses(response)
         ids = torch.cat([queries, response], dim=1)
@@ -911,8 +904,9 @@ class PPOTrainer:
         ptx_loss = None
         if self.ptx is not None:
             ptx_ids, ptx_mask, ptx_labels = (t.to(self.dist.device) for t in self.ptx.batch(ptx_index))
-            ptx_loss = self.model(input_ids=ptx_ids, attention_mask=ptx_mask, labels=ptx_labels,
-                                  use_cache=False).loss
+            with torch.set_grad_enabled(self.cfg.ptx.coef > 0):  # coef 0: measured, not trained on
+                ptx_loss = self.model(input_ids=ptx_ids, attention_mask=ptx_mask, labels=ptx_labels,
+                                      use_cache=False).loss
             if self.cfg.ptx.coef > 0:
                 loss = loss + self.cfg.ptx.coef * ptx_loss
 
