@@ -20,7 +20,12 @@ from align.errors import AlignError
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `align eval compare A B --config x.yaml key=value`: models and overrides may come on both sides of --config.
+    if extra and getattr(args, "handler", None) is _run_eval_compare and not any(e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -93,6 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (ppo, dpo):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     # --- end policy optimization ---
+
+    # --- evaluation (stages/eval.py; human A/B: labeling/pairwise.py) ---
+    evaluation = commands.add_parser("eval", help="compare models: helpfulness (win rates) and alignment tax")
+    eval_commands = evaluation.add_subparsers(title="eval commands", metavar="COMMAND", required=True,
+                                              parser_class=_Parser)
+    compare = eval_commands.add_parser("compare", help="every model vs the baseline; writes a report")
+    compare.add_argument("--config", required=True, help="YAML config (see configs/eval.yaml)")
+    compare.add_argument("items", nargs="*", metavar="MODEL|key=value",
+                         help="models to compare (replace the config's `models:`) and config overrides")
+    compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    compare.set_defaults(handler=_run_eval_compare)
+    # --- end evaluation ---
 
     gen = commands.add_parser("generate", help="batched generation from a model or registry reference")
     gen.add_argument("--model", required=True, help="folder, hub id, or registry ref (sft:latest, sft:2, a name)")
@@ -225,6 +242,14 @@ def _run_ppo(args) -> None:
     from stages import ppo
 
     ppo.run(args.config, args.overrides, resume=args.resume)
+
+
+def _run_eval_compare(args) -> None:
+    from stages import eval as evaluation
+
+    overrides = [item for item in args.items if "=" in item]
+    models = [item for item in args.items if "=" not in item]
+    evaluation.run(args.config, overrides, models=models or None)
 
 
 def _run_dpo(args) -> None:

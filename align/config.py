@@ -257,6 +257,10 @@ def _key_lines(node, file: str, prefix: str = "", raw: dict[str, str] | None = N
             if raw is not None and isinstance(value_node, yaml.ScalarNode) and value_node.style is None:
                 raw[key] = value_node.value
             lines.update(_key_lines(value_node, file, key + ".", raw))
+    elif isinstance(node, yaml.SequenceNode):  # list items: `benchmarks.0.path`
+        for index, item in enumerate(node.value):
+            lines[f"{prefix}{index}"] = item.start_mark.line + 1
+            lines.update(_key_lines(item, file, f"{prefix}{index}.", raw))
     return lines
 
 
@@ -272,17 +276,30 @@ def _parse_override(item: str) -> tuple[str, Any, str]:
 
 
 def _set_dotted(data: dict, key: str, value: Any, item: str) -> None:
+    """Set `a.b.c` in nested mappings; a number indexes into a list (`benchmarks.0.max_examples=50`)."""
     parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
+    node: Any = data
+    for i, part in enumerate(parts):
+        section = ".".join(parts[:i + 1])
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise AlignError(f"override '{item}': '{'.'.join(parts[:i])}' is a list of {len(node)}; use an index "
+                                 f"0-{len(node) - 1} after it")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if last:
+            node[part] = value
+            return
         child = node.get(part)
         if child is None:  # absent, or an empty section (`lora:` with nothing under it)
             child = node[part] = {}
-        if not isinstance(child, dict):
-            section = ".".join(parts[:i + 1])
+        if not isinstance(child, (dict, list)):
             raise AlignError(f"override '{item}': '{section}' is {_describe(child)}, not a section")
         node = child
-    node[parts[-1]] = value
 
 
 class _Validator:
@@ -333,8 +350,15 @@ class _Validator:
                                      f"{_help_hint(f)}")
                 continue
             value = data[name]
+            item_type = _list_of_dataclass(annotation)
             if dataclasses.is_dataclass(annotation):
                 kwargs[name] = self.build(annotation, value if value is not None else {}, key + ".")
+            elif item_type is not None:
+                if not isinstance(value, list):
+                    raise AlignError(f"{source.where(key)}: {key}: expected a list of mappings "
+                                     f"({', '.join(g.name for g in dataclasses.fields(item_type))}), got "
+                                     f"{_describe(value)}")
+                kwargs[name] = [self.build(item_type, item, f"{key}.{index}.") for index, item in enumerate(value)]
             elif key in self.extra_sections:
                 kwargs[name] = self.free_section(value if value is not None else {}, key, self.extra_sections[key])
             else:
@@ -378,6 +402,14 @@ class _Validator:
         if len(names) > 25:
             return f" (no similar key among its {len(names)} fields; check the spelling)"
         return f"; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
+
+
+def _list_of_dataclass(annotation: Any) -> type | None:
+    """The item class of a `list[SomeConfig]` field, else None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -779,3 +811,107 @@ class PPORunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = field(default=42, metadata={"help": "Seed of sampling, minibatch order and new weights."})
+
+
+# --------------------------------------------------------------------------------------------------
+# `align dpo` (stages/dpo.py): Direct Preference Optimization on preference pairs, reference = the SFT model
+
+@dataclass
+class DPOTemplateConfig(TemplateConfig):
+    name: Literal["auto", "chat", "alpaca", "question_answer", "plain", "custom"] = field(default="auto", metadata={
+        "help": "How prompts become model input. `auto`: the template the SFT model was trained with (from its "
+                "align_config.yaml; `chat` for a model align did not train). Or as in `align sft`: `chat` (the "
+                "tokenizer's chat template; a text prompt becomes one user turn), `alpaca`, `question_answer`, "
+                "`plain`, `custom` (needs `prompt`)."})
+
+
+@dataclass
+class DPORunConfig:
+    """`align dpo`: DPO (Rafailov et al. 2023) on preference pairs, against a frozen reference (the SFT model)."""
+
+    model: ModelConfig = field(metadata={"help": "The policy to start from: an SFT artifact (`sft:latest`), a causal "
+                                                 "LM folder or hub id. An SFT LoRA adapter is merged once into its "
+                                                 "base and a fresh LoRA is trained on top."})
+    data: PreferenceDataConfig
+    reference: str | None = field(default=None, metadata={
+        "help": "The frozen reference of the DPO loss: a registry reference (`sft:2`) or a causal LM folder with the "
+                "policy's tokenizer. Default: the starting policy itself; with LoRA that is the policy with its "
+                "adapter disabled (no second copy of the weights), with full fine-tuning a frozen copy (none with "
+                "training.precompute_ref_log_probs)."})
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    template: DPOTemplateConfig = field(default_factory=DPOTemplateConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    training: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Fields of TRL's DPOConfig (transformers TrainingArguments + beta, loss_type (sigmoid, ipo, hinge, "
+                "...), precompute_ref_log_probs, max_length, ...). `per_device_train_batch_size` counts PAIRS. align "
+                "sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing off, report_to none."})
+    seed: int = field(default=42, metadata={"help": "Seed for the new LoRA weights and the data order."})
+
+
+# --------------------------------------------------------------------------------------------------
+# `align eval` (stages/eval.py): helpfulness (win rates against a baseline) and alignment tax
+
+@dataclass
+class EvalPromptsConfig:
+    path: str = field(metadata={"help": "Held-out prompts: .txt or .jsonl/.json/.csv records with a prompt field "
+                                        "(prompt, question, instruction, input or text). A `reference` / `answer` / "
+                                        "`completion` field (a text, or a list: its first item) enables the task "
+                                        "metrics (ROUGE-L, exact match, token F1)."})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "Use a random subset of N prompts (drawn with `seed`).", "range": (1, None)})
+    seed: int = field(default=1234, metadata={"help": "Seed of the subset."})
+
+
+@dataclass
+class JudgeConfig:
+    path: str | None = field(default=None, metadata={
+        "help": "Judge reward model (registry reference or folder) for pairwise win rates. A warning is printed and "
+                "written in the report when a compared model was optimized against this very reward model (its "
+                "win rate is then optimistic: reward hacking). Unset: no judge win rates."})
+    tie_margin: float = field(default=0.0, metadata={
+        "help": "Rewards within this margin count as a tie.", "range": (0, None)})
+    batch_size: int = field(default=16, metadata={"help": "Responses scored per forward pass.", "range": (1, None)})
+
+
+@dataclass
+class BenchmarkConfig:
+    path: str = field(metadata={"help": "Multiple-choice file: MMLU-style {question, choices|options, answer}, BoolQ "
+                                        "{question, passage, answer}, or generic {context, options, label}; "
+                                        "`pkg:<package>/<file>` for files shipped in a package."})
+    name: str | None = field(default=None, metadata={"help": "Name in the report; default: the file name."})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "Score a random subset of N questions (seeded, the same for every model).", "range": (1, None)})
+
+
+@dataclass
+class EvalGenerationConfig:
+    max_new_tokens: int = field(default=128, metadata={"help": "Response length limit in tokens.",
+                                                       "range": (1, None)})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy decoding (reproducible).",
+                                                      "range": (0, None)})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass when sampling.", "range": (0, 1)})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass.", "range": (1, None)})
+
+
+@dataclass
+class EvalRunConfig:
+    """`align eval compare`: every model against a baseline on helpfulness, and on what alignment cost."""
+
+    models: list[str] = field(metadata={"help": "Models to evaluate: registry references (`sft:latest`, `ppo:2`), "
+                                                "folders or `pkg:` files. `align eval compare A B ...` replaces it."})
+    baseline: str = field(metadata={"help": "The model every other model is compared with (win rates, tax, KL); "
+                                            "usually the SFT model. Evaluated too."})
+    prompts: EvalPromptsConfig
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list, metadata={
+        "help": "Capability benchmarks for the alignment tax: a list of {path, name, max_examples}."})
+    perplexity: list[str] = field(default_factory=list, metadata={
+        "help": "Held-out text files (.txt: one text per line, or records with a text field) for perplexity."})
+    perplexity_max_texts: int = field(default=200, metadata={"help": "Texts per perplexity file at most.",
+                                                             "range": (1, None)})
+    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+    samples_in_report: int = field(default=8, metadata={"help": "Side-by-side sample generations in the report.",
+                                                         "range": (0, None)})
+    output: OutputConfig = field(default_factory=OutputConfig)

