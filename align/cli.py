@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_run_eval_compare)
     # --- end evaluation ---
 
+    pipeline = commands.add_parser("pipeline", help="the whole chain: sft -> rankings -> reward -> ppo/dpo -> eval")
+    pipeline.add_argument("--config", required=True, help="YAML config (see configs/pipeline-demo.yaml)")
+    pipeline.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. "
+                                                                             "label.annotators=human")
+    pipeline.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    pipeline.set_defaults(handler=_run_pipeline)
+
     gen = commands.add_parser("generate", help="batched generation from a model or registry reference")
     gen.add_argument("--model", required=True, help="folder, hub id, or registry ref (sft:latest, sft:2, a name)")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -242,6 +249,12 @@ def _run_ppo(args) -> None:
     from stages import ppo
 
     ppo.run(args.config, args.overrides, resume=args.resume)
+
+
+def _run_pipeline(args) -> None:
+    from align import pipeline
+
+    pipeline.run(args.config, args.overrides)
 
 
 def _run_eval_compare(args) -> None:

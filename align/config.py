@@ -915,3 +915,54 @@ class EvalRunConfig:
     samples_in_report: int = field(default=8, metadata={"help": "Side-by-side sample generations in the report.",
                                                          "range": (0, None)})
     output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# `align pipeline` (align/pipeline.py): the InstructGPT chain, each step a normal registered run
+
+@dataclass
+class PipelineStepConfig:
+    config: str = field(metadata={"help": "The stage's own YAML config (e.g. configs/ppo.yaml)."})
+    overrides: list[str] = field(default_factory=list, metadata={
+        "help": "`key=value` overrides for that config (sizes for the demo, ...). The pipeline adds the references "
+                "to the steps before (model.path, data.path, reward.path) and output.name itself."})
+    enabled: bool = field(default=True, metadata={"help": "false: skip this step (a later step needing its output "
+                                                          "then fails with a clear message)."})
+
+
+@dataclass
+class PipelineLabelConfig:
+    prompts: str = field(metadata={"help": "Prompts to rank completions for: .txt or records with a prompt field."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts.", "range": (1, None)})
+    k: int = field(default=4, metadata={"help": "Completions per prompt to rank (InstructGPT: 4-9).",
+                                        "range": (2, 9)})
+    max_new_tokens: int = field(default=64, metadata={"help": "Completion length limit in tokens.",
+                                                      "range": (1, None)})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the completions.",
+                                                      "range": (0.01, None)})
+    batch_size: int = field(default=16, metadata={"help": "Generations per forward pass.", "range": (1, None)})
+    annotators: Literal["simulated", "human"] = field(default="simulated", metadata={
+        "help": "`human`: push to Argilla and wait until every record is ranked (annotators rank in the web UI); "
+                "`simulated` (demos): scripted annotators rank by `simulate_rule`, marked simulated everywhere."})
+    simulate_rule: str = field(default="shorter", metadata={
+        "help": "The simulated annotators' transparent rule: longer | shorter | random | keyword:WORD."})
+    simulate_annotators: int = field(default=1, metadata={"help": "How many simulated annotators.",
+                                                          "range": (1, 100)})
+    simulate_noise: float = field(default=0.0, metadata={
+        "help": "Probability that a simulated annotator swaps two adjacent ranks.", "range": (0, 1)})
+    wait_timeout_s: int = field(default=86400, metadata={
+        "help": "With human annotators: how long to wait for the rankings before stopping (re-run to keep "
+                "waiting; finished steps are skipped).", "range": (1, None)})
+
+
+@dataclass
+class PipelineRunConfig:
+    """`align pipeline`: SFT -> completions -> rankings in Argilla -> reward model -> PPO and DPO -> evaluation."""
+
+    name: str = field(metadata={"help": "Pipeline name: every step's run is `<name>-<step>` in the registry."})
+    sft: PipelineStepConfig
+    label: PipelineLabelConfig
+    reward: PipelineStepConfig
+    ppo: PipelineStepConfig
+    dpo: PipelineStepConfig
+    eval: PipelineStepConfig

@@ -1,0 +1,169 @@
+"""`align pipeline`: the InstructGPT chain on one config, each step a normal registered run.
+
+    sft -> label (completions pushed to Argilla, ranked by people or by simulated annotators, pulled as pairs)
+        -> reward -> ppo and dpo -> eval (ppo and dpo against sft)
+
+Each step runs its stage with the step's own YAML, plus what the pipeline wires in: the registry references of the
+steps before (`model.path`, `data.path`, `reward.path`), `output.name` = `<pipeline>-<step>` and an output folder
+named by a digest of the resolved config. A re-run finds a finished step in the registry by that folder (same
+config, same inputs -> skipped), resumes a step that was interrupted after a checkpoint, and re-runs a step whose
+config or inputs changed (into a new folder: earlier artifacts stay as registered).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from align.artifacts import RunDir
+from align.config import PipelineRunConfig, PipelineStepConfig, load_config, to_dict
+from align.errors import AlignError
+from align.registry import Artifact, Registry, redact_secrets
+from align.reporting import console, print_table
+
+STEPS = ("sft", "label", "reward", "ppo", "dpo", "eval")
+
+
+def load(config_path: str, overrides: list[str]) -> PipelineRunConfig:
+    cfg = load_config(config_path, overrides, PipelineRunConfig)
+    needs = {"reward": ["sft", "label"], "ppo": ["sft", "reward"], "dpo": ["sft", "label"], "eval": ["sft"]}
+    enabled = {step: getattr(cfg, step).enabled if step != "label" else cfg.sft.enabled for step in STEPS}
+    for step, inputs in needs.items():
+        missing = [i for i in inputs if not enabled[i]]
+        if enabled[step] and missing:
+            raise AlignError(f"{config_path}: {step} needs the output of {', '.join(missing)}, which is disabled "
+                             f"({missing[0]}.enabled: false); enable it or disable {step}")
+    return cfg
+
+
+def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
+    cfg = load(config_path, overrides)
+    home = Path("runs") / "pipeline" / cfg.name
+    done: dict[str, Artifact] = {}
+    started = time.monotonic()
+    timings: dict[str, tuple[str, float]] = {}
+
+    def step(name: str, action) -> None:
+        console.rule(f"[bold]pipeline {cfg.name}: {name}")
+        began = time.monotonic()
+        try:
+            artifact, how = action()
+        except AlignError as e:
+            raise AlignError(f"pipeline step '{name}' failed: {e} (fix it and run the same command again: finished "
+                             f"steps are skipped, an interrupted one resumes)") from None
+        done[name] = artifact
+        timings[name] = (how, time.monotonic() - began)
+
+    from stages import dpo, eval as evaluation, ppo, reward, sft
+
+    step("sft", lambda: _stage(sft, "sft", cfg.sft, cfg.name, home, {}))
+    step("label", lambda: _label(cfg, home, done["sft"]))
+    sft_ref, label_ref = done["sft"].ref, done["label"].ref
+    step("reward", lambda: _stage(reward, "reward", cfg.reward, cfg.name, home,
+                                  {"model.path": sft_ref, "data.path": label_ref}))
+    if cfg.ppo.enabled:
+        step("ppo", lambda: _stage(ppo, "ppo", cfg.ppo, cfg.name, home,
+                                   {"model.path": sft_ref, "reward.path": done["reward"].ref}))
+    if cfg.dpo.enabled:
+        step("dpo", lambda: _stage(dpo, "dpo", cfg.dpo, cfg.name, home,
+                                   {"model.path": sft_ref, "data.path": label_ref}))
+    if cfg.eval.enabled:
+        compared = [done[s].ref for s in ("ppo", "dpo") if s in done]
+        step("eval", lambda: _stage(evaluation, "eval", cfg.eval, cfg.name, home,
+                                    {"models": "[" + ", ".join(compared) + "]", "baseline": sft_ref,
+                                     "judge.path": done["reward"].ref}))
+    rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
+            for how, seconds in [timings[name]]]
+    rows.append(("total", f"{(time.monotonic() - started) / 60:.1f} min"))
+    if "eval" in done:
+        rows.append(("report", str(Path(done["eval"].path) / "report.html")))
+    print_table(f"pipeline {cfg.name}: finished", rows)
+    return done
+
+
+def _stage(module, stage: str, step: PipelineStepConfig, pipeline: str, home: Path,
+           wired: dict[str, str]) -> tuple[Artifact, str]:
+    """Run one stage unless the registry already has it for this exact config; resume it when interrupted."""
+    if not step.enabled:
+        raise AlignError(f"{stage}: disabled")
+    overrides = list(step.overrides) + [f"{key}={value}" for key, value in wired.items()] + \
+        [f"output.name={pipeline}-{stage}"]
+    resolved = module.load(step.config, overrides)
+    digest = hashlib.sha256(json.dumps(redact_secrets(to_dict(resolved)), sort_keys=True, default=str)
+                            .encode()).hexdigest()[:10]
+    folder = (home / f"{stage}-{digest}").absolute()
+    overrides.append(f"output.dir={folder}")
+    for artifact in Registry().list(stage=stage):
+        if Path(artifact.path) == folder and folder.is_dir():
+            console.print(f"{stage}: finished before as {artifact.ref} ({folder}); skipped")
+            return artifact, "skipped: finished before"
+    resume = RunDir(folder).last_checkpoint() is not None
+    if resume:
+        console.print(f"{stage}: resuming the interrupted run in {RunDir(folder).work}")
+    console.print(f"{stage}: align {stage} --config {step.config} " + " ".join(overrides))
+    if stage == "eval":
+        artifact = module.run(step.config, overrides)
+    else:
+        artifact = module.run(step.config, overrides, resume=resume)
+    if artifact is None:
+        raise AlignError(f"{stage}: the stage registered nothing")
+    return artifact, "resumed" if resume else "ran"
+
+
+def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact, str]:
+    """Completions of the SFT model ranked in Argilla (the embedded server unless ARGILLA_API_URL names one), pulled
+    as preference pairs and registered. A dataset per SFT model: re-running continues it, and a finished pull is
+    reused when every pushed prompt has been ranked."""
+    from align.data import read_prompts
+    from align.generation import SamplingConfig
+    from labeling import rankings, server
+
+    label = cfg.label
+    dataset = f"{cfg.name}-rankings-{sft.stage}{sft.version}"
+    prompts = read_prompts(_package_path(label.prompts), option="label.prompts")[:label.max_prompts]
+    registry = Registry()
+    for artifact in reversed(registry.list(stage="label")):
+        if artifact.name == dataset and artifact.metrics.get("ranked_records") == len(prompts) \
+                and Path(artifact.path).is_file():
+            console.print(f"label: {dataset} was ranked and pulled before as {artifact.ref}; skipped")
+            return artifact, "skipped: finished before"
+    home.mkdir(parents=True, exist_ok=True)
+    prompt_file = home / "label_prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
+    server.serve_command()
+    sampling = SamplingConfig(max_new_tokens=label.max_new_tokens, temperature=label.temperature,
+                              batch_size=label.batch_size)
+    rankings.push_command(model=sft.ref, prompts_path=str(prompt_file), k=label.k, dataset=dataset,
+                          sampling=sampling)
+    if label.annotators == "simulated":
+        rankings.simulate_command(dataset, label.simulate_annotators, label.simulate_rule, noise=label.simulate_noise)
+    else:
+        _wait_for_rankings(dataset, len(prompts), label.wait_timeout_s)
+    result = rankings.pull_command(dataset, str(home / f"{dataset}.jsonl"))
+    if result.artifact is None:
+        raise AlignError(f"label: pulling {dataset} registered nothing")
+    return result.artifact, "ran"
+
+
+def _wait_for_rankings(dataset: str, wanted: int, timeout_s: int) -> None:
+    from labeling import rankings
+
+    console.print(f"label: waiting for annotators to rank {wanted} records of '{dataset}' in Argilla (add logins "
+                  f"with `align label users add NAME`; progress: `align label status --dataset {dataset}`)")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ranked = rankings.status(dataset).get("completed", 0)
+        if ranked >= wanted:
+            return
+        if time.monotonic() > deadline:
+            raise AlignError(f"label: {ranked} of {wanted} records ranked after {timeout_s} s; run the pipeline again "
+                             f"to keep waiting (finished steps are skipped)")
+        time.sleep(30)
+
+
+def _package_path(path: str) -> str:
+    from align.modeling import resolve_package_path
+
+    return resolve_package_path(path)
