@@ -510,7 +510,9 @@ def print_list(
 
 def print_show(console: Console, artifact: Artifact, registry: Registry) -> None:
     """Render every field of one artifact, plus the artifacts derived from it."""
-    children = ", ".join(f"{c.ref} ({c.name})" for c in registry.children(artifact.id)) or "-"
+    derived = registry.children(artifact.id)
+    children = ", ".join(f"{c.ref} ({c.name})" for c in derived if c.kind != "evaluation") or "-"
+    evaluations = "\n".join(_evaluation_line(e, artifact) for e in derived if e.kind == "evaluation") or "-"
     parents = ", ".join(f"{p.ref} ({p.name})" for p in map(registry.get, artifact.parents)) or "-"
     missing = "" if Path(artifact.path).exists() else "  (missing)"
     rows = (
@@ -524,6 +526,7 @@ def print_show(console: Console, artifact: Artifact, registry: Registry) -> None
         ("base model", artifact.base_model or "-"),
         ("parents", parents),
         ("children", children),
+        ("evaluations", evaluations),
         ("data fingerprint", artifact.data_fingerprint or "-"),
         ("created", f"{_local_time(artifact.created_at)} (UTC {artifact.created_at})"),
         ("align version", artifact.align_version),
@@ -538,6 +541,14 @@ def print_show(console: Console, artifact: Artifact, registry: Registry) -> None
         # Text, not markup: names, paths and configs may contain "[...]".
         table.add_row(key, Text(value))
     console.print(table)
+
+
+def _evaluation_line(evaluation: Artifact, model: Artifact) -> str:
+    """`eval:2 (demo-eval): win_rate=0.62 mmlu/tax=0.01`: the numbers an evaluation recorded for this model."""
+    prefix = f"{model.ref}/"
+    own = {k[len(prefix):]: v for k, v in evaluation.metrics.items() if k.startswith(prefix)}
+    numbers = " ".join(f"{k}={_format_value(v)}" for k, v in own.items()) or "(baseline or judge)"
+    return f"{evaluation.ref} ({evaluation.name}): {numbers}"
 
 
 def print_lineage(console: Console, registry: Registry, ref: str | int) -> None:

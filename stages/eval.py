@@ -50,6 +50,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     names, artifacts, seen = [], {}, {}
     for name in [cfg.baseline] + list(cfg.models):  # the baseline first; a model named twice is evaluated once
         source = _source(name, registry)
+        name = source.artifact.ref if source.artifact else name  # `ppo:3`, not `ppo:latest`: stays true later
         if source.path in seen:
             if name != seen[source.path]:
                 console.print(f"{name} is {seen[source.path]} (same weights): evaluated once")
@@ -67,7 +68,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     texts = {_file_label(path): _read_texts(path, cfg.perplexity_max_texts) for path in cfg.perplexity}
     hacked = _optimized_against(judge_artifact, artifacts, registry)
     print_table(f"align eval: {run_name}", [
-        ("baseline", cfg.baseline),
+        ("baseline", names[0]),
         ("models", ", ".join(names[1:]) or "(only the baseline)"),
         ("prompts", f"{cfg.prompts.path}: {len(prompts)}" + (" (with references: task metrics)" if references
                                                              else "")),
@@ -381,7 +382,7 @@ def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folde
     written = []
     compared = [n for n in names[1:] if "win_rate" in stats["models"][n]]
     if compared:
-        fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.7 * len(compared)))
+        fig, ax = plt.subplots(figsize=(6.4, 1.8 + 0.6 * len(compared)))
         for row, name in enumerate(compared):
             w = stats["models"][name]["win_rate"]
             left = 0.0
@@ -396,15 +397,19 @@ def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folde
         ax.set_yticks(range(len(compared)), compared)
         ax.set_xlim(0, 1)
         ax.set_xlabel(f"judged against {names[0]}")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(compared)), ncol=4,
+                  frameon=False)
         fig.tight_layout()
-        fig.savefig(folder / "plots" / "win_rates.png", dpi=110)
+        fig.savefig(folder / "plots" / "win_rates.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append("plots/win_rates.png")
     if all(results[n].rewards is not None for n in names):
+        import numpy as np
+
         fig, ax = plt.subplots(figsize=(6.4, 4))
+        edges = np.histogram_bin_edges([r for n in names for r in results[n].rewards], bins=20)
         for name in names:
-            ax.hist(results[name].rewards, bins=20, alpha=0.5, label=name)
+            ax.hist(results[name].rewards, bins=edges, alpha=0.5, label=name)
         ax.set_xlabel("judge reward")
         ax.set_ylabel("responses")
         ax.legend(fontsize=8)
