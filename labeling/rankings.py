@@ -25,8 +25,8 @@ rejected}`` plus provenance, written atomically and registered (kind ``dataset``
 ``simulate``: for demos and tests only; ``sim-annotator-N`` users rank through the same REST calls as
 the web UI, by a fixed rule.
 
-Everything here talks to Argilla's REST API (v1, as the UI does) with httpx; the connection comes from
-:func:`labeling.server.connect`.
+Everything here talks to Argilla's REST API (v1, as the UI does) through labeling/argilla_api.py (httpx); the
+connection comes from :func:`labeling.server.connect`.
 """
 
 from __future__ import annotations
@@ -42,11 +42,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from align.errors import AlignError
-from labeling import server
+from labeling import argilla_api, server
+from labeling.argilla_api import SIM_PREFIX, annotation_url, simulated_users_file
+from labeling.argilla_api import Api as _Api
+from labeling.argilla_api import detail as _detail  # noqa: F401 (kept importable here)
+from labeling.argilla_api import find_dataset as _find_dataset
+from labeling.argilla_api import owner_users as _owner_users
+from labeling.argilla_api import records as _records
+from labeling.argilla_api import remember_password as _remember_password
+from labeling.argilla_api import upsert_records as _upsert_records
+from labeling.argilla_api import usernames as _usernames
+from labeling.argilla_api import workspace_id as _workspace_id
 from labeling.preferences import TIES, majority, pairwise_agreement, ranking_to_pairs
 
 WORKSPACE = server.WORKSPACE
-SIM_PREFIX = "sim-annotator-"
 RULES = ("longer", "shorter", "random", "keyword:WORD")
 AGGREGATES = ("each", "majority")
 MAX_K = 20
@@ -90,98 +99,10 @@ Use **Submit** when done; **Discard** a record you cannot judge (it is not used)
 """
 
 
-# --- REST -------------------------------------------------------------------------------------------
-
-class _Api:
-    """Argilla's REST API with one user's API key; every failure is one AlignError naming the server."""
-
-    def __init__(self, url: str, api_key: str):
-        import httpx
-
-        self.url = url.rstrip("/")
-        self.api_key = api_key
-        local = (httpx.URL(self.url).host or "") in ("127.0.0.1", "localhost", "::1")
-        # trust_env=False on the loopback: never send our key through an HTTP proxy.
-        self._client = httpx.Client(base_url=self.url, headers={"X-Argilla-Api-Key": api_key}, timeout=120.0,
-                                    trust_env=not local)
-
-    @classmethod
-    def connect(cls) -> _Api:
-        connection = server.connect()  # checks the server answers and takes the key
-        return cls(connection.api_url, connection.api_key)
-
-    def call(self, method: str, path: str, doing: str, json_body: Any = None, params: dict | None = None,
-             expect: tuple[int, ...] = (200,)) -> Any:
-        import httpx
-
-        try:
-            response = self._client.request(method, path, json=json_body, params=params)
-        except httpx.TransportError as e:
-            raise AlignError(f"cannot reach the Argilla server at {self.url} while {doing} ({type(e).__name__}: "
-                             f"{e or 'no answer'}); is it running? (`align label serve status`)") from None
-        if response.status_code == 401:
-            raise AlignError(f"the Argilla server at {self.url} rejected the API key while {doing}")
-        if response.status_code not in expect:
-            raise AlignError(f"{doing} on {self.url} failed: HTTP {response.status_code}{_detail(response)}")
-        return response.json() if response.content else None
-
-    def close(self) -> None:
-        self._client.close()
-
-
-def _detail(response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return f": {response.text[:300]}" if response.text else ""
-    detail = body.get("detail", body) if isinstance(body, dict) else body
-    return f": {detail if isinstance(detail, str) else json.dumps(detail)[:400]}"
-
-
-def _find_dataset(api: _Api, name: str, workspace: str) -> dict | None:
-    workspaces = api.call("GET", "/api/v1/me/workspaces", "listing workspaces")["items"]
-    workspace_id = next((w["id"] for w in workspaces if w["name"] == workspace), None)
-    if workspace_id is None:
-        return None
-    datasets = api.call("GET", "/api/v1/me/datasets", "listing datasets")["items"]
-    return next((d for d in datasets if d["name"] == name and d["workspace_id"] == workspace_id), None)
-
+# --- REST (labeling/argilla_api.py) ------------------------------------------------------------------------
 
 def _require_dataset(api: _Api, name: str, workspace: str) -> dict:
-    dataset = _find_dataset(api, name, workspace)
-    if dataset is None:
-        raise AlignError(f"no dataset '{name}' in workspace '{workspace}' on {api.url}; create it with "
-                         f"`align label push --dataset {name} ...`")
-    info = (dataset.get("metadata") or {}).get(METADATA_KEY)
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise AlignError(f"dataset '{name}' on {api.url} was not made by `align label push` (its metadata has no "
-                         f"'{METADATA_KEY}' block)")
-    return dataset
-
-
-def _records(api: _Api, dataset_id: str, responses: bool) -> list[dict]:
-    items, offset = [], 0
-    params: dict[str, Any] = {"limit": 1000}
-    if responses:
-        params["include"] = "responses"
-    while True:
-        page = api.call("GET", f"/api/v1/datasets/{dataset_id}/records", "listing records",
-                        params={**params, "offset": offset})
-        items += page["items"]
-        offset += len(page["items"])
-        if not page["items"] or offset >= page.get("total", offset):
-            return items
-
-
-def _upsert_records(api: _Api, dataset_id: str, items: list[dict]) -> None:
-    """Create or update records by external id (at most 500 per call)."""
-    for start in range(0, len(items), 500):
-        api.call("PUT", f"/api/v1/datasets/{dataset_id}/records/bulk", "logging records",
-                 json_body={"items": items[start:start + 500]})
-
-
-def annotation_url(api_url: str, dataset_id: str) -> str:
-    return f"{api_url.rstrip('/')}/dataset/{dataset_id}/annotation-mode"
+    return argilla_api.require_dataset(api, name, workspace, METADATA_KEY, FORMAT, "align label push")
 
 
 # --- Dataset layout ---------------------------------------------------------------------------------------
@@ -274,7 +195,7 @@ def _existing_shape(api: _Api, dataset_id: str) -> dict[str, dict]:
 
 def _create_dataset(api: _Api, name: str, workspace: str, k: int, annotators: int, guidelines: str,
                     info: dict) -> dict:
-    workspace_id = server._workspace_id(server.Connection(api.url, api.api_key), workspace)  # created if missing
+    workspace_id = _workspace_id(api, workspace)  # created if missing
     dataset = api.call("POST", "/api/v1/datasets", f"creating dataset '{name}'", expect=(201,), json_body={
         "name": name, "guidelines": guidelines, "allow_extra_metadata": False, "workspace_id": workspace_id,
         "distribution": {"strategy": "overlap", "min_submitted": annotators}, "metadata": {METADATA_KEY: info}})
@@ -715,14 +636,6 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
     return result
 
 
-def _usernames(api: _Api) -> dict[str, str]:
-    try:
-        users = api.call("GET", "/api/v1/users", "listing users")["items"]
-    except AlignError:
-        return {}  # an admin key may not list users: annotators are then not marked simulated
-    return {str(u["id"]): u["username"] for u in users}
-
-
 def _ranks(value: Any, order: list[int], k: int) -> dict[int, int] | None:
     """A response's ranking (positions ``completion_N``) as ``{original sample index: rank}``; None if partial."""
     if not isinstance(value, list):
@@ -907,30 +820,6 @@ def simulate(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed:
         submitted[name] = _annotate(_Api(api.url, key), found["id"], name, rule, noise, seed)
     api.close()
     return submitted
-
-
-def _owner_users(api: _Api) -> dict[str, dict]:
-    try:
-        users = api.call("GET", "/api/v1/users", "listing users")["items"]
-    except AlignError as e:
-        raise AlignError(f"simulate creates annotator users and needs an owner's API key: {e}") from None
-    return {u["username"]: u for u in users}
-
-
-def _remember_password(url: str, name: str, password: str) -> None:
-    """Simulated users' passwords (to look at their work in the UI), 0600 under the align home."""
-    path = simulated_users_file()
-    server._make_private_dir(path.parent)
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    known.setdefault(url, {})[name] = password
-    server._write_private(path, json.dumps(known, indent=2))
-
-
-def simulated_users_file() -> Path:
-    return server.argilla_home() / "simulated_users.json"
 
 
 def _annotate(api: _Api, dataset_id: str, name: str, rule: str, noise: float, seed: int) -> int:

@@ -1,0 +1,155 @@
+"""Argilla's REST API (v1, as the web UI calls it) with httpx: the client shared by every labeling task.
+
+`align label` (labeling/rankings.py, K-way rankings) and `align eval human` (labeling/pairwise.py, blind A/B
+comparisons) both create datasets, log records, read submitted responses and run simulated annotators through
+these calls. The connection (URL + API key) comes from :func:`labeling.server.connect`; every failure is one
+:class:`align.errors.AlignError` naming the server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+from labeling import server
+
+SIM_PREFIX = "sim-annotator-"  # simulated annotators' user names; everything they submit is marked simulated
+
+
+class Api:
+    """Argilla's REST API with one user's API key; every failure is one AlignError naming the server."""
+
+    def __init__(self, url: str, api_key: str):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        local = (httpx.URL(self.url).host or "") in ("127.0.0.1", "localhost", "::1")
+        # trust_env=False on the loopback: never send our key through an HTTP proxy.
+        self._client = httpx.Client(base_url=self.url, headers={"X-Argilla-Api-Key": api_key}, timeout=120.0,
+                                    trust_env=not local)
+
+    @classmethod
+    def connect(cls) -> Api:
+        connection = server.connect()  # checks the server answers and takes the key
+        return cls(connection.api_url, connection.api_key)
+
+    def call(self, method: str, path: str, doing: str, json_body: Any = None, params: dict | None = None,
+             expect: tuple[int, ...] = (200,)) -> Any:
+        import httpx
+
+        try:
+            response = self._client.request(method, path, json=json_body, params=params)
+        except httpx.TransportError as e:
+            raise AlignError(f"cannot reach the Argilla server at {self.url} while {doing} ({type(e).__name__}: "
+                             f"{e or 'no answer'}); is it running? (`align label serve status`)") from None
+        if response.status_code == 401:
+            raise AlignError(f"the Argilla server at {self.url} rejected the API key while {doing}")
+        if response.status_code not in expect:
+            raise AlignError(f"{doing} on {self.url} failed: HTTP {response.status_code}{detail(response)}")
+        return response.json() if response.content else None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def detail(response) -> str:
+    """The server's error detail for a message (``": ..."``), or ``""``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f": {response.text[:300]}" if response.text else ""
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    return f": {detail if isinstance(detail, str) else json.dumps(detail)[:400]}"
+
+
+def find_dataset(api: Api, name: str, workspace: str) -> dict | None:
+    workspaces = api.call("GET", "/api/v1/me/workspaces", "listing workspaces")["items"]
+    workspace_id = next((w["id"] for w in workspaces if w["name"] == workspace), None)
+    if workspace_id is None:
+        return None
+    datasets = api.call("GET", "/api/v1/me/datasets", "listing datasets")["items"]
+    return next((d for d in datasets if d["name"] == name and d["workspace_id"] == workspace_id), None)
+
+
+def require_dataset(api: Api, name: str, workspace: str, metadata_key: str, fmt: str, command: str) -> dict:
+    """The dataset ``name``, which ``command`` (e.g. ``align label push``) must have made: its own metadata holds a
+    ``metadata_key`` block with ``"format": fmt``."""
+    dataset = find_dataset(api, name, workspace)
+    if dataset is None:
+        raise AlignError(f"no dataset '{name}' in workspace '{workspace}' on {api.url}; create it with "
+                         f"`{command} --dataset {name} ...`")
+    info = (dataset.get("metadata") or {}).get(metadata_key)
+    if not isinstance(info, dict) or info.get("format") != fmt:
+        raise AlignError(f"dataset '{name}' on {api.url} was not made by `{command}` (its metadata has no "
+                         f"'{metadata_key}' block)")
+    return dataset
+
+
+def records(api: Api, dataset_id: str, responses: bool) -> list[dict]:
+    """Every record of the dataset (an owner's view: all metadata), with their responses when asked."""
+    items, offset = [], 0
+    params: dict[str, Any] = {"limit": 1000}
+    if responses:
+        params["include"] = "responses"
+    while True:
+        page = api.call("GET", f"/api/v1/datasets/{dataset_id}/records", "listing records",
+                        params={**params, "offset": offset})
+        items += page["items"]
+        offset += len(page["items"])
+        if not page["items"] or offset >= page.get("total", offset):
+            return items
+
+
+def upsert_records(api: Api, dataset_id: str, items: list[dict]) -> None:
+    """Create or update records by external id (at most 500 per call)."""
+    for start in range(0, len(items), 500):
+        api.call("PUT", f"/api/v1/datasets/{dataset_id}/records/bulk", "logging records",
+                 json_body={"items": items[start:start + 500]})
+
+
+def annotation_url(api_url: str, dataset_id: str) -> str:
+    return f"{api_url.rstrip('/')}/dataset/{dataset_id}/annotation-mode"
+
+
+def workspace_id(api: Api, workspace: str) -> str:
+    """The workspace's id; the workspace is created if missing."""
+    return server._workspace_id(server.Connection(api.url, api.api_key), workspace)
+
+
+def usernames(api: Api) -> dict[str, str]:
+    """``{user id: user name}``; empty when this key may not list users."""
+    try:
+        users = api.call("GET", "/api/v1/users", "listing users")["items"]
+    except AlignError:
+        return {}  # an admin key may not list users: annotators are then not marked simulated
+    return {str(u["id"]): u["username"] for u in users}
+
+
+# --- Simulated annotators --------------------------------------------------------------------------------
+
+def owner_users(api: Api) -> dict[str, dict]:
+    """``{user name: user}`` with their API keys (an owner's key sees them)."""
+    try:
+        users = api.call("GET", "/api/v1/users", "listing users")["items"]
+    except AlignError as e:
+        raise AlignError(f"simulate creates annotator users and needs an owner's API key: {e}") from None
+    return {u["username"]: u for u in users}
+
+
+def remember_password(url: str, name: str, password: str) -> None:
+    """Simulated users' passwords (to look at their work in the UI), 0600 under the align home."""
+    path = simulated_users_file()
+    server._make_private_dir(path.parent)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known.setdefault(url, {})[name] = password
+    server._write_private(path, json.dumps(known, indent=2))
+
+
+def simulated_users_file() -> Path:
+    return server.argilla_home() / "simulated_users.json"
