@@ -109,6 +109,36 @@ def _parser() -> argparse.ArgumentParser:
                          help="models to compare (replace the config's `models:`) and config overrides")
     compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     compare.set_defaults(handler=_run_eval_compare)
+    human = eval_commands.add_parser("human", help="blind A/B comparisons by people in Argilla")
+    human_commands = human.add_subparsers(title="human eval commands", metavar="COMMAND", required=True,
+                                          parser_class=_Parser)
+    human_push = human_commands.add_parser("push", help="log blind A/B pairs (model vs baseline) for annotators")
+    human_push.add_argument("--generations", required=True,
+                            help="an evaluation (eval:latest, eval:2) or a generations .jsonl of {model, prompt, "
+                                 "response} rows, as `align eval compare` writes")
+    human_push.add_argument("--model", required=True, help="the model judged (as named in the generations)")
+    human_push.add_argument("--baseline", required=True, help="the model it is compared with")
+    human_push.add_argument("--annotators-per-record", type=int, help="judgments wanted per pair (default 1)")
+    human_push.add_argument("--guidelines", help="markdown file shown to annotators (default: align's)")
+    human_status = human_commands.add_parser("status", help="judging progress, overall and per annotator")
+    human_pull = human_commands.add_parser("pull", help="submitted choices -> human win rate with 95% CIs, "
+                                                        "registered")
+    human_pull.add_argument("--out", required=True, help=".jsonl file for the judgments (written atomically)")
+    human_pull.add_argument("--aggregate", choices=("majority", "each"), default="majority",
+                            help="one majority judgment per pair (default) or every annotator's")
+    human_simulate = human_commands.add_parser("simulate", help="DEMOS/TESTS ONLY: sim-annotator-N choose by a rule")
+    human_simulate.add_argument("--annotators", type=int, required=True, help="number of simulated annotators")
+    human_simulate.add_argument("--rule", required=True, choices=("longer", "shorter", "random", "model", "baseline"))
+    human_simulate.add_argument("--noise", type=float, default=0.0, help="probability of flipping a choice")
+    human_simulate.add_argument("--seed", type=int, default=0)
+    for sub in (human_push, human_status, human_pull, human_simulate):
+        sub.add_argument("--dataset", required=True, help="Argilla dataset name")
+        sub.add_argument("--workspace", default="align")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    human_push.set_defaults(handler=_human_push)
+    human_status.set_defaults(handler=_human_status)
+    human_pull.set_defaults(handler=_human_pull)
+    human_simulate.set_defaults(handler=_human_simulate)
     # --- end evaluation ---
 
     pipeline = commands.add_parser("pipeline", help="the whole chain: sft -> rankings -> reward -> ppo/dpo -> eval")
@@ -249,6 +279,32 @@ def _run_ppo(args) -> None:
     from stages import ppo
 
     ppo.run(args.config, args.overrides, resume=args.resume)
+
+
+def _human_push(args) -> None:
+    from labeling import pairwise
+
+    pairwise.push_command(args.generations, args.model, args.baseline, args.dataset, workspace=args.workspace,
+                          annotators_per_record=args.annotators_per_record, guidelines_file=args.guidelines)
+
+
+def _human_status(args) -> None:
+    from labeling import pairwise
+
+    pairwise.status_command(args.dataset, args.workspace)
+
+
+def _human_pull(args) -> None:
+    from labeling import pairwise
+
+    pairwise.pull_command(args.dataset, args.out, aggregate=args.aggregate, workspace=args.workspace)
+
+
+def _human_simulate(args) -> None:
+    from labeling import pairwise
+
+    pairwise.simulate_command(args.dataset, args.annotators, args.rule, noise=args.noise, seed=args.seed,
+                              workspace=args.workspace)
 
 
 def _run_pipeline(args) -> None:

@@ -387,7 +387,7 @@ def serve_command(port: int | None = None) -> ServerInfo:
     else:
         _show(f"  log in as [bold]{info.username}[/bold]; the password and API key are in "
               f"{_esc(info.credentials_file)}")
-    _show("  add annotators: [bold]align label add-user NAME[/bold]    stop: [bold]align label serve stop[/bold]")
+    _show("  add annotators: [bold]align label users add NAME[/bold]    stop: [bold]align label serve stop[/bold]")
     return info
 
 
@@ -409,7 +409,7 @@ def status_command() -> ServerStatus:
 
 
 def add_user_command(name: str, role: str = "annotator") -> str:
-    """`align label add-user NAME [--role annotator|admin]`: the password is printed once."""
+    """`align label users add NAME [--role annotator|admin]`: the password is printed once."""
     password = add_user(name, role)
     url = connect(check=False).api_url
     _show(f"user [bold]{_esc(name)}[/bold] ({role}) added to workspace '{WORKSPACE}' on {_esc(url)}")

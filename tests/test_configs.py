@@ -23,6 +23,9 @@ SFT_CONFIGS = DEFAULTS + EXAMPLES
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 REWARD_CONFIGS = sorted(CONFIGS.glob("reward*.yaml"))  # `align reward` (stages/reward.py)
 DPO_CONFIGS = sorted(CONFIGS.glob("dpo*.yaml"))  # `align dpo` (stages/dpo.py)
+PPO_CONFIGS = sorted(CONFIGS.glob("ppo*.yaml"))  # `align ppo` (stages/ppo.py)
+EVAL_CONFIGS = sorted(CONFIGS.glob("eval*.yaml"))  # `align eval compare` (stages/eval.py)
+PIPELINE_CONFIGS = sorted(CONFIGS.glob("pipeline*.yaml"))  # `align pipeline` (align/pipeline.py)
 EXPECTED_DISTRIBUTED_TYPE = {
     "ddp": "MULTI_GPU",
     "cpu_ddp_2proc": "MULTI_GPU",
@@ -56,7 +59,8 @@ def header(path: Path) -> str:
 
 
 def test_every_yaml_in_configs_is_covered():
-    covered = set(SFT_CONFIGS) | set(ACCELERATE) | set(REWARD_CONFIGS) | set(DPO_CONFIGS)
+    covered = set(SFT_CONFIGS) | set(ACCELERATE) | set(REWARD_CONFIGS) | set(DPO_CONFIGS) | set(PPO_CONFIGS) | \
+        set(EVAL_CONFIGS) | set(PIPELINE_CONFIGS)
     stray = sorted(_name(p) for p in CONFIGS.rglob("*.y*ml") if p not in covered)
     assert not stray, f"configs not validated by tests/test_configs.py: {stray} (add them there)"
     assert len(EXAMPLES) >= 4 and len(ACCELERATE) >= 4
@@ -309,3 +313,45 @@ def test_fsdp_plugin_from_config():
     assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
     assert plugin.cpu_ram_efficient_loading is True
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO, eval and pipeline configs: schema, header, and the files they name exist
+
+
+@pytest.mark.parametrize("path", PPO_CONFIGS, ids=_name)
+def test_ppo_config_loads_and_names_its_command(path):
+    from stages import ppo
+
+    cfg = ppo.load(str(path), [])
+    assert cfg.model.path == "sft:latest" and cfg.reward.path == "reward:latest"
+    assert cfg.ppo.mini_batch_size <= cfg.ppo.batch_size
+    assert "align ppo --config" in header(path)
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=_name)
+def test_eval_config_loads_and_its_benchmark_files_read(path):
+    from align.evaluation import read_benchmark
+    from stages import eval as evaluation
+
+    cfg = evaluation.load(str(path), [])
+    assert cfg.baseline in cfg.models and cfg.benchmarks
+    for benchmark in cfg.benchmarks:
+        assert read_benchmark(benchmark.path).questions
+    assert "align eval compare" in header(path)
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=_name)
+def test_pipeline_config_steps_load_with_their_overrides(path):
+    """Every step's config and overrides validate as the pipeline will run them (references wired in)."""
+    from align import pipeline
+    from stages import dpo, eval as evaluation, ppo, reward, sft
+
+    cfg = pipeline.load(str(path), [])
+    wired = {"reward": ["model.path=sft:1", "data.path=label:1"], "ppo": ["model.path=sft:1", "reward.path=reward:1"],
+             "dpo": ["model.path=sft:1", "data.path=label:1"],
+             "eval": ["models=[ppo:1, dpo:1]", "baseline=sft:1", "judge.path=reward:1"], "sft": []}
+    for name, module in (("sft", sft), ("reward", reward), ("ppo", ppo), ("dpo", dpo), ("eval", evaluation)):
+        step = getattr(cfg, name)
+        module.load(str(ROOT / step.config), step.overrides + wired[name])
+    assert "align pipeline --config" in header(path)
