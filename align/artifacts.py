@@ -77,6 +77,30 @@ class RunDir:
         return self.final
 
 
+EVAL_BEFORE_FILE = "eval_before.json"
+
+
+def evaluate_at_start(trainer, run_dir: RunDir, checkpoint: str | None, keys: tuple[str, ...]) -> dict:
+    """The held-out metrics `keys` of the starting model. Kept in the working folder, so a resumed run reports the
+    same "before" numbers without measuring a half-trained model; the stage deletes the file when it finishes."""
+    saved = run_dir.work / EVAL_BEFORE_FILE
+    if checkpoint is not None and saved.is_file():
+        return json.loads(saved.read_text())
+    result = trainer.evaluate()
+    before = {k: result[k] for k in keys if k in result}
+    if trainer.is_world_process_zero():
+        saved.write_text(json.dumps(before))
+    return before
+
+
+def evaluate_at_end(trainer) -> dict:
+    """The held-out metrics at the last step: reused when the trainer just evaluated there, else measured now."""
+    for entry in (trainer.state.log_history or [])[-2:]:
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return entry
+    return trainer.evaluate()
+
+
 def _readable_json(path: Path) -> bool:
     try:
         json.loads(path.read_text())

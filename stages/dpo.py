@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
-from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
+from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
+                             save_run_config, save_training_log, write_model_card)
 from align.config import DPORunConfig, TemplateConfig, check_report_to, load_config, to_dict
 from align.data import fingerprint, format_prompt, read_preferences, read_records, split_by_prompt
 from align.errors import AlignError
@@ -141,9 +142,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             *[("tokenizer", change) for change in tokenizer_changes],
             ("output", str(run_dir.final)),
         ])
-    before = _eval_before(trainer, run_dir, checkpoint) if eval_rows else None
+    before = evaluate_at_start(trainer, run_dir, checkpoint, EVAL_KEYS) if eval_rows else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    after = _final_eval(trainer) if eval_rows else None
+    after = evaluate_at_end(trainer) if eval_rows else None
     trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
@@ -177,7 +178,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     metrics = {k: v for k, v in metrics.items() if v is not None}
     if cfg.output.merge and cfg.lora.enabled:
         save_merged(work, backbone, work / "merged", cfg.model.dtype, cfg.model.trust_remote_code)
-    (work / "eval_before.json").unlink(missing_ok=True)  # folded into the metrics and the log
+    (work / EVAL_BEFORE_FILE).unlink(missing_ok=True)  # folded into the metrics and the log
     config = to_dict(replace(cfg, template=replace(cfg.template, name=template.name, prompt=template.prompt,
                                                    system=template.system)))
     save_run_config(config, work)
@@ -398,27 +399,6 @@ def _make_trainer(model, ref_model, tokenizer, args, train_rows: list[dict], eva
     if ref_model is None and "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")
     return trainer
-
-
-def _eval_before(trainer, run_dir: RunDir, checkpoint: str | None) -> dict:
-    """Held-out loss, implicit-reward accuracy and margin of the starting policy; kept in the working folder for a
-    resumed run."""
-    saved = run_dir.work / "eval_before.json"
-    if checkpoint is not None and saved.is_file():
-        return json.loads(saved.read_text())
-    result = trainer.evaluate()
-    before = {k: result[k] for k in EVAL_KEYS if k in result}
-    if trainer.is_world_process_zero():
-        saved.write_text(json.dumps(before))
-    return before
-
-
-def _final_eval(trainer) -> dict:
-    """The held-out metrics at the last step: reused when the trainer just evaluated there, else measured."""
-    for entry in (trainer.state.log_history or [])[-2:]:
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return entry
-    return trainer.evaluate()
 
 
 def _get(metrics: dict | None, key: str):

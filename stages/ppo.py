@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
 from align.config import DataConfig, PPORunConfig, TemplateConfig, load_config, to_dict

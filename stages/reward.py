@@ -23,7 +23,8 @@ import torch
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
+from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
+                             save_run_config, save_training_log, write_model_card)
 from align.config import RewardRunConfig, check_report_to, load_config, to_dict
 from align.data import (fingerprint, read_preferences, read_prompt_responses, read_records, split_by_prompt)
 from align.errors import AlignError
@@ -132,9 +133,10 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     trainer = _make_trainer(model, tokenizer, args, train_rows, eval_rows)
     if quantized:
         _match_head_dtype(trainer.model, cfg)
-    before = _eval_before(trainer, run_dir, checkpoint) if eval_rows else None
+    before = evaluate_at_start(trainer, run_dir, checkpoint, ("eval_loss", "eval_accuracy", "eval_margin")) \
+        if eval_rows else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    after = _final_eval(trainer) if eval_rows else None
+    after = evaluate_at_end(trainer) if eval_rows else None
     trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
@@ -182,7 +184,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     metrics = {k: v for k, v in metrics.items() if v is not None}
     if cfg.output.merge and cfg.lora.enabled:
         _save_merged(work, cfg)
-    (work / "eval_before.json").unlink(missing_ok=True)  # folded into the metrics and the log
+    (work / EVAL_BEFORE_FILE).unlink(missing_ok=True)  # folded into the metrics and the log
     config = to_dict(cfg)
     save_run_config(config, work)
     history = ([{"step": 0, **before}] if before else []) + trainer.state.log_history
@@ -453,26 +455,6 @@ def _match_head_dtype(model, cfg: RewardRunConfig) -> None:
     for name, param in model.named_parameters():
         if "modules_to_save" in name and param.dtype != compute:
             param.data = param.data.to(compute)
-
-
-def _eval_before(trainer, run_dir: RunDir, checkpoint: str | None) -> dict:
-    """Held-out loss and accuracy of the starting model; kept in the working folder for a resumed run."""
-    saved = run_dir.work / "eval_before.json"
-    if checkpoint is not None and saved.is_file():
-        return json.loads(saved.read_text())
-    result = trainer.evaluate()
-    before = {k: result[k] for k in ("eval_loss", "eval_accuracy", "eval_margin") if k in result}
-    if trainer.is_world_process_zero():
-        saved.write_text(json.dumps(before))
-    return before
-
-
-def _final_eval(trainer) -> dict:
-    """The held-out loss/accuracy at the last step: reused when the trainer just evaluated there, else measured."""
-    for entry in (trainer.state.log_history or [])[-2:]:
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return entry
-    return trainer.evaluate()
 
 
 def _scorer(trainer, tokenizer, work: Path) -> RewardScorer:

@@ -7,12 +7,12 @@ plots) renamed into place -> registry row.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 
-from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
+from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
+                             save_run_config, save_training_log, write_model_card)
 from align.config import SFTRunConfig, check_report_to, load_config, to_dict
 from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
 from align.errors import AlignError
@@ -105,9 +105,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     if "tensorboard" in str(args.report_to):  # TensorBoard's files belong with the artifact, not its checkpoints
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir.work / "tensorboard"))
     trainer = _make_trainer(model, tokenizer, args, train, evaluation, seq2seq, cfg)
-    eval_before = _eval_loss_before(trainer, run_dir, checkpoint) if evaluation else None
+    eval_before = evaluate_at_start(trainer, run_dir, checkpoint, ("eval_loss",))["eval_loss"] if evaluation else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_after = _final_eval_loss(trainer) if evaluation else None
+    eval_after = evaluate_at_end(trainer)["eval_loss"] if evaluation else None
     # Every rank takes part in saving: ZeRO-3 / FSDP gather sharded weights (only rank 0 writes).
     trainer.save_model(str(run_dir.work))
     trainer.accelerator.wait_for_everyone()
@@ -134,7 +134,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     tokenizer.save_pretrained(str(work))
     if cfg.output.merge and cfg.lora.enabled:
         save_merged(work, source.path, work / "merged", cfg.model.dtype, cfg.model.trust_remote_code)
-    (work / "eval_loss_before.json").unlink(missing_ok=True)  # folded into the metrics and the log
+    (work / EVAL_BEFORE_FILE).unlink(missing_ok=True)  # folded into the metrics and the log
     config = to_dict(cfg)
     save_run_config(config, work)
     # The loss before training is the first point of the eval curve.
@@ -162,26 +162,6 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("registry", f"{artifact.ref} (id {artifact.id})"),
     ])
     return artifact
-
-
-def _eval_loss_before(trainer, run_dir: RunDir, checkpoint: str | None) -> float:
-    """Eval loss of the starting model; kept in the working folder so a resumed run still reports it."""
-    saved = run_dir.work / "eval_loss_before.json"
-    if checkpoint is not None and saved.is_file():
-        return json.loads(saved.read_text())["eval_loss"]
-    loss = trainer.evaluate()["eval_loss"]
-    if trainer.is_world_process_zero():
-        saved.write_text(json.dumps({"eval_loss": loss}))
-    return loss
-
-
-def _final_eval_loss(trainer) -> float:
-    """The eval loss at the last step: reused when the trainer just evaluated there, else measured now."""
-    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
-    for entry in last:
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return entry["eval_loss"]
-    return trainer.evaluate()["eval_loss"]
 
 
 def training_arguments(cfg: SFTRunConfig, run_dir: RunDir, has_eval: bool):
