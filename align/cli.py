@@ -248,6 +248,10 @@ def _quiet_libraries() -> None:
     """Keep the terminal for what matters: progress, warnings that need action, our summaries."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # "Loading weights" bars would land between a stage's table and its one-line errors; stages show their own.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     # Deprecation notices about arguments align passes on the user's behalf are not theirs to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\b")
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found")

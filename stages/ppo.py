@@ -413,12 +413,11 @@ class ValueFunction:
         if self.adapter is None:
             hidden = policy_hidden
         else:
+            # The value adapter stays active (and trainable) until the caller switches back: switching makes peft
+            # freeze it, and a backward pass after that would drop its gradients.
             model.set_adapter(self.adapter)
-            try:
-                hidden = _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                          use_cache=False).last_hidden_state
-            finally:
-                model.set_adapter("default")
+            hidden = _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                      use_cache=False).last_hidden_state
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
 
@@ -801,6 +800,8 @@ class PPOTrainer:
         return None
 
     def _policy_logprobs(self, ids, mask, positions, width, grad: bool = False):
+        if self.lora:
+            self.model.set_adapter("default")
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                          output_hidden_states=not self.lora)
         logits = out.logits[:, width - 1:-1]
@@ -862,11 +863,12 @@ class PPOTrainer:
         order_rng = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
         totals: dict[str, float] = {}
         count = 0
+        per_iteration = ppo.ppo_epochs * math.ceil(size / ppo.mini_batch_size)  # minibatches: one ptx batch each
         for epoch in range(ppo.ppo_epochs):
             order = torch.randperm(size, generator=order_rng).tolist()
             for start in range(0, size, ppo.mini_batch_size):
                 rows = order[start:start + ppo.mini_batch_size]
-                stats = self._minibatch(rollout, rows, width, ptx_index=self.step * ppo.ppo_epochs * size + count)
+                stats = self._minibatch(rollout, rows, width, ptx_index=(self.step * per_iteration + count) * self.dist.world + self.dist.rank)
                 if stats is None:
                     return None
                 for key, value in stats.items():
@@ -915,25 +917,28 @@ class PPOTrainer:
                 _masked_mean(((predicted - returns) ** 2 > (clipped - returns) ** 2).float(), response_mask)
 
         if self.lora:  # the value adapter runs its own forward pass: two backward passes, one optimizer step
-            if not torch.isfinite(loss):
+            if not self._all_finite(loss):
                 return None
             loss.backward()
             predicted = self.value(self.model, ids, mask, positions)[:, width - 1:-1]
             vf_loss, vf_clipfrac = value_loss(predicted)
-            if not torch.isfinite(vf_loss):
+            finite = self._all_finite(vf_loss)
+            if finite:
+                (ppo.vf_coef * vf_loss).backward()
+            self.model.set_adapter("default")
+            if not finite:
                 return None
-            (ppo.vf_coef * vf_loss).backward()
         else:
             predicted = self.value(self.model, ids, mask, positions, out.hidden_states[-1][:, width - 1:-1])
             vf_loss, vf_clipfrac = value_loss(predicted)
             loss = loss + ppo.vf_coef * vf_loss
-            if not torch.isfinite(loss):
+            if not self._all_finite(loss):
                 return None
             loss.backward()
         self.dist.average_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, ppo.max_grad_norm) if ppo.max_grad_norm else \
-            torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
-        if not torch.isfinite(grad_norm):
+        # Policy and value are clipped apart: a large value loss early on must not shrink the policy's step.
+        grad_norm = torch.stack([self._clip(group["params"]) for group in self.optimizer.param_groups]).norm()
+        if not torch.isfinite(grad_norm):  # the same on every process: gradients were averaged
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
@@ -950,6 +955,19 @@ class PPOTrainer:
             if ptx_loss is not None:
                 stats["ptx_loss"] = float(ptx_loss)
         return stats
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process: all skip together, or their gradient exchanges would not
+        pair up."""
+        return bool(self.dist.sum(torch.isfinite(loss.detach()).float().reshape(1).cpu()).item() == self.dist.world)
+
+    def _clip(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return torch.zeros(())
+        if self.ppo.max_grad_norm:
+            return torch.nn.utils.clip_grad_norm_(with_grad, self.ppo.max_grad_norm).float().cpu()
+        return torch.stack([p.grad.float().norm() for p in with_grad]).norm().cpu()
 
     # ---- reporting ----
 

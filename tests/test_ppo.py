@@ -241,9 +241,6 @@ def test_ptx_term_lowers_the_ptx_loss(ptx_on, ptx_off):
     assert ptx_off.log[0]["reward"] == pytest.approx(ptx_on.log[0]["reward"], abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="stages/ppo.py PPOTrainer.update: ptx_index = step * ppo_epochs * size + count "
-                                        "counts ROWS per iteration (64), not minibatches (8): 7/8 of the ptx stream "
-                                        "is skipped")
 def test_ptx_batches_are_read_in_order_without_gaps(ptx_on):
     """Each minibatch takes the next ptx batch: iteration k (4 epochs x 2 minibatches) reads batches 8k .. 8k+7,
     so the ptx data is walked through once per epoch of its seeded order."""
@@ -359,9 +356,6 @@ def test_single_base_copy_holds_policy_reference_value_and_reward(dev, learn):
     assert model.active_adapter == "default"
 
 
-@pytest.mark.xfail(strict=True, reason="stages/ppo.py ValueFunction.__call__: set_adapter('default') in its finally "
-                                        "block sets requires_grad=False on the value adapter before the value loss's "
-                                        "backward, so autograd drops its gradients; only the head trains")
 def test_value_adapter_is_trained(dev, learn):
     """The value function starts as the reward model (its LoRA weights, its score head) and is trained by the value
     loss: its adapter weights must move, not only its head."""
