@@ -381,7 +381,7 @@ def serve_command(port: int | None = None) -> ServerInfo:
     else:
         _show(f"[bold green]Argilla is running[/bold green] at [bold]{info.url}[/bold] (pid {info.pid}; it keeps "
               f"running in the background; log {_esc(info.log_file)})")
-    if info.new_owner_password:
+    if info.new_owner_password and sys.stdout.isatty():  # a terminal, not a log file or CI output
         _show(f"  log in as [bold]{info.username}[/bold] with password [bold]{_esc(info.new_owner_password)}[/bold] "
               f"(shown once; it and the API key are kept in {_esc(info.credentials_file)}, readable only by you)")
     else:
