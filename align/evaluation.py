@@ -75,7 +75,8 @@ def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) ->
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
     half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return Interval(p, max(0.0, center - half), min(1.0, center + half))
+    # min/max: at 0 or n successes rounding would otherwise put the bound a hair past the estimate.
+    return Interval(p, min(p, max(0.0, center - half)), max(p, min(1.0, center + half)))
 
 
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:

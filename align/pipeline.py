@@ -61,8 +61,9 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
     step("sft", lambda: _stage(sft, "sft", cfg.sft, cfg.name, home, {}))
     step("label", lambda: _label(cfg, home, done["sft"]))
     sft_ref, label_ref = done["sft"].ref, done["label"].ref
-    step("reward", lambda: _stage(reward, "reward", cfg.reward, cfg.name, home,
-                                  {"model.path": sft_ref, "data.path": label_ref}))
+    if cfg.reward.enabled:
+        step("reward", lambda: _stage(reward, "reward", cfg.reward, cfg.name, home,
+                                      {"model.path": sft_ref, "data.path": label_ref}))
     if cfg.ppo.enabled:
         step("ppo", lambda: _stage(ppo, "ppo", cfg.ppo, cfg.name, home,
                                    {"model.path": sft_ref, "reward.path": done["reward"].ref}))
@@ -71,9 +72,10 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
                                    {"model.path": sft_ref, "data.path": label_ref}))
     if cfg.eval.enabled:
         compared = [done[s].ref for s in ("ppo", "dpo") if s in done]
-        step("eval", lambda: _stage(evaluation, "eval", cfg.eval, cfg.name, home,
-                                    {"models": "[" + ", ".join(compared) + "]", "baseline": sft_ref,
-                                     "judge.path": done["reward"].ref}))
+        wired = {"models": "[" + ", ".join(compared) + "]", "baseline": sft_ref}
+        if "reward" in done:  # without a reward model: no judge win rates, the tax and KL still
+            wired["judge.path"] = done["reward"].ref
+        step("eval", lambda: _stage(evaluation, "eval", cfg.eval, cfg.name, home, wired))
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
             for how, seconds in [timings[name]]]
     rows.append(("total", f"{(time.monotonic() - started) / 60:.1f} min"))
@@ -122,7 +124,9 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
 
     label = cfg.label
     dataset = f"{cfg.name}-rankings-{sft.stage}{sft.version}"
-    prompts = read_prompts(_package_path(label.prompts), option="label.prompts")[:label.max_prompts]
+    # Distinct prompts: push makes one record per prompt, and "finished" compares ranked records with this count.
+    prompts = list(dict.fromkeys(read_prompts(_package_path(label.prompts), option="label.prompts")))
+    prompts = prompts[:label.max_prompts]
     registry = Registry()
     for artifact in reversed(registry.list(stage="label")):
         if artifact.name == dataset and artifact.metrics.get("ranked_records") == len(prompts) \

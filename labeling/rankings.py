@@ -581,6 +581,9 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
         for record, texts, annotator, simulated, ranks, values in rankings:
             prompt = _prompt_value(record, conversational, system)
             for pair in ranking_to_pairs(ranks, ties):
+                if not texts[pair.winner].strip() or not texts[pair.loser].strip():
+                    counts["empty_pairs"] += 1  # an empty completion teaches nothing a reward model can use
+                    continue
                 row = {"prompt": prompt, **_chosen_rejected(texts[pair.winner], texts[pair.loser], conversational),
                        "record_id": record["external_id"], "annotator": annotator, "simulated": simulated,
                        "chosen_rank": ranks[pair.winner], "rejected_rank": ranks[pair.loser],
@@ -606,6 +609,9 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
             prompt = _prompt_value(record, conversational, system)
             tied_pairs += sum(vote.tie for vote in majority([e.ranks for e in entries], "keep"))
             for vote in majority([e.ranks for e in entries], ties):
+                if not texts[vote.winner].strip() or not texts[vote.loser].strip():
+                    counts["empty_pairs"] += 1
+                    continue
                 row = {"prompt": prompt, **_chosen_rejected(texts[vote.winner], texts[vote.loser], conversational),
                        "record_id": rid, "annotators": sorted(e.annotator for e in entries),
                        "simulated": all(e.simulated for e in entries),
@@ -623,7 +629,7 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
         "agreement": stats.agreement, "kendall_tau": stats.mean_tau,
         "drafts_ignored": counts["draft"], "discarded_ignored": counts["discarded"],
     }
-    for key in ("unusable", "records_without_order"):  # not made by push, or partial rankings: left out
+    for key in ("unusable", "records_without_order", "empty_pairs"):  # not made by push, or partial rankings: left out
         if counts[key]:
             metrics[key] = counts[key]
     target = Path(out)

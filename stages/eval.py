@@ -391,7 +391,7 @@ def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folde
                 ax.barh(row, share, left=left, color=color, label=key if row == 0 else None)
                 left += share
             rate = w["win_rate"]
-            ax.errorbar(rate["estimate"], row, xerr=[[rate["estimate"] - rate["low"]], [rate["high"] - rate["estimate"]]],
+            ax.errorbar(rate["estimate"], row, xerr=[[max(0.0, rate["estimate"] - rate["low"])], [max(0.0, rate["high"] - rate["estimate"])]],
                         fmt="o", color="black", capsize=4, label="win rate (ties half), 95% CI" if row == 0 else None)
         ax.axvline(0.5, color="black", linestyle=":", linewidth=1)
         ax.set_yticks(range(len(compared)), compared)

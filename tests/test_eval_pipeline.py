@@ -13,8 +13,6 @@ needs a disabled one, a failing PPO step (the steps before it stay registered), 
 everything, a changed PPO override interrupted (Ctrl-C) after a checkpoint then resumed (only PPO and eval re-run).
 The Argilla server starts once per session (~15 s); the pipeline steps add ~20 s.
 
-Marked xfail (strict): product bugs these tests found; each reason names the file and what goes wrong.
-
 Runs go through `align.cli.main` in-process with the test's cwd and ALIGN_HOME.
 """
 
@@ -367,10 +365,6 @@ def test_eval_registers_against_every_model_and_the_judge(zoo, compared, monkeyp
     assert "eval:1 (main): (baseline or judge)" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="wilson_interval (align/evaluation.py) returns low=6.9e-18 > estimate 0 "
-                                       "(and high=0.9999999999999999 < 1) for 0 or n successes at n=40: the win-rate "
-                                       "errorbar in stages/eval.py _plots gets a negative xerr and matplotlib raises "
-                                       "ValueError after every model was evaluated (nothing registered)")
 @pytest.mark.parametrize("judgment", ["loss", "win"])
 def test_eval_plots_a_model_that_lost_or_won_every_prompt(judgment, tmp_path):
     """Found by the first version of `zoo`: a PPO model that lost all 40 prompts crashed `align eval compare`."""
@@ -669,10 +663,6 @@ def test_pipeline_changed_override_reruns_only_ppo_and_eval_and_resumes_after_in
     assert _count(_pipeline_rows()) == _count(rows)
 
 
-@pytest.mark.xfail(strict=True, reason="align/pipeline.py _label compares ranked_records (unique prompts: push "
-                                       "dedups) with len(prompts) (not deduped): with a repeated prompt the label "
-                                       "step is never 'finished before', so every re-run pulls a new label row and "
-                                       "retrains reward, ppo, dpo and eval")
 def test_pipeline_label_with_a_repeated_prompt_is_skipped_when_finished(in_pipe, capsys):
     """The same prompts, one of them twice in the file: the rankings are all there, nothing to redo."""
     (in_pipe.home / "repeated_prompts.txt").write_text("\n".join(in_pipe.prompts + in_pipe.prompts[:1]) + "\n")
@@ -684,9 +674,6 @@ def test_pipeline_label_with_a_repeated_prompt_is_skipped_when_finished(in_pipe,
     assert _count(_pipeline_rows()) == _count(before)
 
 
-@pytest.mark.xfail(strict=True, reason="align/pipeline.py runs the reward step even when reward.enabled: false "
-                                       "('pipeline step 'reward' failed: reward: disabled'), and eval wires "
-                                       "judge.path = done['reward'] unconditionally")
 def test_pipeline_without_reward_and_ppo_runs_dpo_and_eval_without_judge(in_pipe, capsys):
     """load() accepts this (nothing enabled needs reward): the pipeline must run it, not fail on the reward step."""
     before = _pipeline_rows()
@@ -700,10 +687,6 @@ def test_pipeline_without_reward_and_ppo_runs_dpo_and_eval_without_judge(in_pipe
     assert sorted(evaluation.parents) == sorted([before["sft"][0].id, before["dpo"][0].id])
 
 
-@pytest.mark.xfail(strict=True, reason="labeling/rankings.py pull writes pairs whose chosen/rejected completion is "
-                                       "empty; align reward/dpo then refuse the file ('field 'chosen' is empty'), and "
-                                       "in `align pipeline` a re-run cannot recover (the label step is skipped as "
-                                       "finished)")
 def test_label_pull_with_an_empty_completion_feeds_reward(in_pipe, tiny_llama, monkeypatch):
     """Found by the first version of `pipe`: the SFT model sampled one empty completion (EOS first), the simulated
     `shorter` annotator ranked it best, and the reward step failed on the pulled pairs for good. Here the sampler is
