@@ -106,7 +106,8 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     _write_generations(results, names, prompts, work / "generations.jsonl")
     (work / "results.json").write_text(json.dumps(stats, indent=2, default=_json_safe) + "\n")
     plots = _plots(results, stats, names, work)
-    markdown = _markdown(stats, names, prompts, results, cfg, plots)
+    training = _training_rows(artifacts, names, judge_artifact)
+    markdown = _markdown(stats, names, prompts, results, cfg, plots, training)
     (work / "report.md").write_text(markdown)
     (work / "report.html").write_text(_html(markdown, work))
     final = run_dir.finish()
@@ -428,8 +429,34 @@ def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folde
     return written
 
 
+def _training_rows(artifacts: dict, names: list[str], judge) -> list[tuple[str, str, str]]:
+    """(model, stage, what its own training measured) for every registered model and the judge: the report then
+    shows the whole chain (reward model accuracy, PPO reward and KL, DPO accuracy) next to the comparison."""
+    rows = []
+    for name, artifact in [(n, artifacts.get(n)) for n in names] + ([(f"{judge.ref} (judge)", judge)] if judge else []):
+        if artifact is None:
+            continue
+        m = artifact.metrics or {}
+        if artifact.stage == "sft" and "eval_loss" in m:
+            result = f"held-out loss {_fmt(m.get('eval_loss_before'))} -> {_fmt(m['eval_loss'])}"
+        elif artifact.stage == "reward" and "eval_accuracy" in m:
+            result = (f"held-out pairwise accuracy {_fmt(m.get('eval_accuracy_before'))} -> {_fmt(m['eval_accuracy'])}"
+                      f" ({m.get('eval_pairs', '?')} pairs)")
+        elif artifact.stage == "ppo" and "reward_last" in m:
+            result = (f"reward (normalized) {m['reward_first']:+.3f} -> {m['reward_last']:+.3f} (first -> last "
+                      f"{m.get('window', '?')} iterations), KL to SFT {m['kl_last']:.3f} nats, {m.get('episodes')} episodes")
+        elif artifact.stage == "dpo" and "eval_reward_accuracy" in m:
+            result = (f"held-out implicit-reward accuracy {_fmt(m.get('eval_reward_accuracy_before'))} -> "
+                      f"{_fmt(m['eval_reward_accuracy'])}, margin {_fmt(m.get('eval_reward_margin'))} "
+                      f"({m.get('eval_pairs', '?')} pairs)")
+        else:
+            result = "-"
+        rows.append((name, artifact.stage, result))
+    return rows
+
+
 def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[str, ModelResult],
-              cfg: EvalRunConfig, plots: list[str]) -> str:
+              cfg: EvalRunConfig, plots: list[str], training: list[tuple[str, str, str]]) -> str:
     baseline = names[0]
     lines = [f"# Evaluation: {', '.join(names[1:]) or baseline} vs {baseline}", "",
              f"{stats['prompts']} held-out prompts from `{cfg.prompts.path}`; judge: "
@@ -452,6 +479,10 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
         lines += [""] + [f"> {w}: read the intervals, not the point estimates." for w in sorted(warnings)] + \
             ["", "Rates are against the baseline's response to the same prompt; 95% Wilson intervals. The "
                  "length-controlled rate is the judge's predicted preference at equal response lengths.", ""]
+    if training:
+        lines += ["## How the models were made (their own training runs, from the registry)", "",
+                  "| model | stage | measured during training |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {stage} | {result} |" for name, stage, result in training] + [""]
     lines += ["## Per model", "", "| model | judge reward | KL to baseline (nats) | response tokens | EOS rate |",
               "| --- | --- | --- | --- | --- |"]
     for name in names:

@@ -269,6 +269,17 @@ def test_eval_writes_the_report_files(zoo, compared):
         row = _line_of(md, name, "## Alignment tax")
         assert all(f"{entry['benchmarks'][b]['acc']:.3f}" in row for b in entry["benchmarks"]), row
 
+    # The chain behind the comparison: each model's (and the judge's) own training numbers from the registry.
+    from align.registry import Registry
+
+    training = md.split("## How the models were made", 1)[1].split("\n## ", 1)[0]
+    ppo, dpo, reward = (Registry(zoo.align_home).resolve(ref).metrics for ref in ("ppo:1", "dpo:1", "reward:1"))
+    assert f"| ppo:1 | ppo | reward (normalized) {ppo['reward_first']:+.3f} -> {ppo['reward_last']:+.3f}" in training
+    assert f"| dpo:1 | dpo | held-out implicit-reward accuracy {dpo['eval_reward_accuracy_before']:.3f} -> " \
+        f"{dpo['eval_reward_accuracy']:.3f}" in training
+    assert f"| reward:1 (judge) | reward | held-out pairwise accuracy {reward['eval_accuracy_before']:.3f} -> " \
+        f"{reward['eval_accuracy']:.3f}" in training
+
 
 def test_eval_win_rate_recomputes_from_the_generations(zoo, compared, monkeypatch):
     from align.evaluation import judgments_from_rewards, pairwise_stats
