@@ -761,6 +761,11 @@ class PPOConfig:
                                                          "range": (0, None)})
     value_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the value function (adapter and head); default: learning_rate.", "range": (0, None)})
+    value_warmup_steps: int = field(default=0, metadata={
+        "help": "First iterations that train only the value function (the policy is frozen; OpenRLHF's "
+                "freezing_actor_steps). A value function started as the reward model scores every unfinished "
+                "response as if it ended there; until it has learned otherwise, its advantages can push the policy "
+                "the wrong way (e.g. away from EOS when the reward prefers short answers).", "range": (0, None)})
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = field(default="linear", metadata={
         "help": "Learning-rate schedule over `steps` (after warmup)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup iterations.", "range": (0, None)})

@@ -398,9 +398,11 @@ class ValueFunction:
             lora, score = _split_score_head(_adapter_weights(folder))
             _load_adapter_weights(model, "value", lora)
             with torch.no_grad():
-                head.weight.copy_(score.float())
-                normalization = Normalization.load(folder)
-                head.bias.fill_(-normalization.mean if normalization and cfg.reward.normalized else 0.0)
+                # V starts as the reward PPO will see: the raw score, normalized the same way.
+                normalization = Normalization.load(folder) if cfg.reward.normalized else None
+                scale = normalization.apply(1.0) - normalization.apply(0.0) if normalization else 1.0
+                head.weight.copy_(score.float() * scale)
+                head.bias.fill_(normalization.apply(0.0) if normalization else 0.0)
         else:
             model.add_adapter("value", copy.deepcopy(model.peft_config["default"]))
         model.set_adapter("default")
@@ -901,10 +903,12 @@ class PPOTrainer:
         old_values, returns = rollout.values[rows], rollout.returns[rows]
         self.optimizer.zero_grad(set_to_none=True)
 
+        train_policy = self.step >= ppo.value_warmup_steps
         if self.lora:
             self.model.set_adapter("default")
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                         output_hidden_states=not self.lora, **self._response_logits(ids, width))
+        with torch.set_grad_enabled(train_policy):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                             output_hidden_states=not self.lora, **self._response_logits(ids, width))
         logits = out.logits[:, -(ids.shape[1] - width) - 1:-1].float() / self.rollout_cfg.temperature
         logprobs = torch.gather(logits, 2, ids[:, width:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
         log_ratio = (logprobs - old_logprobs) * response_mask
@@ -914,7 +918,7 @@ class PPOTrainer:
         pg_loss = _masked_mean(pg_losses, response_mask)
         loss = pg_loss
         ptx_loss = None
-        if self.ptx is not None:
+        if self.ptx is not None and train_policy:
             ptx_ids, ptx_mask, ptx_labels = (t.to(self.dist.device) for t in self.ptx.batch(ptx_index))
             with torch.set_grad_enabled(self.cfg.ptx.coef > 0):  # coef 0: measured, not trained on
                 ptx_loss = self.model(input_ids=ptx_ids, attention_mask=ptx_mask, labels=ptx_labels,
@@ -930,7 +934,8 @@ class PPOTrainer:
         if self.lora:  # the value adapter runs its own forward pass: two backward passes, one optimizer step
             if not self._all_finite(loss):
                 return None
-            loss.backward()
+            if train_policy:
+                loss.backward()
             predicted = self.value(self.model, ids, mask, positions)[:, width - 1:-1]
             vf_loss, vf_clipfrac = value_loss(predicted)
             finite = self._all_finite(vf_loss)
@@ -942,7 +947,7 @@ class PPOTrainer:
         else:
             predicted = self.value(self.model, ids, mask, positions, out.hidden_states[-1][:, width - 1:-1])
             vf_loss, vf_clipfrac = value_loss(predicted)
-            loss = loss + ppo.vf_coef * vf_loss
+            loss = (loss if train_policy else 0) + ppo.vf_coef * vf_loss
             if not self._all_finite(loss):
                 return None
             loss.backward()
@@ -992,6 +997,8 @@ class PPOTrainer:
                  f"len {entry['response_length']:.1f}", f"eos {entry['eos_rate']:.2f}"]
         if "ptx_loss" in entry:
             parts.append(f"ptx {entry['ptx_loss']:.3f}")
+        if self.step <= self.ppo.value_warmup_steps:
+            parts.append("(value warmup: policy frozen)")
         return "  ".join(parts)
 
     def _keep_samples(self, rollout: Rollout, scores: torch.Tensor) -> None:
@@ -1017,7 +1024,6 @@ class PPOTrainer:
             values = [e[key] for e in part if key in e]
             return sum(values) / len(values) if values else float("nan")
 
-        first, last = done[:window], done[-window:]
         summary = {"window": window, "iterations": self.step, "skipped_steps": self.skipped,
                    "episodes": self.step * self.ppo.batch_size * self.dist.world,
                    "train_runtime_s": round(self.train_time, 2),
@@ -1026,9 +1032,10 @@ class PPOTrainer:
         summary["episodes_per_s"] = summary["episodes"] / max(self.train_time, 1e-9)
         for key in ("reward", "reward_raw", "kl", "length", "eos_rate", "ptx_loss", "entropy"):
             source = "response_length" if key == "length" else key
-            if any(source in e for e in done):
-                summary[f"{key}_first"] = mean(source, first)
-                summary[f"{key}_last"] = mean(source, last)
+            having = [e for e in done if source in e]  # ptx_loss: not during a value warmup
+            if having:
+                summary[f"{key}_first"] = mean(source, having[:window])
+                summary[f"{key}_last"] = mean(source, having[-window:])
         return summary
 
     # ---- checkpoints ----

@@ -373,6 +373,25 @@ def test_value_adapter_is_trained(dev, learn):
     assert moved, "the value adapter's LoRA weights never changed: the value loss's gradient does not reach them"
 
 
+def test_value_warmup_freezes_the_policy_and_trains_the_value(dev):
+    """ppo.value_warmup_steps: the first iterations train only the value function. The policy stays the SFT model
+    (KL exactly 0 when sampling the iteration after), and trains from the iteration after the warmup."""
+    from safetensors.torch import load_file
+
+    run = _run(dev, "warmup", ppo={"steps": 3, "value_warmup_steps": 2, "logging_steps": 1},
+               ptx={"path": dev.ptx_data, "coef": 1.0})
+    log = run.log
+    assert [e["kl"] for e in log] == pytest.approx([0.0, 0.0, 0.0], abs=1e-4), "iterations 1-3 sample the SFT model"
+    for entry in log[:2]:
+        assert entry["approx_kl"] < 1e-8 and entry["clipfrac"] == 0, entry
+        assert "ptx_loss" not in entry, "no ptx term while the policy is frozen"
+    assert log[2]["approx_kl"] > 1e-6 and "ptx_loss" in log[2], log[2]
+    head = torch.load(run.out / "value" / "value_head.pt", weights_only=True)
+    score = next(v for k, v in load_file(str(Path(dev.reward.path) / "adapter_model.safetensors")).items()
+                 if "score" in k and "lora_" not in k)
+    assert not torch.allclose(head["weight"], score.float()), "the value head trained during the warmup"
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. Full fine-tuning with a separately loaded reward model.
 
