@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine (CPU is enough): set up, fine-tune the embedded default
-# model (SmolLM2-135M-Instruct, shipped inside a PyPI package) with LoRA on real data, generate with
-# the result, and list the registry.
-# Extra arguments are config overrides for the SFT run:  bash scripts/demo.sh training.max_steps=5
+# The main job, end to end on this machine (CPU is enough, no network): set up, then run the whole InstructGPT
+# chain on the embedded default (configs/pipeline-demo.yaml): SFT of the real SmolLM2-135M-Instruct -> completions
+# ranked in the embedded Argilla server (by a simulated annotator with a transparent rule) -> reward model -> PPO
+# and DPO -> evaluation report. Re-running skips the finished steps.
+# Extra arguments are config overrides for the pipeline:  bash scripts/demo.sh label.annotators=human
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,17 +13,14 @@ export ALIGN_ARGILLA_VENV="${ALIGN_ARGILLA_VENV:-$PWD/.venv/argilla-server}"
 
 # Everything the demo needs is installed locally; the hub is unreachable here (fail fast, not retry).
 export HF_HUB_OFFLINE=1
-export ALIGN_HOME="${ALIGN_HOME:-$PWD/.align}"   # the registry and converted models live here
+export ALIGN_HOME="${ALIGN_HOME:-$PWD/.align}"   # the registry, converted models and the Argilla server live here
 # Piped into a file or CI log, tables would be cut to 80 columns; a terminal keeps its own width.
 [[ -t 1 ]] || export COLUMNS="${COLUMNS:-120}"
 
-echo "demo: align sft (outputs under runs/sft/, registry in $ALIGN_HOME/registry.db)"
-# output.overwrite=true: a re-run replaces the previous finished run instead of refusing.
-.venv/bin/align sft --config configs/sft-smollm2-lora.yaml output.overwrite=true "$@"
-
-echo "demo: align generate with the model just trained (sft:latest)"
-.venv/bin/align generate --model sft:latest --prompt "What happens if you crack your knuckles a lot?" \
-  --max-new-tokens 48 --temperature 0
+echo "demo: align pipeline (runs under runs/, registry in $ALIGN_HOME/registry.db)"
+.venv/bin/align pipeline --config configs/pipeline-demo.yaml "$@"
 
 echo "demo: align registry list"
 .venv/bin/align registry list
+echo "demo: the Argilla UI with the ranked completions stays up (align label serve status); stop it with:"
+echo "  .venv/bin/align label serve stop"

@@ -114,7 +114,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     parents = [a.id for a in list(artifacts.values()) + [judge_artifact] if a is not None]
     artifact = registry.add(stage=STAGE, name=run_name, kind="evaluation", path=str(final), parents=parents,
                             config=to_dict(cfg), metrics=_registry_metrics(stats, names))
-    _print_summary(stats, names, final, artifact)
+    _print_summary(stats, names, final, artifact, cfg)
     return artifact
 
 
@@ -483,7 +483,7 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
         lines += ["## How the models were made (their own training runs, from the registry)", "",
                   "| model | stage | measured during training |", "| --- | --- | --- |"]
         lines += [f"| {name} | {stage} | {result} |" for name, stage, result in training] + [""]
-    lines += ["## Per model", "", "| model | judge reward | KL to baseline (nats) | response tokens | EOS rate |",
+    lines += ["## Per model", "", f"| model | judge reward | {_kl_label(cfg)} (nats) | response tokens | EOS rate |",
               "| --- | --- | --- | --- | --- |"]
     for name in names:
         entry = stats["models"][name]
@@ -532,6 +532,12 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
                 cells.append(_cell(text) + (f" *(reward {reward[i]:+.2f})*" if reward is not None else ""))
             lines.append(f"| {_cell(prompts[i])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _kl_label(cfg: EvalRunConfig) -> str:
+    """log p_model - log p_baseline of the model's own responses is a Monte-Carlo KL estimate only when they were
+    sampled; greedy responses give a log-ratio that can be negative."""
+    return "KL to baseline" if cfg.generation.temperature > 0 else "log-ratio to baseline (greedy responses, not a KL)"
 
 
 def _fmt(value) -> str:
@@ -605,7 +611,7 @@ def _write_generations(results: dict[str, ModelResult], names: list[str], prompt
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifact) -> None:
+def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifact, cfg: EvalRunConfig) -> None:
     rows = []
     for name in names[1:]:
         entry = stats["models"][name]
@@ -618,6 +624,6 @@ def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifac
         for bench, tax in entry.get("tax", {}).items():
             rows.append((f"{name}: {bench} tax (points)", _pts(tax["acc"])))
         if entry.get("kl_to_baseline") is not None:
-            rows.append((f"{name}: KL to baseline", f"{entry['kl_to_baseline']:.3f} nats/response"))
+            rows.append((f"{name}: {_kl_label(cfg)}", f"{entry['kl_to_baseline']:.3f} nats/response"))
     rows += [("report", f"{final / 'report.html'} (and report.md)"), ("registry", f"{artifact.ref} (id {artifact.id})")]
     print_table(f"finished: {artifact.ref}", rows)
