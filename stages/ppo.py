@@ -148,6 +148,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         console.print(f"resumed from {checkpoint} (iteration {trainer.step})")
     trainer.train(run_dir)
     if not dist.is_main:
+        # Wait until rank 0 has saved and registered: a process group torn down under a peer still using it can
+        # abort gloo at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.stop()
         return None
 
@@ -174,6 +177,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     parents = [a.id for a in (policy_source.artifact, reward_source.artifact, prompt_artifact, ptx_artifact) if a]
     artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=base_model, parents=parents,
                             config=config, data_fingerprint=data_fingerprint, metrics=metrics)
+    dist.barrier()
     dist.stop()
     print_table(f"finished: {artifact.ref} ({name})", [
         ("reward (normalized)", f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f} (first -> last "
