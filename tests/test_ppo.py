@@ -392,6 +392,16 @@ def test_value_warmup_freezes_the_policy_and_trains_the_value(dev):
     assert not torch.allclose(head["weight"], score.float()), "the value head trained during the warmup"
 
 
+def test_qlora_policy_trains_on_one_4bit_base(dev):
+    """QLoRA: the base loaded in 4-bit (bitsandbytes, CPU here) still serves policy, reference, value and reward,
+    and the policy adapter trains (after generate() and the no-grad rollout passes: the CPU repack trap)."""
+    run = _run(dev, "qlora", ppo={"steps": 2, "logging_steps": 1}, quantization={"load_in_4bit": True})
+    assert run.m["base_weight_copies"] == 1 and run.m["iterations"] == 2 and run.m["skipped_steps"] == 0, run.m
+    assert all(math.isfinite(e["pg_loss"]) and math.isfinite(e["vf_loss"]) for e in run.log)
+    assert run.log[0]["approx_kl"] > 1e-6 and run.log[1]["kl"] > 1e-4, run.log
+    assert (run.out / "adapter_model.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. Full fine-tuning with a separately loaded reward model.
 
