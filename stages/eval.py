@@ -432,8 +432,11 @@ def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folde
 def _training_rows(artifacts: dict, names: list[str], judge) -> list[tuple[str, str, str]]:
     """(model, stage, what its own training measured) for every registered model and the judge: the report then
     shows the whole chain (reward model accuracy, PPO reward and KL, DPO accuracy) next to the comparison."""
+    entries = [(n, artifacts.get(n)) for n in names]
+    if judge is not None:
+        entries.append((f"{judge.ref} (judge)", judge))
     rows = []
-    for name, artifact in [(n, artifacts.get(n)) for n in names] + ([(f"{judge.ref} (judge)", judge)] if judge else []):
+    for name, artifact in entries:
         if artifact is None:
             continue
         m = artifact.metrics or {}
@@ -444,7 +447,8 @@ def _training_rows(artifacts: dict, names: list[str], judge) -> list[tuple[str, 
                       f" ({m.get('eval_pairs', '?')} pairs)")
         elif artifact.stage == "ppo" and "reward_last" in m:
             result = (f"reward (normalized) {m['reward_first']:+.3f} -> {m['reward_last']:+.3f} (first -> last "
-                      f"{m.get('window', '?')} iterations), KL to SFT {m['kl_last']:.3f} nats, {m.get('episodes')} episodes")
+                      f"{m.get('window', '?')} iterations), KL to SFT {m['kl_last']:.3f} nats, "
+                      f"{m.get('episodes')} episodes")
         elif artifact.stage == "dpo" and "eval_reward_accuracy" in m:
             result = (f"held-out implicit-reward accuracy {_fmt(m.get('eval_reward_accuracy_before'))} -> "
                       f"{_fmt(m['eval_reward_accuracy'])}, margin {_fmt(m.get('eval_reward_margin'))} "
