@@ -22,7 +22,6 @@ Four groups, each usable on its own (the `align eval` command and its report are
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import re
@@ -39,7 +38,6 @@ CONFIDENCE = 0.95
 MIN_PROMPTS_FOR_CI = 30  # below this the normal approximations behind the intervals are not trustworthy
 MAX_CI_HALF_WIDTH = 0.15  # wider than +-15 points, an interval cannot tell models apart
 SMALL_SAMPLE_WARNING = "too few prompts for a meaningful CI"
-TAIL_CHUNK_SHRINK = 0.6  # options shorter than this fraction of the longest in their chunk start a new chunk
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,18 +541,20 @@ def _shared_context_logprobs(model, rows: Sequence[_Row], groups: Sequence[_Shar
                              progress: Callable[[int], None] | None, pad: int) -> dict[int, float]:
     """Scores of the rows in `groups`, each context run once: {row index: sum of scored log-probs}.
 
-    Per batch of whole groups (about `batch_size` rows; groups sorted by context length so padding stays small):
-    1. the contexts, LEFT-padded with explicit position ids so every context ends in the last column: the logits
-       there predict each option's first token, and the key/value cache holds the contexts;
-    2. the options' tokens (all after the shared prefix), sorted by length and cut into chunks of similar length
-       (options of one question differ a lot in length: padding them all to the longest would double the work),
-       each chunk on a copy of the cache whose rows are its questions' contexts (`reorder_cache`, as beam search
-       uses it).
-    Returns {} (then the rows are scored whole) when the model gives back no cache."""
+    One forward pass per batch of whole groups (about `batch_size` rows; groups sorted by context length so padding
+    stays small). Each group is one packed input row: its context, then every option's tokens but the last, one
+    after the other. A 4D attention mask lets an option's tokens see the context and their own option's earlier
+    tokens only, and each option's position ids restart where the context ends, so every option is scored as if
+    it followed the context alone. Contexts are left-padded to end in the same column: the logits needed (the
+    context's last position, which predicts every option's first token, and the options' own positions) are the
+    last columns of every row, and `logits_to_keep` skips the LM head everywhere else.
+    Returns {} (then the rows are scored whole) when the model's attention cannot take a custom mask."""
+    if _attention_implementation(model) not in _CUSTOM_MASK_ATTENTION:
+        return {}
     device = _device(model)
+    trim = _accepts_logits_to_keep(model)
     order = sorted(groups, key=lambda g: len(g.prefix), reverse=True)
     scores: dict[int, float] = {}
-    tail_logits: dict[int, torch.Tensor] = {}  # row -> logits of its option tokens but the last
     was_training = model.training
     model.eval()
     try:
@@ -566,93 +566,89 @@ def _shared_context_logprobs(model, rows: Sequence[_Row], groups: Sequence[_Shar
                     batch.append(order[start])
                     count += len(order[start].members)
                     start += 1
-                first_logits, cache, context_mask = _run_contexts(model, [g.prefix for g in batch], pad, device)
-                if not hasattr(cache, "reorder_cache"):  # no cache, or a legacy tuple from remote code
-                    return {}
-                options = sorted(((g, i, rows[i].ids[len(group.prefix):]) for g, group in enumerate(batch)
-                                  for i in group.members), key=lambda option: len(option[2]), reverse=True)
-                # An option's last token predicts nothing that is scored, so it is not run; a one-token option
-                # (BoolQ's "yes"/"no") needs no second pass at all.
-                inputs = [len(tail) - 1 for _, _, tail in options]
-                chunks = _similar_length_chunks([n for n in inputs if n > 0])
-                for number, (chunk_start, chunk_end) in enumerate(chunks):
-                    chunk = [(g, i, tail[:-1]) for g, i, tail in options[chunk_start:chunk_end]]
-                    chunk_cache = _cache_copy(cache) if number < len(chunks) - 1 else cache  # the last may use it up
-                    logits = _run_tails(model, chunk, chunk_cache, context_mask,
-                                        [len(batch[g].prefix) for g, _, _ in chunk], pad, device)
-                    for r, (_, i, _) in enumerate(chunk):
-                        tail_logits[i] = logits[r, :inputs[chunk_start + r]]
-                for g, i, tail in options:
-                    scored = rows[i].scored
-                    # predictions for tail[0], tail[1], ...: the context's last logits, then the tail's own
-                    predicted = torch.cat([first_logits[g:g + 1], tail_logits.pop(i, first_logits[:0])])
-                    targets = torch.tensor(tail[len(tail) - scored:], device=device)
-                    logprobs = torch.log_softmax(predicted[len(tail) - scored:].float(), dim=-1)
-                    scores[i] = float(logprobs.gather(1, targets[:, None]).sum())
+                tails = [[rows[i].ids[len(group.prefix):] for i in group.members] for group in batch]
+                packed = _pack_options(batch, tails, pad, _mask_dtype(model))
+                end = packed.context_end
+                extra = {"logits_to_keep": packed.ids.shape[1] - end + 1} if trim else {}
+                logits = model(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
+                               position_ids=packed.positions.to(device), use_cache=False, **extra).logits
+                logits = logits[:, logits.shape[1] - (packed.ids.shape[1] - end + 1):]  # column 0: the context's last
+                for g, group in enumerate(batch):
+                    column = 1  # where the group's next option's inputs start, counted from the context's end
+                    for i, tail in zip(group.members, tails[g]):
+                        # predictions for tail[0], tail[1], ...: the context's last logits, then the option's own
+                        predicted = torch.cat([logits[g, :1], logits[g, column:column + len(tail) - 1]])
+                        column += len(tail) - 1
+                        scored = rows[i].scored
+                        targets = torch.tensor(tail[len(tail) - scored:], device=device)
+                        logprobs = torch.log_softmax(predicted[len(tail) - scored:].float(), dim=-1)
+                        scores[i] = float(logprobs.gather(1, targets[:, None]).sum())
                 if progress is not None:
-                    progress(len(options))
+                    progress(count)
     finally:
         model.train(was_training)
     return scores
 
 
-def _run_contexts(model, contexts: list[list[int]], pad: int, device):
-    """Left-padded forward pass over `contexts`: (last-position logits, key/value cache, attention mask)."""
-    ids, mask = _padded(contexts, pad, left=True)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each context counts from 0 at its first real token
-    trim = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                use_cache=True, **trim)
-    return out.logits[:, -1], out.past_key_values, mask
-
-
-def _run_tails(model, chunk: list[tuple[int, int, list[int]]], cache, context_mask: torch.Tensor,
-               context_lengths: list[int], pad: int, device) -> torch.Tensor:
-    """Right-padded forward pass over the (context index, row, tail ids) of `chunk` on top of their contexts'
-    cache rows; returns the logits, one row per entry of `chunk`."""
-    ids, mask = _padded([tail for _, _, tail in chunk], pad)
-    width = ids.shape[1]
-    owners = torch.tensor([g for g, _, _ in chunk])
-    cache.reorder_cache(owners.to(device))
-    positions = torch.tensor(context_lengths)[:, None] + torch.arange(width)
-    return model(input_ids=ids.to(device), attention_mask=torch.cat([context_mask[owners], mask], dim=1).to(device),
-                 position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
-
-
-def _cache_copy(cache):
-    """A cache that `reorder_cache` and the next forward pass can change without touching `cache`: both replace
-    each layer's tensors (index_select, cat) rather than writing into them, so new layer objects suffice and no
-    tensor is copied. Caches of another structure are deep-copied."""
-    if not isinstance(getattr(cache, "layers", None), list):
-        return copy.deepcopy(cache)
-    duplicate = copy.copy(cache)
-    duplicate.layers = [copy.copy(layer) for layer in cache.layers]
-    return duplicate
-
-
-def _padded(sequences: Sequence[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists as one (ids, attention mask) pair, padded on the right (or left) to the longest."""
+def _padded(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one (ids, attention mask) pair, right-padded to the longest."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
-        ids[row, columns] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, columns] = 1
+        ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, :len(sequence)] = 1
     return ids, mask
 
 
-def _similar_length_chunks(lengths: list[int], shrink: float = TAIL_CHUNK_SHRINK) -> list[tuple[int, int]]:
-    """(start, end) chunks of `lengths` (sorted longest first): a new chunk starts where a length falls below
-    `shrink` times its chunk's longest, so no row is padded to much more than its own length."""
-    if not lengths:
-        return []
-    chunks, start = [], 0
-    for k, length in enumerate(lengths):
-        if length < shrink * lengths[start]:
-            chunks.append((start, k))
-            start = k
-    return chunks + [(start, len(lengths))]
+# Attention implementations that apply a 4D additive mask as given (flash attention takes none).
+_CUSTOM_MASK_ATTENTION = ("eager", "sdpa")
+
+
+def _attention_implementation(model) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def _mask_dtype(model) -> torch.dtype:
+    """The dtype the attention scores are in: the embeddings' (a 4-bit model's linear weights are integers)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+class _PackedOptions(NamedTuple):
+    ids: torch.Tensor  # (groups, width)
+    positions: torch.Tensor  # (groups, width)
+    mask: torch.Tensor  # (groups, 1, width, width) additive: 0 where a query may attend to a key
+    context_end: int  # the column after every row's context
+
+
+def _pack_options(groups: Sequence[_SharedContext], tails: list[list[list[int]]], pad: int,
+                  dtype: torch.dtype) -> _PackedOptions:
+    """One row per group: left padding, the context, then each option's tail but its last token, right padding.
+    `segment` numbers what each column holds (-1 padding, 0 the context, k the k-th option): a query attends to
+    earlier keys of the context and of its own segment; padding attends to itself only, so no row of the mask is
+    empty (an all-masked softmax is NaN)."""
+    context_end = max(len(group.prefix) for group in groups)
+    width = context_end + max(sum(len(tail) - 1 for tail in group_tails) for group_tails in tails)
+    ids = torch.full((len(groups), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    segment = torch.full((len(groups), width), -1, dtype=torch.long)
+    for row, (group, group_tails) in enumerate(zip(groups, tails)):
+        length = len(group.prefix)
+        ids[row, context_end - length:context_end] = torch.tensor(group.prefix)
+        positions[row, context_end - length:context_end] = torch.arange(length)
+        segment[row, context_end - length:context_end] = 0
+        column = context_end
+        for k, tail in enumerate(group_tails, start=1):
+            inputs = tail[:-1]
+            ids[row, column:column + len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+            positions[row, column:column + len(inputs)] = length + torch.arange(len(inputs))
+            segment[row, column:column + len(inputs)] = k
+            column += len(inputs)
+    query, key = segment[:, :, None], segment[:, None, :]
+    earlier = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = earlier & (key != -1) & ((key == 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return _PackedOptions(ids, positions, mask[:, None], context_end)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -159,12 +159,16 @@ def _mixed_requests() -> list[tuple[str, str]]:
             (" ".join(tiny_models.SAMPLE_TEXTS), " The end."), (" ".join(tiny_models.SAMPLE_TEXTS), " Fin.")]
 
 
-@pytest.mark.parametrize("builder", ["tiny_llama", "tiny_gpt_neox"])  # GPT-NeoX: no BOS, partial rotary
-def test_batched_scores_equal_one_forward_per_option(builder, request, monkeypatch):
+@pytest.mark.parametrize("builder, attention", [("tiny_llama", "sdpa"), ("tiny_llama", "eager"),
+                                                ("tiny_gpt_neox", "sdpa")])  # GPT-NeoX: no BOS, partial rotary
+def test_batched_scores_equal_one_forward_per_option(builder, attention, request, monkeypatch):
+    """Options packed after their context (one row per context, a 4D mask) score what one forward pass per option
+    does, with both attention implementations that take such a mask."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = request.getfixturevalue(builder)
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     shared_rows = []
     scorer = ev._shared_context_logprobs
     monkeypatch.setattr(ev, "_shared_context_logprobs",
@@ -178,6 +182,20 @@ def test_batched_scores_equal_one_forward_per_option(builder, request, monkeypat
                                             share_context=share_context)
                 assert batched == pytest.approx(naive, abs=1e-4), (max_length, share_context, batch_size)
     assert shared_rows[0] >= 10  # the context groups did go through the shared-context path
+
+
+def test_attention_that_takes_no_custom_mask_scores_whole_rows(llama, monkeypatch):
+    """Flash attention ignores a 4D mask, so with it options are not packed: every row is scored whole, with the
+    same numbers."""
+    model, tokenizer = llama
+    requests = _mixed_requests()
+    packed = ev.loglikelihoods(model, tokenizer, requests, batch_size=8)
+    whole_rows, scorer = [], ev._tail_logprobs
+    monkeypatch.setattr(ev, "_tail_logprobs", lambda model, rows, *args: whole_rows.append(len(rows)) or
+                        scorer(model, rows, *args))
+    monkeypatch.setattr(ev, "_attention_implementation", lambda model: "flash_attention_2")  # needs CUDA
+    assert ev.loglikelihoods(model, tokenizer, requests, batch_size=8) == pytest.approx(packed, abs=1e-4)
+    assert whole_rows == [len(requests)]
 
 
 def test_reference_matches_a_hand_rolled_forward(llama):
