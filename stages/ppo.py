@@ -610,6 +610,29 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _SampledLogprobs:
+    """A logits processor that records log softmax(logits / temperature) of every token generate() samples: the
+    log-probs PPO trains against, with no second forward pass. Custom processors run before generate's temperature
+    and top-k/top-p warpers, so they see the raw logits, and PPO's policy is the untruncated distribution. Step t's
+    call sees the token sampled at step t - 1, so it is gathered then; `logprobs` gathers the last one."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None  # log-probs of the step whose token is not known yet
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def logprobs(self, response: torch.Tensor) -> torch.Tensor:
+        """(B, R) for the R generated tokens."""
+        steps = self.steps + [self.previous.gather(1, response[:, -1:]).squeeze(1)]
+        return torch.stack(steps, dim=1)[:, :response.shape[1]]
+
+
 class PPOTrainer:
     """InstructGPT PPO: sample, score, shape per-token rewards with the KL to the reference, GAE, clipped updates."""
 
@@ -758,9 +781,14 @@ class PPOTrainer:
         sampling = GenerationConfig(do_sample=True, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                     top_k=r.top_k, top_p=r.top_p, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
                                     stop_strings=r.stop_strings or None)
+        # With LoRA the old log-probs are recorded while sampling (one policy forward pass fewer per rollout); full
+        # fine-tuning runs that pass anyway, for the hidden states its value head reads.
+        recorder = _SampledLogprobs(r.temperature) if self.lora else None
         generated = self.model.generate(input_ids=queries, attention_mask=query_mask, generation_config=sampling,
-                                        tokenizer=self.tokenizer if r.stop_strings else None)
+                                        tokenizer=self.tokenizer if r.stop_strings else None,
+                                        logits_processor=[recorder] if recorder else None)
         response = generated[:, width:]
+        sampled_logprobs = recorder.logprobs(response) if recorder else None
         response, response_mask, ended = self._cut_responses(response)
         ids = torch.cat([queries, response], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)
@@ -768,10 +796,14 @@ class PPOTrainer:
         logprobs, ref_logprobs, values = [], [], []
         for start in range(0, len(rows), self.ppo.mini_batch_size):
             part = slice(start, start + self.ppo.mini_batch_size)
-            lp, hidden = self._policy_logprobs(ids[part], mask[part], positions[part], width)
-            logprobs.append(lp)
+            hidden = None
+            if sampled_logprobs is None:
+                lp, hidden = self._policy_logprobs(ids[part], mask[part], positions[part], width)
+                logprobs.append(lp)
             ref_logprobs.append(self._reference_logprobs(ids[part], mask[part], positions[part], width))
             values.append(self._values(ids[part], mask[part], positions[part], width, hidden))
+        if sampled_logprobs is not None:  # padding after a response's end is masked out everywhere
+            logprobs = [sampled_logprobs.masked_fill(response_mask == 0, 0.0)]
         texts = [self.tokenizer.decode(response[i][response_mask[i].bool()], skip_special_tokens=True).strip()
                  for i in range(len(rows))]
         raw, normalized = self.reward(self.model, prompts, texts)
@@ -808,15 +840,13 @@ class PPOTrainer:
                 return count
         return None
 
-    def _policy_logprobs(self, ids, mask, positions, width, grad: bool = False):
-        if self.lora:
-            self.model.set_adapter("default")
+    def _policy_logprobs(self, ids, mask, positions, width):
+        """Full fine-tuning's rollout pass: the response tokens' log-probs and the last hidden states (for V)."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                         output_hidden_states=not self.lora, **self._response_logits(ids, width))
+                         output_hidden_states=True, **self._response_logits(ids, width))
         logits = out.logits[:, -(ids.shape[1] - width) - 1:-1]
-        hidden = out.hidden_states[-1][:, width - 1:-1] if not self.lora else None
-        return _token_logprobs(logits, ids[:, width:], self.rollout_cfg.temperature), hidden if grad else \
-            (hidden if hidden is None else hidden.detach())
+        return _token_logprobs(logits, ids[:, width:], self.rollout_cfg.temperature), \
+            out.hidden_states[-1][:, width - 1:-1]
 
     def _reference_logprobs(self, ids, mask, positions, width):
         keep = self._response_logits(ids, width)

@@ -687,3 +687,33 @@ def test_epoch_order_visits_every_prompt_once_per_epoch_deterministically():
     ppo._PERMUTATIONS.clear()
     assert ppo._epoch_order(n, 0, 3 * n, seed) == order, "the same with a cold cache (a resumed process)"
     assert ppo._epoch_order(n, 0, n, seed + 1) != order[:n]
+
+
+def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny_llama):
+    """The old log-probs come from generate(): log softmax(logits / T) of each sampled token over the whole
+    vocabulary (not the top-k-truncated distribution it sampled from), as a forward pass over the response gives."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from stages.ppo import _SampledLogprobs, _token_logprobs
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    queries = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    query_mask = (queries != 0).long()
+    recorder = _SampledLogprobs(temperature=0.7)
+    sampling = GenerationConfig(do_sample=True, max_new_tokens=12, temperature=0.7, top_k=5, top_p=1.0,
+                                pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        generated = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=sampling,
+                                   logits_processor=[recorder])
+        response = generated[:, queries.shape[1]:]
+        recorded = recorder.logprobs(response)
+        mask = torch.cat([query_mask, torch.ones_like(response)], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=generated, attention_mask=mask, position_ids=positions).logits
+    forward = _token_logprobs(logits[:, queries.shape[1] - 1:-1], response, 0.7)
+    assert recorded.shape == response.shape and response.shape[1] >= 4, response.shape
+    assert torch.allclose(recorded, forward, atol=1e-4), (recorded - forward).abs().max()
+    assert (recorded < -1e-3).any(), "the full distribution: a top-5 renormalized one would put more mass on each"
