@@ -474,9 +474,9 @@ class _RequestEncoder:
         return _Row(whole, scored)
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def _accepts(model, argument: str) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return argument in inspect.signature(inner.forward).parameters
 
 
 def _tail_logprobs(model, rows: Sequence[_Row], batch_size: int,
@@ -488,7 +488,7 @@ def _tail_logprobs(model, rows: Sequence[_Row], batch_size: int,
     the earliest of them, which saves most of the LM head and log-softmax when continuations are short."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids), reverse=True)
     device = _device(model)
-    trim = _accepts_logits_to_keep(model)
+    trim = _accepts(model, "logits_to_keep")
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     was_training = model.training
     model.eval()  # dropout off: scores must not depend on the order of batches
@@ -548,11 +548,12 @@ def _shared_context_logprobs(model, rows: Sequence[_Row], groups: Sequence[_Shar
     it followed the context alone. Contexts are left-padded to end in the same column: the logits needed (the
     context's last position, which predicts every option's first token, and the options' own positions) are the
     last columns of every row, and `logits_to_keep` skips the LM head everywhere else.
-    Returns {} (then the rows are scored whole) when the model's attention cannot take a custom mask."""
-    if _attention_implementation(model) not in _CUSTOM_MASK_ATTENTION:
+    Returns {} (then the rows are scored whole) when the model's attention cannot take a custom mask, or it takes
+    no position ids (ALiBi models such as BLOOM derive positions from a 2D mask)."""
+    if _attention_implementation(model) not in _CUSTOM_MASK_ATTENTION or not _accepts(model, "position_ids"):
         return {}
     device = _device(model)
-    trim = _accepts_logits_to_keep(model)
+    trim = _accepts(model, "logits_to_keep")
     order = sorted(groups, key=lambda g: len(g.prefix), reverse=True)
     scores: dict[int, float] = {}
     was_training = model.training

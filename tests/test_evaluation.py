@@ -184,16 +184,21 @@ def test_batched_scores_equal_one_forward_per_option(builder, attention, request
     assert shared_rows[0] >= 10  # the context groups did go through the shared-context path
 
 
-def test_attention_that_takes_no_custom_mask_scores_whole_rows(llama, monkeypatch):
-    """Flash attention ignores a 4D mask, so with it options are not packed: every row is scored whole, with the
-    same numbers."""
+@pytest.mark.parametrize("model_kind", ["flash attention", "no position ids"])
+def test_models_that_cannot_take_packed_options_score_whole_rows(model_kind, llama, monkeypatch):
+    """Flash attention ignores a 4D mask, and an ALiBi model (BLOOM) takes no position ids: with those, options are
+    not packed, every row is scored whole, with the same numbers."""
     model, tokenizer = llama
     requests = _mixed_requests()
     packed = ev.loglikelihoods(model, tokenizer, requests, batch_size=8)
-    whole_rows, scorer = [], ev._tail_logprobs
+    whole_rows, scorer, accepts = [], ev._tail_logprobs, ev._accepts
     monkeypatch.setattr(ev, "_tail_logprobs", lambda model, rows, *args: whole_rows.append(len(rows)) or
                         scorer(model, rows, *args))
-    monkeypatch.setattr(ev, "_attention_implementation", lambda model: "flash_attention_2")  # needs CUDA
+    if model_kind == "flash attention":  # needs CUDA to load for real
+        monkeypatch.setattr(ev, "_attention_implementation", lambda model: "flash_attention_2")
+    else:
+        monkeypatch.setattr(ev, "_accepts", lambda model, argument: argument != "position_ids" and
+                            accepts(model, argument))
     assert ev.loglikelihoods(model, tokenizer, requests, batch_size=8) == pytest.approx(packed, abs=1e-4)
     assert whole_rows == [len(requests)]
 
