@@ -548,13 +548,14 @@ def _shared_context_logprobs(model, rows: Sequence[_Row], groups: Sequence[_Shar
     it followed the context alone. Contexts are left-padded to end in the same column: the logits needed (the
     context's last position, which predicts every option's first token, and the options' own positions) are the
     last columns of every row, and `logits_to_keep` skips the LM head everywhere else.
-    Returns {} (then the rows are scored whole) when the model's attention cannot take a custom mask, or it takes
-    no position ids (ALiBi models such as BLOOM derive positions from a 2D mask)."""
-    if _attention_implementation(model) not in _CUSTOM_MASK_ATTENTION or not _accepts(model, "position_ids"):
+    Returns {} (then every row is scored whole) for a model that cannot take this: see `_can_pack`. A group whose
+    mask alone would pass `MAX_MASK_ELEMENTS` is left out and scored whole too (its rows are not in the result)."""
+    if not _can_pack(model, max(len(rows[i].ids) for group in groups for i in group.members) if groups else 0):
         return {}
     device = _device(model)
     trim = _accepts(model, "logits_to_keep")
-    order = sorted(groups, key=lambda g: len(g.prefix), reverse=True)
+    order = sorted((g for g in groups if (len(g.prefix) + _options_length(g, rows)) ** 2 <= MAX_MASK_ELEMENTS),
+                   key=lambda g: len(g.prefix), reverse=True)
     scores: dict[int, float] = {}
     was_training = model.training
     model.eval()
@@ -562,17 +563,25 @@ def _shared_context_logprobs(model, rows: Sequence[_Row], groups: Sequence[_Shar
         with torch.inference_mode():
             start = 0
             while start < len(order):
-                batch, count = [], 0
-                while start < len(order) and (not batch or count + len(order[start].members) <= batch_size):
-                    batch.append(order[start])
-                    count += len(order[start].members)
-                    start += 1
+                # Whole groups: about `batch_size` rows, and a mask (groups x width x width) within the budget. The
+                # width is the first (longest) context plus the longest options of the batch.
+                context, options = len(order[start].prefix), _options_length(order[start], rows)
+                batch, count = [order[start]], len(order[start].members)
+                start += 1
+                while start < len(order):
+                    group = order[start]
+                    wider = max(options, _options_length(group, rows))
+                    if count + len(group.members) > batch_size or \
+                            (len(batch) + 1) * (context + wider) ** 2 > MAX_MASK_ELEMENTS:
+                        break
+                    batch.append(group)
+                    count, options, start = count + len(group.members), wider, start + 1
                 tails = [[rows[i].ids[len(group.prefix):] for i in group.members] for group in batch]
-                packed = _pack_options(batch, tails, pad, _mask_dtype(model))
+                packed = _pack_options(batch, tails, pad, _mask_dtype(model), device)
                 end = packed.context_end
                 extra = {"logits_to_keep": packed.ids.shape[1] - end + 1} if trim else {}
-                logits = model(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
-                               position_ids=packed.positions.to(device), use_cache=False, **extra).logits
+                logits = model(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                               use_cache=False, **extra).logits
                 logits = logits[:, logits.shape[1] - (packed.ids.shape[1] - end + 1):]  # column 0: the context's last
                 for g, group in enumerate(batch):
                     column = 1  # where the group's next option's inputs start, counted from the context's end
@@ -604,10 +613,27 @@ def _padded(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, tor
 
 # Attention implementations that apply a 4D additive mask as given (flash attention takes none).
 _CUSTOM_MASK_ATTENTION = ("eager", "sdpa")
+MAX_MASK_ELEMENTS = 1 << 26  # a packed batch's mask: 64M entries (256 MiB in float32); larger groups score whole rows
 
 
 def _attention_implementation(model) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def _can_pack(model, longest_row: int) -> bool:
+    """Whether packed options score exactly what whole rows do on this model. Not with an attention that ignores a
+    custom mask (flash attention); nor with ALiBi (BLOOM and MPT take no position ids, Falcon's ALiBi reads a 2D mask);
+    nor where a sliding window would bind: transformers hands a 4D mask to sliding-window layers as it is, so
+    they would see past their window (Mistral, Gemma 2/3, Qwen2 with use_sliding_window)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    return (_attention_implementation(model) in _CUSTOM_MASK_ATTENTION and _accepts(model, "position_ids")
+            and not getattr(config, "alibi", False) and not (window and longest_row > window))
+
+
+def _options_length(group: _SharedContext, rows: Sequence[_Row]) -> int:
+    """Columns a group's options take in a packed row: each option's tokens after the prefix but its last."""
+    return sum(len(rows[i].ids) - len(group.prefix) - 1 for i in group.members)
 
 
 def _mask_dtype(model) -> torch.dtype:
@@ -623,7 +649,7 @@ class _PackedOptions(NamedTuple):
 
 
 def _pack_options(groups: Sequence[_SharedContext], tails: list[list[list[int]]], pad: int,
-                  dtype: torch.dtype) -> _PackedOptions:
+                  dtype: torch.dtype, device) -> _PackedOptions:
     """One row per group: left padding, the context, then each option's tail but its last token, right padding.
     `segment` numbers what each column holds (-1 padding, 0 the context, k the k-th option): a query attends to
     earlier keys of the context and of its own segment; padding attends to itself only, so no row of the mask is
@@ -645,11 +671,12 @@ def _pack_options(groups: Sequence[_SharedContext], tails: list[list[list[int]]]
             positions[row, column:column + len(inputs)] = length + torch.arange(len(inputs))
             segment[row, column:column + len(inputs)] = k
             column += len(inputs)
+    segment = segment.to(device)  # the (groups, width, width) mask is built where it is used
     query, key = segment[:, :, None], segment[:, None, :]
-    earlier = torch.ones((width, width), dtype=torch.bool).tril()
-    allowed = earlier & (key != -1) & ((key == 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return _PackedOptions(ids, positions, mask[:, None], context_end)
+    earlier = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    allowed = earlier & (key != -1) & ((key == 0) | (key == query)) | torch.eye(width, dtype=torch.bool, device=device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return _PackedOptions(ids.to(device), positions.to(device), mask[:, None], context_end)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -610,11 +610,28 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _generate_without_model_defaults(model, generation_config, **inputs) -> torch.Tensor:
+    """generate() with `generation_config` and nothing else. generate() fills every field left unset from the
+    model's own generation_config.json (a repetition penalty, no_repeat_ngram_size, suppressed tokens, a minimum
+    length...): those would sample from another distribution than the policy PPO trains, and put it into the
+    recorded log-probs. The model's defaults are set aside for the call (and stay in what is saved)."""
+    from transformers import GenerationConfig
+
+    language_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own_defaults, language_model.generation_config = language_model.generation_config, GenerationConfig()
+    try:
+        return model.generate(generation_config=generation_config, **inputs)
+    finally:
+        language_model.generation_config = own_defaults
+
+
 class _SampledLogprobs:
     """A logits processor that records log softmax(logits / temperature) of every token generate() samples: the
     log-probs PPO trains against, with no second forward pass. Custom processors run before generate's temperature
     and top-k/top-p warpers, so they see the raw logits, and PPO's policy is the untruncated distribution. Step t's
-    call sees the token sampled at step t - 1, so it is gathered then; `logprobs` gathers the last one."""
+    call sees the token sampled at step t - 1, so it is gathered then; `logprobs` gathers the last one. Cached
+    decoding and the update's full forward pass agree to float rounding (~1e-6 in float32, ~1e-3 in bf16), so the
+    first PPO epoch's ratio is 1 up to that, as with TRL's PPOTrainer, which also takes them from generate."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
@@ -774,8 +791,6 @@ class PPOTrainer:
         r = self.rollout_cfg
         if self.lora:
             self.model.set_adapter("default")
-        # A complete generation config: the model's own defaults (top_k 50, repetition penalty...) would sample
-        # from another distribution than the one whose log-probs PPO trains.
         from transformers import GenerationConfig
 
         sampling = GenerationConfig(do_sample=True, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
@@ -784,9 +799,9 @@ class PPOTrainer:
         # With LoRA the old log-probs are recorded while sampling (one policy forward pass fewer per rollout); full
         # fine-tuning runs that pass anyway, for the hidden states its value head reads.
         recorder = _SampledLogprobs(r.temperature) if self.lora else None
-        generated = self.model.generate(input_ids=queries, attention_mask=query_mask, generation_config=sampling,
-                                        tokenizer=self.tokenizer if r.stop_strings else None,
-                                        logits_processor=[recorder] if recorder else None)
+        generated = _generate_without_model_defaults(
+            self.model, sampling, input_ids=queries, attention_mask=query_mask,
+            tokenizer=self.tokenizer if r.stop_strings else None, logits_processor=[recorder] if recorder else None)
         response = generated[:, width:]
         sampled_logprobs = recorder.logprobs(response) if recorder else None
         response, response_mask, ended = self._cut_responses(response)

@@ -203,6 +203,44 @@ def test_models_that_cannot_take_packed_options_score_whole_rows(model_kind, lla
     assert whole_rows == [len(requests)]
 
 
+@pytest.mark.parametrize("family", ["mistral with a sliding window", "falcon with alibi"])
+def test_models_a_packed_mask_would_change_score_whole_rows(family, tiny_llama):
+    """transformers hands a custom 4D mask to sliding-window layers as it is (they would see past their window),
+    and Falcon's ALiBi reads a 2D mask: for those, options are not packed, with the reference's numbers."""
+    import torch
+    from transformers import AutoTokenizer, FalconConfig, FalconForCausalLM, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    if family.startswith("mistral"):  # the long context of _mixed_requests is wider than the window
+        model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 sliding_window=8, max_position_embeddings=256))
+    else:
+        model = FalconForCausalLM(FalconConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, alibi=True))
+    model.eval()
+    requests = _mixed_requests()
+    naive = [ev.reference_loglikelihood(model, tokenizer, c, t) for c, t in requests]
+    assert ev.loglikelihoods(model, tokenizer, requests, batch_size=8) == pytest.approx(naive, abs=1e-4)
+
+
+def test_mask_budget_splits_batches_and_leaves_the_longest_group_to_whole_rows(llama, monkeypatch):
+    """A packed batch's mask is groups x width^2: a small budget packs fewer groups per pass, and a group too wide
+    for it alone is scored as whole rows; the numbers do not change."""
+    model, tokenizer = llama
+    requests = _mixed_requests()
+    naive = [ev.reference_loglikelihood(model, tokenizer, c, t) for c, t in requests]
+    monkeypatch.setattr(ev, "MAX_MASK_ELEMENTS", 24 ** 2)
+    packed_groups, pack = [], ev._pack_options
+    monkeypatch.setattr(ev, "_pack_options", lambda groups, *args: packed_groups.append(len(groups)) or
+                        pack(groups, *args))
+    assert ev.loglikelihoods(model, tokenizer, requests, batch_size=64) == pytest.approx(naive, abs=1e-4)
+    # Without the budget all 5 groups share one pass; with it, one group a pass, and the 2 groups wider than 24
+    # columns (the long context's among them) are scored as whole rows.
+    assert packed_groups == [1, 1, 1], packed_groups
+
+
 def test_reference_matches_a_hand_rolled_forward(llama):
     """log P(" 42" | context) from one plain forward over the joined text."""
     import torch

@@ -691,23 +691,26 @@ def test_epoch_order_visits_every_prompt_once_per_epoch_deterministically():
 
 def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny_llama):
     """The old log-probs come from generate(): log softmax(logits / T) of each sampled token over the whole
-    vocabulary (not the top-k-truncated distribution it sampled from), as a forward pass over the response gives."""
+    vocabulary (not the top-k-truncated distribution it sampled from), as a forward pass over the response gives,
+    even when the model's own generation defaults carry logits processors (Qwen2.5-Instruct ships a repetition
+    penalty): those are not applied."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from stages.ppo import _SampledLogprobs, _token_logprobs
+    from stages.ppo import _generate_without_model_defaults, _SampledLogprobs, _token_logprobs
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
                            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    model.get_base_model().generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=1)
     queries = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     query_mask = (queries != 0).long()
     recorder = _SampledLogprobs(temperature=0.7)
     sampling = GenerationConfig(do_sample=True, max_new_tokens=12, temperature=0.7, top_k=5, top_p=1.0,
                                 pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        generated = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=sampling,
-                                   logits_processor=[recorder])
+        generated = _generate_without_model_defaults(model, sampling, input_ids=queries, attention_mask=query_mask,
+                                                     logits_processor=[recorder])
         response = generated[:, queries.shape[1]:]
         recorded = recorder.logprobs(response)
         mask = torch.cat([query_mask, torch.ones_like(response)], dim=1)
@@ -717,3 +720,4 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny_llama):
     assert recorded.shape == response.shape and response.shape[1] >= 4, response.shape
     assert torch.allclose(recorded, forward, atol=1e-4), (recorded - forward).abs().max()
     assert (recorded < -1e-3).any(), "the full distribution: a top-5 renormalized one would put more mass on each"
+    assert model.get_base_model().generation_config.repetition_penalty == 1.3, "the model's defaults are kept"
