@@ -287,11 +287,11 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
                    share_context: bool = True) -> list[float]:
     """Sum of log-probabilities of each continuation's tokens given its context, for (context, continuation) pairs.
 
-    Requests with the same context (the options of one question) share one pass over it: the contexts of
-    several questions run together, their key/value cache is copied to each option's row, and a second pass
-    runs the option tokens only (`_shared_context_logprobs`). With 4 options and contexts 5x as long as an option
-    (MMLU's proportions) that is under 40% of the compute of scoring whole rows. The rest (a context asked once, a row
-    cut to fit the model, a model that returns no cache, or ``share_context=False``) is scored as whole rows in
+    Requests with the same context (the options of one question) share one pass over it: the context and all its
+    options go in one input row, kept apart by a 4D attention mask, and several questions share a forward pass
+    (`_shared_context_logprobs`). With 4 options and contexts 5x as long as an option (MMLU's proportions) that is
+    under 40% of the compute of scoring whole rows. The rest (a context asked once, a row cut to fit the model, a
+    model that cannot take the packed rows exactly, or ``share_context=False``) is scored as whole rows in
     length-sorted, right-padded batches (`_tail_logprobs`). `batch_size` is the number of rows (options) per
     forward pass; `progress(k)` is called after each batch with the number of requests it finished."""
     _require_causal(model)
@@ -578,11 +578,10 @@ def _shared_context_logprobs(model, rows: Sequence[_Row], groups: Sequence[_Shar
                     count, options, start = count + len(group.members), wider, start + 1
                 tails = [[rows[i].ids[len(group.prefix):] for i in group.members] for group in batch]
                 packed = _pack_options(batch, tails, pad, _mask_dtype(model), device)
-                end = packed.context_end
-                extra = {"logits_to_keep": packed.ids.shape[1] - end + 1} if trim else {}
+                kept = packed.ids.shape[1] - packed.context_end + 1  # from the context's last column on
+                extra = {"logits_to_keep": kept} if trim else {}
                 logits = model(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
-                               use_cache=False, **extra).logits
-                logits = logits[:, logits.shape[1] - (packed.ids.shape[1] - end + 1):]  # column 0: the context's last
+                               use_cache=False, **extra).logits[:, -kept:]  # column 0: the context's last
                 for g, group in enumerate(batch):
                     column = 1  # where the group's next option's inputs start, counted from the context's end
                     for i, tail in zip(group.members, tails[g]):

@@ -328,9 +328,14 @@ def _share_reward_base(cfg: PPORunConfig, reward_source, base_path: str) -> bool
     return same
 
 
+def _language_model(model):
+    """The transformers causal LM inside peft's wrappers (the model itself without them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _backbone(model):
     """The transformer body (hidden states, no LM head) of a causal LM, through peft's wrappers."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = _language_model(model)
     return getattr(lm, lm.base_model_prefix)
 
 
@@ -617,7 +622,7 @@ def _generate_without_model_defaults(model, generation_config, **inputs) -> torc
     recorded log-probs. The model's defaults are set aside for the call (and stay in what is saved)."""
     from transformers import GenerationConfig
 
-    language_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    language_model = _language_model(model)
     own_defaults, language_model.generation_config = language_model.generation_config, GenerationConfig()
     try:
         return model.generate(generation_config=generation_config, **inputs)
@@ -658,8 +663,7 @@ class PPOTrainer:
         self.cfg, self.ppo, self.rollout_cfg = cfg, cfg.ppo, cfg.rollout
         self.model, self.reference, self.value, self.reward = model, reference, value, reward
         self.tokenizer, self.queries, self.ptx, self.dist = tokenizer, queries, ptx, dist
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
+        self.keeps_logits = "logits_to_keep" in inspect.signature(_language_model(model).forward).parameters
         self.model.eval()  # no dropout: the sampled log-probs and the trained ones must come from the same function
         self.lora = cfg.lora.enabled
         policy_params = [p for n, p in model.named_parameters() if p.requires_grad and ".value." not in n
