@@ -19,6 +19,7 @@ import html
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,9 @@ from align.artifacts import RunDir, save_run_config
 from align.config import EvalRunConfig, load_config, to_dict
 from align.data import PROMPT_FIELDS, read_records
 from align.errors import AlignError
-from align.evaluation import (Benchmark, alignment_tax, judgments_from_rewards, length_controlled_win_rate,
-                              loglikelihoods, pairwise_stats, perplexity, preference_scores, read_benchmark,
-                              score_multiple_choice, text_metrics)
+from align.evaluation import (Benchmark, Question, alignment_tax, judgments_from_rewards,
+                              length_controlled_win_rate, loglikelihoods, pairwise_stats, perplexity,
+                              preference_scores, read_benchmark, score_multiple_choice, text_metrics)
 from align.generation import SamplingConfig, generate, render_prompts
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, print_table
@@ -97,7 +98,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     # 4. The judge: rewards of every response, then win rates against the baseline.
     if cfg.judge.path:
         _judge(results, names, prompts, cfg)
-    stats = _statistics(results, names, cfg, hacked)
+    stats = _statistics(results, names, cfg, hacked, dict(benchmarks))
 
     # 5. Report and registry row.
     run_dir.create()
@@ -292,16 +293,20 @@ def _judge(results: dict[str, ModelResult], names: list[str], prompts: list[str]
 # --------------------------------------------------------------------------------------------------
 # Statistics
 
-def _statistics(results: dict[str, ModelResult], names: list[str], cfg: EvalRunConfig, hacked: list[str]) -> dict:
+def _statistics(results: dict[str, ModelResult], names: list[str], cfg: EvalRunConfig, hacked: list[str],
+                benchmarks: dict[str, Benchmark]) -> dict:
     baseline = results[names[0]]
     stats = {"baseline": names[0], "prompts": len(baseline.responses), "judge": cfg.judge.path,
-             "judge_optimized_against": hacked, "models": {}}
+             "judge_optimized_against": hacked, "models": {},
+             "benchmarks": {name: _reference_points(b.questions) for name, b in benchmarks.items()}}
     for name in names:
         result = results[name]
         entry = {
             "response_tokens": _mean(result.response_tokens),
             "eos_rate": _mean([float(e) for e in result.ended]),
-            "benchmarks": {b: {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n} for b, r in result.benchmarks.items()},
+            "benchmarks": {b: {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n,
+                               "most_chosen": _most_chosen(r.predictions, benchmarks[b].questions)}
+                           for b, r in result.benchmarks.items()},
             "perplexity": {t: {"perplexity": p.perplexity, "tokens": p.tokens} for t, p in result.perplexity.items()},
         }
         if result.task_metrics:
@@ -459,6 +464,31 @@ def _training_rows(artifacts: dict, names: list[str], judge) -> list[tuple[str, 
     return rows
 
 
+def _reference_points(questions: list[Question]) -> dict:
+    """What no knowledge scores on a benchmark: a uniform guess, and always giving its most frequent answer."""
+    label, share = _most_common(_option_labels(questions, [q.answer for q in questions]))
+    return {"chance": _mean([1 / len(q.options) for q in questions]), "majority": share, "majority_answer": label}
+
+
+def _most_chosen(predictions: list[int], questions: list[Question]) -> dict:
+    """The option a model picked most often and how often: 100% "no" on BoolQ reads as a bias, not as a low score."""
+    label, share = _most_common(_option_labels(questions, predictions))
+    return {"option": label, "share": share}
+
+
+def _option_labels(questions: list[Question], indices: list[int]) -> list[str]:
+    """Each chosen option's text where every question offers the same options (BoolQ's no/yes), else its letter."""
+    same_options = all(q.options == questions[0].options for q in questions)
+    return [q.options[i] if same_options else chr(ord("A") + i) for q, i in zip(questions, indices)]
+
+
+def _most_common(labels: list[str]) -> tuple[str, float]:
+    if not labels:
+        return "-", math.nan
+    label, count = Counter(labels).most_common(1)[0]
+    return label, count / len(labels)
+
+
 def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[str, ModelResult],
               cfg: EvalRunConfig, plots: list[str], training: list[tuple[str, str, str]]) -> str:
     baseline = names[0]
@@ -509,6 +539,7 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
                 tax = entry.get("tax", {}).get(bench)
                 cells += [f"{scores['acc']:.3f}", f"{scores['acc_norm']:.3f}", _pts(tax["acc"]) if tax else "-"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [""] + [_reference_line(bench, stats, names) for bench in benches]
     texts = list(stats["models"][baseline]["perplexity"])
     if texts:
         lines += ["", "## Perplexity", "", "| model | " + " | ".join(texts) + " |", "| --- |" + " --- |" * len(texts)]
@@ -538,6 +569,18 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
     return "\n".join(lines) + "\n"
 
 
+def _reference_line(bench: str, stats: dict, names: list[str]) -> str:
+    points = stats["benchmarks"][bench]
+    chosen = ", ".join(f"{name} {_pct_of(stats['models'][name]['benchmarks'][bench]['most_chosen'])}"
+                       for name in names)
+    return (f"- {bench}: a uniform guess scores {points['chance']:.3f}, always answering "
+            f"\"{points['majority_answer']}\" {points['majority']:.3f}; the option each model chose most: {chosen}")
+
+
+def _pct_of(chosen: dict) -> str:
+    return f"\"{chosen['option']}\" {100 * chosen['share']:.0f}%"
+
+
 def _kl_label(cfg: EvalRunConfig) -> str:
     """log p_model - log p_baseline of the model's own responses is a Monte-Carlo KL estimate only when they were
     sampled; greedy responses give a log-ratio that can be negative."""
@@ -555,7 +598,8 @@ def _cell(text: str, limit: int = 400) -> str:
 
 
 def _html(markdown: str, folder: Path) -> str:
-    """One self-contained HTML file: the report's Markdown rendered (tables, headings, quotes, images inlined)."""
+    """One self-contained HTML file: the report's Markdown rendered (tables, headings, quotes, list items, images
+    inlined)."""
     body, table = [], []
 
     def flush_table():
@@ -577,6 +621,8 @@ def _html(markdown: str, folder: Path) -> str:
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
         elif line.startswith("> "):
             body.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
         elif line.startswith("![") and "](" in line:
             path = line[line.index("](") + 2:-1]
             data = base64.b64encode((folder / path).read_bytes()).decode()

@@ -1071,7 +1071,7 @@ class PPOTrainer:
 
     def summary(self) -> dict:
         done = [e for e in self.history if not e.get("skipped")]
-        window = max(1, min(5, len(done) // 4 or 1))
+        window = max(1, min(5, len(done) // 3))  # a mean over a few iterations: one is mostly sampling noise
 
         def mean(key, part):
             values = [e[key] for e in part if key in e]

@@ -311,6 +311,11 @@ def test_eval_win_rate_recomputes_from_the_generations(zoo, compared, monkeypatc
     assert again == pytest.approx([r["judge_reward"] for r in sample], abs=1e-4)
 
 
+def _majority(share_yes: float) -> set[str]:
+    """The most frequent of BoolQ's no/yes given the share of "yes" (either one on a tie)."""
+    return {"yes"} if share_yes > 0.5 else {"no"} if share_yes < 0.5 else {"yes", "no"}
+
+
 def test_eval_alignment_tax_recomputes_from_the_models(zoo, compared, monkeypatch):
     from align.evaluation import alignment_tax, read_benchmark, score_multiple_choice
     from align.modeling import load_for_inference
@@ -341,6 +346,23 @@ def test_eval_alignment_tax_recomputes_from_the_models(zoo, compared, monkeypatc
         row = _line_of(compared.markdown, "ppo:1", "## Alignment tax")
         assert _pts(tax) in row and f"{scored['ppo:1'][name].acc:.3f}" in row, (name, row)
     assert "tax" not in results["sft:1"], "the baseline pays no tax against itself"
+
+    # Reference points beside the accuracies: chance, the most frequent answer, and each model's favourite option
+    # (BoolQ's options are the same words everywhere, so they are named; MMLU's by letter).
+    boolq = benchmarks["toy_boolq"].questions
+    yes = sum(q.answer == 1 for q in boolq) / len(boolq)
+    points = compared.results["benchmarks"]
+    assert points["toy_boolq"]["chance"] == 0.5 and points["toy_boolq"]["majority"] == max(yes, 1 - yes)
+    assert points["toy_boolq"]["majority_answer"] in _majority(yes), points
+    assert points["toy-mmlu"]["chance"] == pytest.approx(0.25) and points["toy-mmlu"]["majority_answer"] in "ABCD"
+    for ref in ("sft:1", "ppo:1"):
+        picks = scored[ref]["toy_boolq"].predictions
+        share_yes = sum(picks) / len(picks)
+        chosen = results[ref]["benchmarks"]["toy_boolq"]["most_chosen"]
+        assert chosen["share"] == pytest.approx(max(share_yes, 1 - share_yes))
+        assert chosen["option"] in _majority(share_yes), (ref, chosen)
+    line = next(l for l in compared.markdown.splitlines() if l.startswith("- toy_boolq: a uniform guess scores 0.500"))
+    assert f'always answering "{points["toy_boolq"]["majority_answer"]}"' in line and "sft:1 \"" in line, line
 
 
 def test_eval_warns_about_the_model_optimized_against_the_judge(compared):
