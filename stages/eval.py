@@ -466,27 +466,20 @@ def _training_rows(artifacts: dict, names: list[str], judge) -> list[tuple[str, 
 
 def _reference_points(questions: list[Question]) -> dict:
     """What no knowledge scores on a benchmark: a uniform guess, and always giving its most frequent answer."""
-    label, share = _most_common(_option_labels(questions, [q.answer for q in questions]))
-    return {"chance": _mean([1 / len(q.options) for q in questions]), "majority": share, "majority_answer": label}
+    majority = _most_chosen([q.answer for q in questions], questions)
+    return {"chance": _mean([1 / len(q.options) for q in questions]), "majority": majority["share"],
+            "majority_answer": majority["option"]}
 
 
-def _most_chosen(predictions: list[int], questions: list[Question]) -> dict:
-    """The option a model picked most often and how often: 100% "no" on BoolQ reads as a bias, not as a low score."""
-    label, share = _most_common(_option_labels(questions, predictions))
-    return {"option": label, "share": share}
-
-
-def _option_labels(questions: list[Question], indices: list[int]) -> list[str]:
-    """Each chosen option's text where every question offers the same options (BoolQ's no/yes), else its letter."""
+def _most_chosen(indices: list[int], questions: list[Question]) -> dict:
+    """The option chosen most often and how often: a model at 100% "no" on BoolQ has a bias, not a low score.
+    Options are named by their text where every question offers the same ones (BoolQ's no/yes), else by letter."""
+    if not indices:
+        return {"option": "-", "share": math.nan}
     same_options = all(q.options == questions[0].options for q in questions)
-    return [q.options[i] if same_options else chr(ord("A") + i) for q, i in zip(questions, indices)]
-
-
-def _most_common(labels: list[str]) -> tuple[str, float]:
-    if not labels:
-        return "-", math.nan
+    labels = [q.options[i] if same_options else chr(ord("A") + i) for q, i in zip(questions, indices)]
     label, count = Counter(labels).most_common(1)[0]
-    return label, count / len(labels)
+    return {"option": label, "share": count / len(labels)}
 
 
 def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[str, ModelResult],
@@ -571,14 +564,10 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
 
 def _reference_line(bench: str, stats: dict, names: list[str]) -> str:
     points = stats["benchmarks"][bench]
-    chosen = ", ".join(f"{name} {_pct_of(stats['models'][name]['benchmarks'][bench]['most_chosen'])}"
-                       for name in names)
+    chosen = ", ".join(f"{name} \"{c['option']}\" {100 * c['share']:.0f}%"
+                       for name in names for c in [stats["models"][name]["benchmarks"][bench]["most_chosen"]])
     return (f"- {bench}: a uniform guess scores {points['chance']:.3f}, always answering "
             f"\"{points['majority_answer']}\" {points['majority']:.3f}; the option each model chose most: {chosen}")
-
-
-def _pct_of(chosen: dict) -> str:
-    return f"\"{chosen['option']}\" {100 * chosen['share']:.0f}%"
 
 
 def _kl_label(cfg: EvalRunConfig) -> str:
