@@ -29,6 +29,14 @@ from transformers import TrainerCallback
 from tests.test_reward import _config, _fake_sft_artifact, _main, marker_pairs
 from tests.tiny_models import write_jsonl
 
+
+def _wide_console(mp: pytest.MonkeyPatch) -> None:
+    """Summary rows unwrapped. A console of its own: COLUMNS is not enough, rich reads it once when the console is
+    made if it is set then (pytest-xdist workers set COLUMNS=80)."""
+    from rich.console import Console
+
+    mp.setattr("align.reporting.console", Console(highlight=False, width=200))
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Few steps, short sequences, no checkpoints, no progress bars. LoRA at lr 3e-3: held-out accuracy 0.98 after 20
@@ -64,7 +72,7 @@ def trained(tmp_path_factory, tiny_llama):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(home)
         mp.setenv("ALIGN_HOME", str(home / ".align"))
-        mp.setenv("COLUMNS", "200")  # summary rows unwrapped
+        _wide_console(mp)
         sft = _fake_sft_artifact(home / "runs" / "sft" / "fake-sft", tiny_llama)
         rows = marker_pairs(80)
         label = Registry().add(stage="label", name="marker", kind="dataset",
@@ -187,7 +195,7 @@ def test_full_finetuning_keeps_a_separate_frozen_reference(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / ".align"))
-    monkeypatch.setenv("COLUMNS", "200")
+    _wide_console(monkeypatch)
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(12, seed=2))
     trainers = []
     _capturing(monkeypatch, trainers)
@@ -221,7 +229,7 @@ def test_named_reference_is_a_separate_frozen_model(tmp_path, monkeypatch, tiny_
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / ".align"))
-    monkeypatch.setenv("COLUMNS", "200")
+    _wide_console(monkeypatch)
     sft = _fake_sft_artifact(tmp_path / "runs" / "sft" / "fake-sft", tiny_llama)
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(12, seed=4))
     trainers = []
