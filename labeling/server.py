@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from align.errors import AlignError
-from align.registry import registry_home
 
 SERVER_VERSION = "2.8.0"
 # click 8.2+ breaks every `python -m argilla_server ...` command of this release.
@@ -112,9 +111,17 @@ class ServerStatus:
 
 # --- Paths -------------------------------------------------------------------------------------
 
+def _align_home() -> Path:
+    # Imported here: scripts/setup.sh builds the server venv with this module while align's own dependencies
+    # (rich, which align.registry imports) are still being installed.
+    from align.registry import registry_home
+
+    return registry_home().absolute()
+
+
 def argilla_home() -> Path:
     """``<align home>/argilla``: the server's database, secrets, logs and run state."""
-    return registry_home().absolute() / "argilla"
+    return _align_home() / "argilla"
 
 
 def venv_dir() -> Path:
@@ -122,7 +129,7 @@ def venv_dir() -> Path:
     override = os.environ.get(VENV_ENV)
     if override:
         return Path(override).expanduser().absolute()
-    return registry_home().absolute() / "argilla-server-venv"
+    return _align_home() / "argilla-server-venv"
 
 
 def credentials_file() -> Path:

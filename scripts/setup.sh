@@ -75,6 +75,13 @@ else
   rm -rf "$VENV"
   "$BASE_PY" -m venv "$VENV" || die "'$BASE_PY -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
 fi
+# The Argilla server's environment needs only the standard library to build, so it is built in the background
+# from here on, while the steps below install align's own packages (it takes ~1.5 min); step 5 waits for it.
+ARGILLA_LOG="$VENV/.argilla-server-setup.log"
+argilla_server_venv > "$ARGILLA_LOG" 2>&1 &
+ARGILLA_PID=$!
+trap 'kill "$ARGILLA_PID" 2>/dev/null || true' EXIT
+
 # pip, quiet; the filter drops one harmless warning some machines' pip config causes on every package
 # (a local mirror listed as extra index that lacks the package). pipefail keeps pip's exit status.
 pip_install() {
@@ -103,8 +110,12 @@ pip_install --no-deps "${OFFLINE_ASSETS[@]}"
 
 # 5. What `align label` runs: Redis, the Argilla server in its own venv (argilla-server 2.8.0), Chromium.
 system_packages
-say "setting up the Argilla server's environment ($ALIGN_ARGILLA_VENV)..."
-argilla_server_venv
+say "waiting for the Argilla server's environment ($ALIGN_ARGILLA_VENV)..."
+argilla_status=0
+wait "$ARGILLA_PID" || argilla_status=$?
+trap - EXIT
+cat "$ARGILLA_LOG"
+[[ $argilla_status -eq 0 ]] || die "building the Argilla server's environment failed (output above)"
 
 "$PY" -c 'import torch; print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")'
 stamp_value > "$STAMP"
