@@ -37,6 +37,7 @@ def _wide_console(mp: pytest.MonkeyPatch) -> None:
 
     mp.setattr("align.reporting.console", Console(highlight=False, width=200))
 
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Few steps, short sequences, no checkpoints, no progress bars. LoRA at lr 3e-3: held-out accuracy 0.98 after 20
