@@ -761,6 +761,13 @@ class PPOConfig:
                                                          "range": (0, None)})
     value_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the value function (adapter and head); default: learning_rate.", "range": (0, None)})
+    value_layers: int | None = field(default=None, metadata={
+        "help": "With LoRA: how many decoder layers, counted from the top, carry the value function's adapter. Below "
+                "them the value function reads the reference model's hidden states, which the rollout computes "
+                "anyway, so its forward and backward passes run through these layers only. Default (unset): a "
+                "quarter of the layers, at least one. 0: every layer, so that with a shared-base reward model the "
+                "value function starts as exactly the reward model (InstructGPT), at the cost of a whole extra "
+                "forward and backward pass per minibatch.", "range": (0, None)})
     value_warmup_steps: int = field(default=0, metadata={
         "help": "First iterations that train only the value function (the policy is frozen; OpenRLHF's "
                 "freezing_actor_steps). A value function started as the reward model scores every unfinished "

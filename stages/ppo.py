@@ -21,8 +21,10 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,14 +103,18 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     match_model_to_tokenizer(model, tokenizer)
     model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing=False)
     reference = None if cfg.lora.enabled else _frozen_copy(model)
-    value = ValueFunction.create(model, cfg, reward_source if share else None)
-    reward = SharedBaseReward.attach(model, reward_source, cfg.reward) if share else \
+    adapters = AdapterSwitch(model) if cfg.lora.enabled else None
+    value = ValueFunction.create(model, cfg, adapters, reward_source if share else None)
+    reward = SharedBaseReward.attach(model, adapters, reward_source, cfg.reward) if share else \
         TextReward(RewardScorer.load(reward_source.path, registry), cfg.reward)
     device = dist.device
     model.to(device)
     value.head.to(device)
     if reference is not None:
         reference.to(device)
+    if not value.check_upper(model, _probe(queries, cfg, model.config), device):
+        console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
+                      f"{type(_language_model(model)).__name__}'s forward pass; they run the whole model")
     params = parameter_summary(model)
     copies = base_weight_copies(model, reference, reward.model if isinstance(reward, TextReward) else None)
     trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist)
@@ -118,8 +124,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("method", "LoRA (adapter 'default')" if cfg.lora.enabled else "full fine-tuning"),
         ("reference (KL)", "the SFT model = the policy with its adapters disabled" if cfg.lora.enabled else
          "a frozen copy of the SFT model"),
-        ("value function", "adapter 'value' + linear head" + (" (initialized from the reward model)" if share else "")
-         if cfg.lora.enabled else "linear head on the policy's last hidden states"),
+        ("value function", f"adapter 'value' (trained on {value.layers_note(model)}) + linear head" +
+         (" (initialized from the reward model)" if share else "") if cfg.lora.enabled else
+         "linear head on the policy's last hidden states"),
         ("reward model", f"{cfg.reward.path}: " + ("adapter 'reward' on the policy's base (shared weights)" if share
                                                    else reward.describe())),
         ("base weight copies in memory", copies),
@@ -382,23 +389,122 @@ def _last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+class AdapterSwitch:
+    """Chooses the adapter a forward pass runs through: `value`, `reward`, or none (`__base__`: the reference); the
+    policy's `default` is active otherwise. peft's PeftModel.set_adapter walks every module of the model (~11 ms a
+    switch at 25M parameters; a PPO iteration switches two dozen times): this switches the adapter layers, found
+    once, directly. Either way peft freezes every adapter but the active one, so the trained weights (`trainable`)
+    are made trainable again after each switch. With modules_to_save (wrapped modules whose adapters need peft's
+    own bookkeeping) it uses PeftModel.set_adapter / disable_adapter."""
+
+    def __init__(self, model):
+        self.model = model
+        self.trainable: list[torch.nn.Parameter] = []
+        self.layers: list | None = None  # found at the first switch, once every adapter has been added
+
+    def _find_layers(self) -> list:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        modules = list(self.model.modules())
+        if any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules):
+            return []
+        return [m for m in modules if isinstance(m, BaseTunerLayer)]
+
+    def _switch(self, name: str) -> None:
+        for layer in self.layers:
+            if name == "__base__":
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(name)
+
+    @contextmanager
+    def use(self, name: str):
+        if self.layers is None:
+            self.layers = self._find_layers()
+        try:
+            if not self.layers:  # peft's own switches
+                if name == "__base__":
+                    with self.model.disable_adapter():
+                        yield
+                else:
+                    self.model.set_adapter(name)
+                    try:
+                        yield
+                    finally:
+                        self.model.set_adapter("default")
+            else:
+                self._switch(name)
+                try:
+                    yield
+                finally:
+                    if name == "__base__":
+                        for layer in self.layers:
+                            layer.enable_adapters(True)
+                    else:
+                        self._switch("default")
+        finally:
+            for param in self.trainable:
+                param.requires_grad_(True)
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The transformer body's decoder layers (`layers` in Llama, Mistral, Qwen, Gemma, ...), or None."""
+    layers = getattr(_backbone(model), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
+def _upper_body(model, first: int):
+    """The transformer body from decoder layer `first` up, sharing every module with the model: given the hidden
+    states that enter layer `first` as `inputs_embeds`, it returns what the whole body returns."""
+    body = _backbone(model)
+    upper = copy.copy(body)
+    upper._modules = {**body._modules, "layers": torch.nn.ModuleList(list(body.layers)[first:])}
+    return upper
+
+
+@contextmanager
+def _layer_input(layer: torch.nn.Module):
+    """Collects the hidden states that enter `layer` during the passes run inside the block."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 class ValueFunction:
     """V(s) for every response position: the `value` adapter's (LoRA) or the policy's (full fine-tuning) last hidden
     states through a linear head. With a shared-base reward model it starts as the reward model (InstructGPT): its
-    adapter weights, its score head, and the normalization mean as the head's bias."""
+    adapter weights, its score head, and the normalization mean as the head's bias.
 
-    def __init__(self, head: torch.nn.Linear, adapter: str | None):
+    With LoRA only the value adapter's top `ppo.value_layers` decoder layers train; the layers below keep their
+    starting weights. So what enters the lowest trained layer does not change while an iteration's PPO epochs run:
+    the rollout's value pass keeps it, and every training pass of the value function runs only the trained layers
+    on it (`upper`, the body from that layer up). Where that shortcut does not reproduce the model's own forward
+    pass (checked once, `check_upper`), value passes run the whole model: the same function, slower."""
+
+    def __init__(self, head: torch.nn.Linear, adapters: AdapterSwitch | None, first_layer: int = 0, upper=None,
+                 frozen: list[torch.nn.Parameter] | None = None):
         self.head = head
-        self.adapter = adapter
+        self.adapters = adapters  # None: full fine-tuning, the head reads the policy's hidden states
+        self.first_layer = first_layer  # the lowest decoder layer the value function trains
+        self.upper = upper  # the body from first_layer up (None: value passes run the whole model)
+        self.frozen = frozen or []  # the value adapter's weights below first_layer
 
     @classmethod
-    def create(cls, model, cfg: PPORunConfig, reward_source=None) -> ValueFunction:
+    def create(cls, model, cfg: PPORunConfig, adapters: AdapterSwitch | None, reward_source=None) -> ValueFunction:
         hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
             else model.config.hidden_size
         head = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
-        if not cfg.lora.enabled:
+        if adapters is None:
             return cls(head, None)
         folder = Path(reward_source.path) if reward_source else None
         if folder is not None:
@@ -415,22 +521,72 @@ class ValueFunction:
         else:
             model.add_adapter("value", copy.deepcopy(model.peft_config["default"]))
         model.set_adapter("default")
-        return cls(head, "value")
+        layers = _decoder_layers(model)
+        count = cfg.ppo.value_layers if cfg.ppo.value_layers is not None else max(1, len(layers or ()) // 4)
+        if layers is None or not 0 < count < len(layers):
+            return cls(head, adapters)
+        first = len(layers) - count
+        frozen = [p for n, p in model.named_parameters() if ".value." in n and "lora_" in n
+                  and _layer_index(n) is not None and _layer_index(n) < first]
+        return cls(head, adapters, first, _upper_body(model, first), frozen)
+
+    def check_upper(self, model, probe: list[int], device: torch.device) -> bool:
+        """Whether the upper body on the captured hidden states ends where the whole body does, on `probe` (token
+        ids as long as a rollout). Not where an architecture transforms what enters its body (Granite's embedding
+        multiplier) or picks a layer's attention by its position in the list: then value passes run the whole
+        model."""
+        if self.upper is None:
+            return True
+        ids = torch.tensor([probe], device=device)
+        mask = torch.ones_like(ids)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad(), _layer_input(_decoder_layers(model)[self.first_layer]) as captured:
+            whole = self._hidden(model, ids, mask, positions)  # hidden states: a new head is all zeros
+            upper = self._hidden(model, ids, mask, positions, inputs=captured[0])
+        if not torch.allclose(whole, upper, rtol=1e-3, atol=1e-3):
+            self.upper = None
+        return self.upper is not None
+
+    def layers_note(self, model) -> str:
+        total = len(_decoder_layers(model) or ())
+        return f"{total - self.first_layer} of {total} decoder layers" if self.first_layer else "every layer"
 
     def parameters(self, model) -> list[torch.nn.Parameter]:
-        adapter = [p for n, p in model.named_parameters() if ".value." in n and "lora_" in n] if self.adapter else []
+        """What the value loss trains: the value adapter's upper layers (all of it by default) and the head."""
+        frozen = {id(p) for p in self.frozen}
+        adapter = [p for n, p in model.named_parameters() if ".value." in n and "lora_" in n
+                   and id(p) not in frozen] if self.adapters else []
         return adapter + list(self.head.parameters())
 
-    def __call__(self, model, ids, mask, positions, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        if self.adapter is None:
-            hidden = policy_hidden
-        else:
-            # The value adapter stays active (and trainable) until the caller switches back: switching makes peft
-            # freeze it, and a backward pass after that would drop its gradients.
-            model.set_adapter(self.adapter)
-            hidden = _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                      use_cache=False).last_hidden_state
+    def __call__(self, model, ids, mask, positions, policy_hidden: torch.Tensor | None = None,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Values at every position. `inputs`: the hidden states entering the lowest trained layer (kept from the
+        rollout's value pass), to run the upper layers only."""
+        hidden = policy_hidden if self.adapters is None else self._hidden(model, ids, mask, positions, inputs)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    def _hidden(self, model, ids, mask, positions, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        with self.adapters.use("value"):
+            if self.upper is not None and inputs is not None:
+                return self.upper(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                                  use_cache=False).last_hidden_state
+            return _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    use_cache=False).last_hidden_state
+
+
+def _probe(queries: list[tuple[str, list[int]]], cfg: PPORunConfig, model_config) -> list[int]:
+    """The first prompt's tokens repeated to the longest rollout (prompt + response): sliding-window or per-layer
+    attention differences show only at lengths a rollout reaches."""
+    length = min(cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens,
+                 getattr(model_config, "max_position_embeddings", None) or 1 << 30)
+    tokens = queries[0][1]
+    return (tokens * (length // len(tokens) + 1))[:length]
+
+
+def _layer_index(weight_name: str) -> int | None:
+    """The decoder layer a weight belongs to (`...layers.12.self_attn...` -> 12), or None."""
+    found = re.search(r"\.layers\.(\d+)\.", weight_name)
+    return int(found.group(1)) if found else None
 
 
 class SharedBaseReward:
@@ -439,15 +595,16 @@ class SharedBaseReward:
 
     model = None
 
-    def __init__(self, tokenizer, score: torch.Tensor, normalization: Normalization | None, normalized: bool,
-                 batch_size: int):
+    def __init__(self, adapters: AdapterSwitch, tokenizer, score: torch.Tensor, normalization: Normalization | None,
+                 normalized: bool, batch_size: int):
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.score = score
         self.normalization = normalization if normalized else None
         self.batch_size = batch_size
 
     @classmethod
-    def attach(cls, model, source, reward_cfg) -> SharedBaseReward:
+    def attach(cls, model, adapters: AdapterSwitch, source, reward_cfg) -> SharedBaseReward:
         folder = Path(source.path)
         lora, score = _split_score_head(_adapter_weights(folder))
         model.add_adapter("reward", _adapter_config(folder, task_type="CAUSAL_LM", modules_to_save=None,
@@ -460,15 +617,15 @@ class SharedBaseReward:
         tokenizer = load_tokenizer(str(folder))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # the score is read at the last real token, found by length
-        return cls(tokenizer, score.float(), Normalization.load(folder), reward_cfg.normalized, reward_cfg.batch_size)
+        return cls(adapters, tokenizer, score.float(), Normalization.load(folder), reward_cfg.normalized,
+                   reward_cfg.batch_size)
 
     @torch.no_grad()
     def __call__(self, model, prompts: list[str], responses: list[str]) -> tuple[list[float], list[float]]:
         encoded = [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         device = next(model.parameters()).device
         raw = [0.0] * len(encoded)
-        model.set_adapter("reward", inference_mode=True)
-        try:
+        with self.adapters.use("reward"):
             for start in range(0, len(encoded), self.batch_size):
                 chunk = encoded[start:start + self.batch_size]
                 width = max(len(ids) for ids in chunk)
@@ -481,8 +638,6 @@ class SharedBaseReward:
                 hidden = _backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 values = _last_token_states(hidden, mask).float() @ self.score.to(device).T
                 raw[start:start + len(chunk)] = values.squeeze(-1).tolist()
-        finally:
-            model.set_adapter("default")
         normalized = [self.normalization.apply(r) for r in raw] if self.normalization else raw
         return raw, normalized
 
@@ -590,6 +745,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, R)
     ref_logprobs: torch.Tensor  # (B, R)
     values: torch.Tensor  # (B, R)
+    value_inputs: torch.Tensor | None = None  # (B, P + R, hidden): what enters the value's lowest trained layer
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
@@ -662,6 +818,7 @@ class PPOTrainer:
                  queries: list[tuple[str, list[int]]], ptx: PtxData | None, dist: Distributed):
         self.cfg, self.ppo, self.rollout_cfg = cfg, cfg.ppo, cfg.rollout
         self.model, self.reference, self.value, self.reward = model, reference, value, reward
+        self.adapters = value.adapters  # None with full fine-tuning
         self.tokenizer, self.queries, self.ptx, self.dist = tokenizer, queries, ptx, dist
         self.keeps_logits = "logits_to_keep" in inspect.signature(_language_model(model).forward).parameters
         self.model.eval()  # no dropout: the sampled log-probs and the trained ones must come from the same function
@@ -671,6 +828,10 @@ class PPOTrainer:
         value_params = value.parameters(model)
         self.params = policy_params + [p for p in value_params if all(p is not q for q in policy_params)]
         self.trainable_count = sum(p.numel() for p in self.params)
+        for param in self.params:  # peft's set_adapter('default') left the value adapter frozen
+            param.requires_grad_(True)
+        if self.adapters is not None:
+            self.adapters.trainable = self.params
         value_lr = self.ppo.value_learning_rate if self.ppo.value_learning_rate is not None else self.ppo.learning_rate
         self.optimizer = torch.optim.AdamW([
             {"params": policy_params, "lr": self.ppo.learning_rate},
@@ -793,8 +954,6 @@ class PPOTrainer:
             query_mask[row, width - len(q):] = 1
         queries, query_mask = queries.to(device), query_mask.to(device)
         r = self.rollout_cfg
-        if self.lora:
-            self.model.set_adapter("default")
         from transformers import GenerationConfig
 
         sampling = GenerationConfig(do_sample=True, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
@@ -812,7 +971,7 @@ class PPOTrainer:
         ids = torch.cat([queries, response], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logprobs, ref_logprobs, values = [], [], []
+        logprobs, ref_logprobs, values, value_inputs = [], [], [], []
         for start in range(0, len(rows), self.ppo.mini_batch_size):
             part = slice(start, start + self.ppo.mini_batch_size)
             hidden = None
@@ -820,7 +979,9 @@ class PPOTrainer:
                 lp, hidden = self._policy_logprobs(ids[part], mask[part], positions[part], width)
                 logprobs.append(lp)
             ref_logprobs.append(self._reference_logprobs(ids[part], mask[part], positions[part], width))
-            values.append(self._values(ids[part], mask[part], positions[part], width, hidden))
+            part_values, inputs = self._values(ids[part], mask[part], positions[part], width, hidden)
+            values.append(part_values)
+            value_inputs.append(inputs)
         if sampled_logprobs is not None:  # padding after a response's end is masked out everywhere
             logprobs = [sampled_logprobs.masked_fill(response_mask == 0, 0.0)]
         texts = [self.tokenizer.decode(response[i][response_mask[i].bool()], skip_special_tokens=True).strip()
@@ -830,7 +991,8 @@ class PPOTrainer:
         if r.missing_eos_penalty:
             scores = scores - r.missing_eos_penalty * (~ended).float()
         rollout = Rollout(prompts, texts, ids, mask, positions, response_mask.float(), torch.cat(logprobs),
-                          torch.cat(ref_logprobs), torch.cat(values))
+                          torch.cat(ref_logprobs), torch.cat(values),
+                          torch.cat(value_inputs) if value_inputs[0] is not None else None)
         return rollout, torch.tensor(raw, dtype=torch.float32, device=device), scores, ended
 
     def _cut_responses(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -873,7 +1035,7 @@ class PPOTrainer:
             logits = self.reference(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                                     **keep).logits
         else:
-            with self.model.disable_adapter():
+            with self.adapters.use("__base__"):
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                                     **keep).logits
         return _token_logprobs(logits[:, -(ids.shape[1] - width) - 1:-1], ids[:, width:], self.rollout_cfg.temperature)
@@ -883,10 +1045,16 @@ class PPOTrainer:
         prompt tokens is wasted work, ~10-20% of a forward pass for a large vocabulary."""
         return {"logits_to_keep": ids.shape[1] - width + 1} if self.keeps_logits else {}
 
-    def _values(self, ids, mask, positions, width, policy_hidden=None):
-        if self.value.adapter is None:
-            return self.value(self.model, ids, mask, positions, policy_hidden)
-        return self.value(self.model, ids, mask, positions)[:, width - 1:-1]
+    def _values(self, ids, mask, positions, width, policy_hidden=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rollout's values at the response positions, and (value adapter trained on its upper layers) the hidden
+        states entering the lowest trained layer: they stay valid through the iteration's updates."""
+        if self.adapters is None:
+            return self.value(self.model, ids, mask, positions, policy_hidden), None
+        capture = _layer_input(_decoder_layers(self.model)[self.value.first_layer]) \
+            if self.value.upper is not None else nullcontext([])
+        with capture as captured:
+            values = self.value(self.model, ids, mask, positions)[:, width - 1:-1]
+        return values, (captured[0] if captured else None)
 
     # ---- advantages ----
 
@@ -957,8 +1125,6 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         train_policy = self.step >= ppo.value_warmup_steps
-        if self.lora:
-            self.model.set_adapter("default")
         with torch.set_grad_enabled(train_policy):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                              output_hidden_states=not self.lora, **self._response_logits(ids, width))
@@ -989,12 +1155,12 @@ class PPOTrainer:
                 return None
             if train_policy:
                 loss.backward()
-            predicted = self.value(self.model, ids, mask, positions)[:, width - 1:-1]
+            inputs = rollout.value_inputs[rows] if rollout.value_inputs is not None else None
+            predicted = self.value(self.model, ids, mask, positions, inputs=inputs)[:, width - 1:-1]
             vf_loss, vf_clipfrac = value_loss(predicted)
             finite = self._all_finite(vf_loss)
             if finite:
                 (ppo.vf_coef * vf_loss).backward()
-            self.model.set_adapter("default")
             if not finite:
                 return None
         else:
@@ -1123,7 +1289,6 @@ class PPOTrainer:
         if self.lora:
             _load_adapter_weights(self.model, "default", _adapter_weights(folder))
             _load_adapter_weights(self.model, "value", _adapter_weights(folder / VALUE_FOLDER))
-            self.model.set_adapter("default")
         else:
             from transformers import AutoModelForCausalLM
 

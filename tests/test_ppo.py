@@ -38,15 +38,17 @@ from tests.test_reward import marker_pairs
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Small and fast: 16 prompts x 12 new tokens per iteration, 4 PPO epochs of 2 minibatches. lr 5e-3 on the LoRA
-# policy learns the marker in ~30 iterations (the config default, 1e-5, is for real models). lr 1e-2 learns faster
-# but is on the edge: 1 seed of 8 collapsed (one update with approx_kl ~5 -> near-uniform policy, KL 55, no EOS).
+# policy learns the marker in a few dozen iterations (the config default, 1e-5, is for real models). lr 1e-2 learns
+# faster but is on the edge: 1 seed of 8 collapsed (one update with approx_kl ~5 -> near-uniform policy, KL 55, no EOS).
+# 60 iterations (~6-10 s): on an Intel Xeon the fixture's SFT and reward models come out differently than on the AMD
+# EPYC the thresholds were first measured on, and 30 iterations gained only 0.8-2.7 there.
 BASE = {
     "model": {"path": "sft:1"},
     "reward": {"path": "reward:1"},
     "data": {"path": "prompts.jsonl"},
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
     "rollout": {"max_new_tokens": 12, "max_prompt_length": 64},
-    "ppo": {"steps": 30, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "learning_rate": 5e-3,
+    "ppo": {"steps": 60, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "learning_rate": 5e-3,
             "kl_coef": 0.05, "logging_steps": 5, "sample_steps": 0, "save_steps": 1000},
 }
 
@@ -143,7 +145,7 @@ def _run(dev, name: str, *overrides: str, **sections) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def learn(dev):
-    """The main run (seed 42, 30 iterations), LoRA + shared-base reward. Keeps the trainer for in-memory checks."""
+    """The main run (seed 42, 60 iterations), LoRA + shared-base reward. Keeps the trainer for in-memory checks."""
     from stages import ppo
 
     trainers = []
@@ -195,30 +197,32 @@ def ptx_off(dev):
 
 def test_ppo_raises_the_reward_while_kl_stays_bounded(learn):
     m = learn.m
-    # Measured (30 iterations, lr 5e-3): reward_first -> reward_last (kl_last, kl_max), as stages/ppo.py is now:
-    #   seed 42: -5.50 -> -1.82 (3.8, 26.3)   seed 1: -3.77 -> -0.27 (11.1, 17.2)   seed 2: -5.70 -> +0.37 (8.6, 11.7)
-    #   seed 3:  -5.61 -> -0.13 (8.4, 13.3)   seed 4: -5.83 -> +0.03 (6.4, 13.7)    seed 5: -5.15 -> -0.20 (11.7, 28.6)
-    # and with the value adapter trained (see test_value_adapter_is_trained), seeds 42, 1-7: gain 3.78-5.76,
-    # reward_last -0.52..+0.89, kl_last 5.3-14.0, kl_max <= 28.3. Gain >= 3.5 everywhere; threshold 2.
-    # The early KL peak is the first updates' overshoot (iterations 2-3), before the penalty has acted.
-    assert m["iterations"] == 30 and m["skipped_steps"] == 0 and m["window"] == 5
-    assert m["reward_last"] - m["reward_first"] > 2.0, m
-    assert m["reward_last"] > -2.5, m
+    # Measured (60 iterations, lr 5e-3, Intel Xeon, value function trained on its top layer of 2): reward_first ->
+    # reward_last (kl_last, kl_max):
+    #   seed 42: -3.20 -> -0.60 (6.8, 8.7)   seed 1: -3.22 -> -0.79 (10.4, 16.3)   seed 2: -4.61 -> -0.77 (8.1, 16.3)
+    #   seed 3:  -2.96 -> +0.42 (8.9, 21.3)
+    # and with ppo.value_layers 0 (every layer trained): gains 2.48, 2.01, 4.24, 3.90, reward_last -0.80..+0.74.
+    # Gain >= 2.0 everywhere; threshold 1.5. (On an AMD EPYC, 30 iterations gained 3.8-5.8.)
+    # The early KL peak is the first updates' overshoot, before the penalty has acted.
+    assert m["iterations"] == 60 and m["skipped_steps"] == 0 and m["window"] == 5
+    assert m["reward_last"] - m["reward_first"] > 1.5, m
+    assert m["reward_last"] > -2.0, m
     assert m["kl_last"] < 25 and m["kl_max"] < 50, m
     log = learn.log
-    assert [e["step"] for e in log] == list(range(1, 31))
+    assert [e["step"] for e in log] == list(range(1, 61))
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4), "iteration 1 samples from the SFT model itself"
     assert all(math.isfinite(e[k]) for e in log for k in ("reward", "kl", "pg_loss", "vf_loss", "entropy"))
     # The summary is the log's first / last 5 iterations.
     assert m["reward_first"] == pytest.approx(sum(e["reward"] for e in log[:5]) / 5)
     assert m["reward_last"] == pytest.approx(sum(e["reward"] for e in log[-5:]) / 5)
     assert m["kl_max"] == pytest.approx(max(e["kl"] for e in log))
-    assert m["episodes"] == 30 * 16
+    assert m["episodes"] == 60 * 16
 
 
 def test_large_kl_coefficient_keeps_the_policy_near_the_reference(learn, tight):
-    # Measured kl_last with kl_coef 5 (same seeds as above): 0.25, 0.11, 0.08, 0.20, 0.23, 0.08 (0.015-0.106 with
-    # the value adapter trained), against 3.8-14.0 with kl_coef 0.05: ratio <= 0.07. Its reward barely moves.
+    # Measured kl_last with kl_coef 5 (30 iterations, AMD EPYC): 0.25, 0.11, 0.08, 0.20, 0.23, 0.08 (0.015-0.106
+    # with the value adapter trained), against 3.8-14.0 with kl_coef 0.05: ratio <= 0.07; 60 iterations, Intel Xeon,
+    # seed 42: 0.145 against 6.8. Its reward barely moves.
     assert tight.m["kl_coef_last"] == 5.0
     assert tight.m["kl_last"] < 1.0, tight.m
     assert tight.m["kl_last"] < 0.2 * learn.m["kl_last"], (tight.m["kl_last"], learn.m["kl_last"])
@@ -329,7 +333,8 @@ def test_single_base_copy_holds_policy_reference_value_and_reward(dev, learn):
     assert learn.m["base_weight_copies"] == 1
     assert trainer.reference is None
     assert set(model.peft_config) == {"default", "value", "reward"}
-    assert isinstance(trainer.reward, ppo.SharedBaseReward) and trainer.value.adapter == "value"
+    assert isinstance(trainer.reward, ppo.SharedBaseReward) and trainer.value.adapters is trainer.adapters
+    assert trainer.value.upper is not None, "the value function's training passes run its trained layers only"
     assert ppo.base_weight_copies(model) == 1
     # The reward adapter is frozen and outside the optimizer; the value adapter is trained.
     trained = {id(p) for p in trainer.params}
@@ -337,6 +342,8 @@ def test_single_base_copy_holds_policy_reference_value_and_reward(dev, learn):
         if ".reward." in name:
             assert not param.requires_grad and id(param) not in trained, name
     assert any(".value." in n and id(p) in trained for n, p in model.named_parameters())
+    # After every adapter switch of the run, what is trained is still trainable (peft's switches freeze adapters).
+    assert all(p.requires_grad for p in trainer.params)
 
     # The shared-base path reads exactly what the reward model was trained to read.
     samples = [json.loads(line) for line in (learn.out / "samples.jsonl").read_text().splitlines()]
@@ -358,7 +365,8 @@ def test_single_base_copy_holds_policy_reference_value_and_reward(dev, learn):
 
 def test_value_adapter_is_trained(dev, learn):
     """The value function starts as the reward model (its LoRA weights, its score head) and is trained by the value
-    loss: its adapter weights must move, not only its head."""
+    loss: its adapter weights must move, not only its head. By default only its top quarter of layers trains (here
+    layer 1 of 2); the layer below keeps the reward model's weights."""
     from safetensors.torch import load_file
 
     value = load_file(str(learn.out / "value" / "adapter_model.safetensors"))
@@ -369,8 +377,68 @@ def test_value_adapter_is_trained(dev, learn):
     score = next(v for k, v in load_file(str(Path(dev.reward.path) / "adapter_model.safetensors")).items()
                  if "score" in k and "lora_" not in k)
     assert not torch.equal(head["weight"], score.float()), "the value head trained"
-    moved = [k for k in value if not torch.equal(value[k], reward[k])]
+    moved = {k for k in value if not torch.equal(value[k], reward[k])}
     assert moved, "the value adapter's LoRA weights never changed: the value loss's gradient does not reach them"
+    assert all(".layers.1." in k for k in moved), "only the top layer trains"
+    assert sum(".layers.1." in k for k in value) == len(moved), "every weight of the top layer moved"
+    assert learn.trainer.value.first_layer == 1
+    assert not any(p is q for p in learn.trainer.value.frozen for q in learn.trainer.params), "layer 0 is not trained"
+
+
+def test_value_upper_layers_alone_give_the_whole_models_values_and_gradients(learn):
+    """The shortcut behind ppo.value_layers: the upper layers run on the hidden states captured where they begin
+    give the values the whole model gives, and the value loss's gradient reaches only the trained weights."""
+    from stages import ppo
+
+    trainer = learn.trainer
+    model, value = trainer.model, trainer.value
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70], [0, 0, 5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with ppo._layer_input(ppo._decoder_layers(model)[value.first_layer]) as captured:
+        whole = value(model, ids, mask, positions)
+    assert len(captured) == 1
+    upper = value(model, ids, mask, positions, inputs=captured[0].detach())
+    assert torch.allclose(whole[mask.bool()], upper[mask.bool()], atol=1e-5)
+    model.zero_grad(set_to_none=True)
+    value.head.zero_grad(set_to_none=True)
+    upper[mask.bool()].sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all(".value." in n and ".layers.1." in n for n in with_grad), with_grad
+    assert value.head.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    value.head.zero_grad(set_to_none=True)
+
+
+def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_path):
+    """ValueFunction.check_upper: a Llama passes; a Granite (which scales what enters its body by an embedding
+    multiplier) does not, and its value passes run the whole model. value_layers 0 trains every layer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from stages import ppo
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    made = {"llama": LlamaForCausalLM(LlamaConfig(**shape)),
+            "granite": GraniteForCausalLM(GraniteConfig(**shape, embedding_multiplier=12.0))}
+    cfg = SimpleNamespace(ppo=SimpleNamespace(value_layers=None))
+    probe = list(range(3, 40))
+    for name, base in made.items():
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.eval()
+        value = ppo.ValueFunction.create(model, cfg, ppo.AdapterSwitch(model))
+        assert value.first_layer == 3 and value.upper is not None
+        assert len(value.frozen) == 3 * 2 * 2, "the value adapter's A and B of q/v in layers 0-2 stay as they start"
+        assert value.check_upper(model, probe, torch.device("cpu")) is (name == "llama"), name
+        assert (value.upper is not None) is (name == "llama")
+        assert value.layers_note(model) == "1 of 4 decoder layers"
+        model.delete_adapter("value")
+    every = ppo.ValueFunction.create(model, SimpleNamespace(ppo=SimpleNamespace(value_layers=0)),
+                                     ppo.AdapterSwitch(model))
+    assert every.first_layer == 0 and every.upper is None and not every.frozen
+    assert every.layers_note(model) == "every layer"
 
 
 def test_value_warmup_freezes_the_policy_and_trains_the_value(dev):
