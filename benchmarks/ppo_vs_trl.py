@@ -3,15 +3,17 @@
     python benchmarks/ppo_vs_trl.py               # default run: 16 prompts x 8 iterations = 128 episodes per side
     python benchmarks/ppo_vs_trl.py --quick       # smoke run: 16 x 3 = 48 episodes per side
     python benchmarks/ppo_vs_trl.py --repeats 3   # 3 interleaved runs per side; each side's best run is shown
+    python benchmarks/ppo_vs_trl.py --layers 4 --hidden 256   # 3.4M parameters: import floor and overhead dominate
 
 What is compared (everything else is identical: the policy's weights, the prompts and their token ids, the reward
 model, LoRA r/alpha/targets on the policy, rollout batch, minibatch, PPO epochs, response length, sampling
 temperature, learning rate and schedule, KL / clip / value / GAE coefficients, missing-EOS penalty, seed, float32,
 OMP threads):
 
-  align  `python -m align ppo --config <generated yaml>` (stages/ppo.py): the policy is the SFT folder with a LoRA
-         adapter, the reward model is the LoRA + score-head adapter that `align reward` saved on that same base, so
-         `reward.share_base: auto` scores with the policy's own base weights. Episodes and PPO-loop time come from
+  align  `python -m align ppo --config <generated yaml>` (stages/ppo.py), at align's defaults: the policy is the SFT
+         folder with a LoRA adapter, the reward model is the LoRA + score-head adapter that `align reward` saved on
+         that same base, so `reward.share_base: auto` scores with the policy's own base weights; the value function
+         starts as that reward model and trains its top quarter of layers (`ppo.value_layers`). Episodes and PPO-loop time come from
          align's registry row (`episodes`, `train_runtime_s`; `training_log.jsonl` as a fallback).
   trl    (**baseline**) TRL 1.12.0's `trl.experimental.ppo.PPOTrainer` (TRL deleted it in 1.13), run by
          benchmarks/ppo_trl112_runner.py in a separate virtual environment that this script builds once
@@ -27,8 +29,8 @@ runs in its own fresh process; its peak RSS and CPU seconds are that process's o
 imports nothing heavy, so no child inherits a large resident size.
 
 Setup (built into benchmarks/results/ppo_vs_trl/, removed afterwards unless --keep or a side fails): a Llama built
-from config (4 layers x 256, float32) with the test suite's tokenizer = the SFT policy; 128 short synthetic prompts;
-a reward model made by the real `align reward` (a few steps on synthetic preference pairs, LoRA + score head,
+from config (8 layers x 512, 25.8M parameters, float32) with the test suite's tokenizer = the SFT policy; 128 short
+synthetic prompts; a reward model made by the real `align reward` (a few steps on synthetic preference pairs, LoRA + score head,
 normalization off so both sides see the same raw scores, `output.merge: true` for TRL's plain copy).
 
 Targets: align / trl >= 1.5x episodes/s, align / trl <= 0.6x peak RSS. Results: benchmarks/results/ppo_vs_trl.json.
@@ -67,8 +69,11 @@ STAMP_NAME = ".ppo-vs-trl-stamp"
 # The fixed setup shared by both sides
 
 SEED = 42
-MODEL_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=4, max_position_embeddings=512)
+# 8 layers x 512 (25.8M parameters): small enough for a few minutes on 2 CPU cores, large enough that weights,
+# optimizer states and activations, not the ~420 MiB both sides spend on imports, decide the peak RSS, and that
+# matrix products, not Python, decide the time (at 4 x 256 both sides are mostly import floor and overhead).
+MODEL_CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=8, max_position_embeddings=512)
 PROMPTS = 128
 # Hyper-parameters both sides get. batch_size = prompts per iteration (one response each); mini_batch_size = responses
 # per optimizer step; forward_batch_size = responses per no-grad forward pass while scoring rollouts.
@@ -146,7 +151,7 @@ def make_preferences(n: int, seed: int = 99) -> list[dict]:
 # Children (align's venv): `--child build` before `align reward`, `--child prepare` after it
 
 def model_config(layers: int, hidden: int) -> dict:
-    """MODEL_CONFIG scaled: `hidden` wide (heads of 64), `layers` deep, MLP 2.6875x as wide (688 for 256)."""
+    """MODEL_CONFIG scaled: `hidden` wide (heads of 64), `layers` deep, MLP 2.6875x as wide (1376 for 512)."""
     return dict(MODEL_CONFIG, hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 8 * 8,
                 num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                 num_key_value_heads=max(1, hidden // 64))
