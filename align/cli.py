@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     ppo.add_argument("--config", required=True, help="YAML config (see configs/ppo.yaml)")
     ppo.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. ppo.steps=50")
     ppo.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    ppo.add_argument("--algorithm", choices=["ppo", "grpo", "rloo"],
+                     help="ppo (default): InstructGPT PPO; grpo / rloo: TRL's group-relative trainers (the config's "
+                          "`algorithm`)")
     ppo.set_defaults(handler=_run_ppo)
     dpo = commands.add_parser("dpo", help="DPO on preference pairs, reference = the SFT model (stage 3)")
     dpo.add_argument("--config", required=True, help="YAML config (see configs/dpo.yaml)")
@@ -280,9 +283,14 @@ def _run_score(args) -> None:
 
 
 def _run_ppo(args) -> None:
-    from stages import ppo
+    from align.config import PPORunConfig, load_config
 
-    ppo.run(args.config, args.overrides, resume=args.resume)
+    overrides = args.overrides + ([f"algorithm={args.algorithm}"] if args.algorithm else [])
+    if load_config(args.config, overrides, PPORunConfig).algorithm == "ppo":
+        from stages import ppo as stage
+    else:  # grpo, rloo: TRL's trainers
+        from stages import grpo as stage
+    stage.run(args.config, overrides, resume=args.resume)
 
 
 def _human_push(args) -> None:

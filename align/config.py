@@ -761,6 +761,9 @@ class PPOConfig:
                                                          "range": (0, None)})
     value_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the value function (adapter and head); default: learning_rate.", "range": (0, None)})
+    group_size: int = field(default=4, metadata={
+        "help": "GRPO/RLOO only: responses sampled per prompt; each response's advantage is its reward against the "
+                "others' in its group. `batch_size` x `group_size` responses per iteration.", "range": (2, None)})
     value_layers: int | None = field(default=None, metadata={
         "help": "With LoRA: how many decoder layers, counted from the top, carry the value function's adapter. Below "
                 "them the value function reads the reference model's hidden states, which the rollout computes "
@@ -816,6 +819,11 @@ class PPORunConfig:
                                                  "of the KL penalty."})
     reward: RewardModelConfig
     data: PromptDataConfig
+    algorithm: Literal["ppo", "grpo", "rloo"] = field(default="ppo", metadata={
+        "help": "`ppo`: InstructGPT PPO (align's trainer: value function, GAE, PPO-ptx). `grpo` (Shao et al. 2024) or "
+                "`rloo` (Ahmadian et al. 2024): no value function; each prompt gets `ppo.group_size` responses whose "
+                "rewards are compared with each other's, through TRL's GRPOTrainer / RLOOTrainer (no ptx, no stop "
+                "strings; the reward model is loaded on its own). Also `align ppo --algorithm`."})
     ptx: PtxConfig = field(default_factory=PtxConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

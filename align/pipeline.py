@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from align.artifacts import RunDir
-from align.config import PipelineRunConfig, PipelineStepConfig, load_config, to_dict
+from align.config import PipelineRunConfig, PipelineStepConfig, PPORunConfig, load_config, to_dict
 from align.errors import AlignError
 from align.registry import Artifact, Registry, redact_secrets
 from align.reporting import console, print_table
@@ -56,7 +56,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
         done[name] = artifact
         timings[name] = (how, time.monotonic() - began)
 
-    from stages import dpo, eval as evaluation, ppo, reward, sft
+    from stages import dpo, eval as evaluation, grpo, ppo, reward, sft
 
     step("sft", lambda: _stage(sft, "sft", cfg.sft, cfg.name, home, {}))
     step("label", lambda: _label(cfg, home, done["sft"]))
@@ -65,8 +65,10 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
         step("reward", lambda: _stage(reward, "reward", cfg.reward, cfg.name, home,
                                       {"model.path": sft_ref, "data.path": label_ref}))
     if cfg.ppo.enabled:
-        step("ppo", lambda: _stage(ppo, "ppo", cfg.ppo, cfg.name, home,
-                                   {"model.path": sft_ref, "reward.path": done["reward"].ref}))
+        inputs = {"model.path": sft_ref, "reward.path": done["reward"].ref}
+        algorithm = load_config(cfg.ppo.config, list(cfg.ppo.overrides) + [f"{k}={v}" for k, v in inputs.items()],
+                                PPORunConfig).algorithm  # grpo / rloo: TRL's trainers, stages/grpo.py
+        step("ppo", lambda: _stage(ppo if algorithm == "ppo" else grpo, "ppo", cfg.ppo, cfg.name, home, inputs))
     if cfg.dpo.enabled:
         step("dpo", lambda: _stage(dpo, "dpo", cfg.dpo, cfg.name, home,
                                    {"model.path": sft_ref, "data.path": label_ref}))

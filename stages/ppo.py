@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log, write_model_card
+from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log
 from align.config import DataConfig, PPORunConfig, TemplateConfig, load_config, to_dict
-from align.data import fingerprint, read_prompts, read_records, to_examples
+from align.data import read_records, to_examples
 from align.errors import AlignError
-from align.generation import render_prompts
-from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, merge_adapter,
-                            parameter_summary, prepare_tokenizer, resolve_model, training_template)
+from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
+                            training_template)
+from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
+                          read_policy_prompts, register_policy, summarize, write_samples)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
 from align.scoring import Normalization, RewardScorer, encode_pair
@@ -49,6 +50,8 @@ VALUE_HEAD_FILE = "value_head.pt"
 
 def load(config_path: str, overrides: list[str]) -> PPORunConfig:
     cfg = load_config(config_path, overrides, PPORunConfig)
+    if cfg.algorithm != "ppo":
+        raise AlignError(f"algorithm: {cfg.algorithm} runs in stages/grpo.py (`align ppo` picks it)")
     if cfg.ppo.mini_batch_size > cfg.ppo.batch_size:
         raise AlignError(f"ppo.mini_batch_size ({cfg.ppo.mini_batch_size}) is larger than ppo.batch_size "
                          f"({cfg.ppo.batch_size}): a minibatch is a slice of the sampled batch")
@@ -73,35 +76,24 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     registry = Registry()
     policy_source = resolve_model(cfg.model.path, registry)
     reward_source = resolve_model(cfg.reward.path, registry)
-    _check_reward_artifact(reward_source, cfg.reward.path)
+    check_reward_artifact(reward_source, cfg.reward.path)
     prompt_path, prompt_artifact = resolve_path(cfg.data.path, registry)
     ptx_path, ptx_artifact = resolve_path(cfg.ptx.path, registry) if cfg.ptx.path else (None, None)
 
     # 2. Prompts and ptx data, rendered as the SFT model was trained (its template, its tokenizer).
-    prompts = read_prompts(prompt_path, option="data.path")
-    if cfg.data.max_examples and cfg.data.max_examples < len(prompts):
-        keep = sorted(random.Random(cfg.data.seed).sample(range(len(prompts)), cfg.data.max_examples))
-        prompts = [prompts[i] for i in keep]
+    prompts = read_policy_prompts(prompt_path, cfg.data)
     tokenizer = load_tokenizer(policy_source.path, cfg.model)
     tokenizer_changes = prepare_tokenizer(tokenizer) if tokenizer.pad_token is None or \
         tokenizer.pad_token_id == tokenizer.eos_token_id else []
     template = training_template(policy_source.path)
-    queries, truncated_prompts = _encode_prompts(tokenizer, prompts, template, cfg.rollout.max_prompt_length)
+    encoded, truncated_prompts = encode_prompts(tokenizer, prompts, template, cfg.rollout.max_prompt_length)
+    queries = [(prompt, ids) for prompt, _, ids in encoded]
     ptx = _ptx_batches(cfg, ptx_path, tokenizer, template) if ptx_path else None
 
     # 3. Models: one base copy for policy / reference / value (/ reward) with LoRA.
     base_path = merge_adapter(policy_source, cfg.model.dtype) if policy_source.adapter_of else policy_source.path
     share = _share_reward_base(cfg, reward_source, base_path)
-    from transformers import set_seed
-
-    set_seed(cfg.seed)  # new adapter and value-head weights
-    quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
-    model = load_model(base_path, cfg.model, cfg.quantization)
-    if model.config.is_encoder_decoder:
-        raise AlignError(f"model.path: {cfg.model.path} is an encoder-decoder model; align ppo trains decoder-only "
-                         f"policies")
-    match_model_to_tokenizer(model, tokenizer)
-    model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing=False)
+    model = load_policy(base_path, cfg, tokenizer)
     reference = None if cfg.lora.enabled else _frozen_copy(model)
     adapters = AdapterSwitch(model) if cfg.lora.enabled else None
     value = ValueFunction.create(model, cfg, adapters, reward_source if share else None)
@@ -112,12 +104,12 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     value.head.to(device)
     if reference is not None:
         reference.to(device)
-    if not value.check_upper(model, _probe(queries, cfg, model.config), device):
-        console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
-                      f"{type(_language_model(model)).__name__}'s forward pass; they run the whole model")
     params = parameter_summary(model)
     copies = base_weight_copies(model, reference, reward.model if isinstance(reward, TextReward) else None)
     trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist)
+    if not value.check_upper(model, _probe(queries, cfg, model.config), device):
+        console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
+                      f"{type(_language_model(model)).__name__}'s forward pass; they run the whole model")
     print_table(f"align ppo: {name}", [
         ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
                                                            " (8-bit)" if cfg.quantization.load_in_8bit else "")),
@@ -168,36 +160,19 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     config = to_dict(cfg)
     save_run_config(config, work)
     save_training_log(trainer.history, work)
-    _write_samples(trainer.samples, work / "samples.jsonl")
+    write_samples(trainer.samples, work / "samples.jsonl")
     plots = plot_metric_grid(trainer.history, work, "ppo_curves.png", PLOT_PANELS)
     summary = trainer.summary()
     metrics = {**summary, "base_weight_copies": copies, "truncated_prompts": truncated_prompts,
                "prompts": len(prompts), "trainable_parameters": trainer.trainable_count,
                "total_parameters": params.total}
-    data_fingerprint = fingerprint([{"prompt": p} for p in prompts])
-    base_model = policy_source.artifact.base_model if policy_source.artifact and policy_source.artifact.base_model \
-        else base_path
-    write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=base_model,
-                     model_source=cfg.model.path, adapter=cfg.lora.enabled, data_source=cfg.data.path,
-                     data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots)
-    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
-    parents = [a.id for a in (policy_source.artifact, reward_source.artifact, prompt_artifact, ptx_artifact) if a]
-    artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=base_model, parents=parents,
-                            config=config, data_fingerprint=data_fingerprint, metrics=metrics)
+    artifact = register_policy(run_dir, registry, cfg, name, policy_source, base_path, prompts, metrics, config,
+                               plots, [policy_source.artifact, reward_source.artifact, prompt_artifact, ptx_artifact])
+    final = Path(artifact.path)
     dist.barrier()
     dist.stop()
     print_table(f"finished: {artifact.ref} ({name})", [
-        ("reward (normalized)", f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f} (first -> last "
-                                f"{summary['window']} iterations' mean)"),
-        ("KL to SFT (nats/response)", f"{summary['kl_last']:.3f} (max {summary['kl_max']:.3f}); beta "
-                                      f"{summary['kl_coef_last']:.4g}"),
-        ("response length", f"{summary['length_first']:.1f} -> {summary['length_last']:.1f} tokens"),
-        ("EOS rate", f"{summary['eos_rate_first']:.2f} -> {summary['eos_rate_last']:.2f}"),
-        *([("ptx loss", f"{summary['ptx_loss_first']:.3f} -> {summary['ptx_loss_last']:.3f}")]
-          if "ptx_loss_last" in summary else []),
-        ("skipped iterations (NaN/inf)", summary["skipped_steps"]),
-        ("episodes", f"{summary['episodes']:,} in {summary['train_runtime_s']:.1f} s "
-                     f"({summary['episodes_per_s']:.2f}/s)"),
+        *finished_rows(summary),
         ("artifact", str(final)),
         ("plots", ", ".join(plots) or "none"),
         ("registry", f"{artifact.ref} (id {artifact.id})"),
@@ -207,30 +182,6 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 
 # --------------------------------------------------------------------------------------------------
 # Inputs
-
-def _check_reward_artifact(source, given: str) -> None:
-    if source.adapter_of:
-        task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
-        if task != "SEQ_CLS":
-            raise AlignError(f"reward.path: {given} is a {task} adapter, not a reward model (train one with "
-                             f"`align reward`)")
-
-
-def _encode_prompts(tokenizer, prompts: list[str], template: TemplateConfig,
-                    max_length: int) -> tuple[list[tuple[str, list[int]]], int]:
-    """(prompt text, token ids as the SFT model saw its prompts). Longer prompts keep their LAST tokens: the end
-    holds the question and the opened assistant turn the response continues."""
-    rendered = render_prompts(tokenizer, prompts, template)
-    templated = template.name == "chat" and bool(tokenizer.chat_template)
-    queries, truncated = [], 0
-    for prompt, text in zip(prompts, rendered):
-        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-        if len(ids) > max_length:
-            ids = ids[-max_length:]
-            truncated += 1
-        queries.append((prompt, ids))
-    return queries, truncated
-
 
 @dataclass
 class PtxData:
@@ -540,9 +491,12 @@ class ValueFunction:
         ids = torch.tensor([probe], device=device)
         mask = torch.ones_like(ids)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
+        training = model.training
+        model.eval()  # as PPO runs it: an adapter's dropout would make the two passes differ anyway
         with torch.no_grad(), _layer_input(_decoder_layers(model)[self.first_layer]) as captured:
             whole = self._hidden(model, ids, mask, positions)  # hidden states: a new head is all zeros
             upper = self._hidden(model, ids, mask, positions, inputs=captured[0])
+        model.train(training)
         if not torch.allclose(whole, upper, rtol=1e-3, atol=1e-3):
             self.upper = None
         return self.upper is not None
@@ -1236,26 +1190,8 @@ class PPOTrainer:
         target.print(table)
 
     def summary(self) -> dict:
-        done = [e for e in self.history if not e.get("skipped")]
-        window = max(1, min(5, len(done) // 3))  # a mean over a few iterations: one is mostly sampling noise
-
-        def mean(key, part):
-            values = [e[key] for e in part if key in e]
-            return sum(values) / len(values) if values else float("nan")
-
-        summary = {"window": window, "iterations": self.step, "skipped_steps": self.skipped,
-                   "episodes": self.step * self.ppo.batch_size * self.dist.world,
-                   "train_runtime_s": round(self.train_time, 2),
-                   "kl_max": max((e["kl"] for e in done), default=float("nan")),
-                   "kl_coef_last": self.kl.coef}
-        summary["episodes_per_s"] = summary["episodes"] / max(self.train_time, 1e-9)
-        for key in ("reward", "reward_raw", "kl", "length", "eos_rate", "ptx_loss", "entropy"):
-            source = "response_length" if key == "length" else key
-            having = [e for e in done if source in e]  # ptx_loss: not during a value warmup
-            if having:
-                summary[f"{key}_first"] = mean(source, having[:window])
-                summary[f"{key}_last"] = mean(source, having[-window:])
-        return summary
+        return summarize(self.history, self.step, self.step * self.ppo.batch_size * self.dist.world,
+                         self.train_time, self.skipped, self.kl.coef)
 
     # ---- checkpoints ----
 
@@ -1325,18 +1261,3 @@ class PPOTrainer:
 def _masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mean = _masked_mean(values, mask)
     return _masked_mean((values - mean) ** 2, mask)
-
-
-def _write_samples(samples: list[dict], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for sample in samples:
-            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
-
-
-PLOT_PANELS = [
-    ("reward (normalized)", ["reward"]), ("KL to SFT (nats/response)", ["kl"]), ("KL coefficient", ["kl_coef"]),
-    ("entropy (nats/token)", ["entropy"]), ("policy clip fraction", ["clipfrac"]), ("approx. KL (old||new)",
-                                                                                    ["approx_kl"]),
-    ("value loss", ["vf_loss"]), ("explained variance", ["explained_variance"]),
-    ("response length (tokens)", ["response_length"]), ("EOS rate", ["eos_rate"]), ("ptx loss", ["ptx_loss"]),
-]

@@ -1,0 +1,138 @@
+"""What the policy-optimization stages share (`align ppo`: stages/ppo.py, and its `--algorithm grpo|rloo`:
+stages/grpo.py): their per-iteration metrics' summary, plots and closing table, and the samples file."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from align.artifacts import RunDir, write_model_card
+from align.config import PPORunConfig, PromptDataConfig, TemplateConfig
+from align.data import fingerprint, read_prompts
+from align.errors import AlignError
+from align.generation import render_prompts
+from align.registry import Artifact, Registry
+
+# One PNG of the per-iteration curves; a panel whose metric a run did not log stays out.
+PLOT_PANELS = [
+    ("reward (normalized)", ["reward"]), ("KL to SFT (nats/response)", ["kl"]), ("KL coefficient", ["kl_coef"]),
+    ("entropy (nats/token)", ["entropy"]), ("policy clip fraction", ["clipfrac"]), ("approx. KL (old||new)",
+                                                                                    ["approx_kl"]),
+    ("value loss", ["vf_loss"]), ("explained variance", ["explained_variance"]),
+    ("response length (tokens)", ["response_length"]), ("EOS rate", ["eos_rate"]), ("ptx loss", ["ptx_loss"]),
+]
+
+
+def summarize(history: list[dict], iterations: int, episodes: int, train_time: float, skipped: int,
+              kl_coef: float) -> dict:
+    """First and last few iterations' means of the headline metrics (one iteration is mostly sampling noise), the
+    largest KL, and the throughput."""
+    done = [e for e in history if not e.get("skipped")]
+    window = max(1, min(5, len(done) // 3))
+
+    def mean(key, part):
+        values = [e[key] for e in part if key in e]
+        return sum(values) / len(values) if values else float("nan")
+
+    summary = {"window": window, "iterations": iterations, "skipped_steps": skipped, "episodes": episodes,
+               "train_runtime_s": round(train_time, 2), "episodes_per_s": episodes / max(train_time, 1e-9),
+               "kl_max": max((e["kl"] for e in done if "kl" in e), default=float("nan")), "kl_coef_last": kl_coef}
+    for key in ("reward", "reward_raw", "kl", "length", "eos_rate", "ptx_loss", "entropy"):
+        source = "response_length" if key == "length" else key
+        having = [e for e in done if source in e]  # ptx_loss: not during a value warmup
+        if having:
+            summary[f"{key}_first"] = mean(source, having[:window])
+            summary[f"{key}_last"] = mean(source, having[-window:])
+    return summary
+
+
+def finished_rows(summary: dict) -> list[tuple[str, object]]:
+    """The closing table's rows about the run itself."""
+    return [
+        ("reward (normalized)", f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f} (first -> last "
+                                f"{summary['window']} iterations' mean)"),
+        ("KL to SFT (nats/response)", f"{summary['kl_last']:.3f} (max {summary['kl_max']:.3f}); beta "
+                                      f"{summary['kl_coef_last']:.4g}"),
+        ("response length", f"{summary['length_first']:.1f} -> {summary['length_last']:.1f} tokens"),
+        ("EOS rate", f"{summary['eos_rate_first']:.2f} -> {summary['eos_rate_last']:.2f}"),
+        *([("ptx loss", f"{summary['ptx_loss_first']:.3f} -> {summary['ptx_loss_last']:.3f}")]
+          if "ptx_loss_last" in summary else []),
+        ("skipped iterations (NaN/inf)", summary["skipped_steps"]),
+        ("episodes", f"{summary['episodes']:,} in {summary['train_runtime_s']:.1f} s "
+                     f"({summary['episodes_per_s']:.2f}/s)"),
+    ]
+
+
+def check_reward_artifact(source, given: str) -> None:
+    """A LoRA reward model is a SEQ_CLS adapter (what `align reward` saves), not an SFT one."""
+    if source.adapter_of:
+        task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise AlignError(f"reward.path: {given} is a {task} adapter, not a reward model (train one with "
+                             f"`align reward`)")
+
+
+def read_policy_prompts(path: str, data: PromptDataConfig) -> list[str]:
+    """The prompts file's prompts, or `data.max_examples` of them drawn with `data.seed` (kept in file order)."""
+    prompts = read_prompts(path, option="data.path")
+    if data.max_examples and data.max_examples < len(prompts):
+        keep = sorted(random.Random(data.seed).sample(range(len(prompts)), data.max_examples))
+        prompts = [prompts[i] for i in keep]
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: list[str], template: TemplateConfig,
+                   max_length: int) -> tuple[list[tuple[str, str, list[int]]], int]:
+    """(prompt as written, rendered as the SFT model saw its prompts, its token ids), and how many were too long.
+    Longer prompts keep their LAST tokens: the end holds the question and the opened assistant turn the response
+    continues; their rendering is then the text of the tokens kept."""
+    rendered = render_prompts(tokenizer, prompts, template)
+    templated = template.name == "chat" and bool(tokenizer.chat_template)
+    encoded, truncated = [], 0
+    for prompt, text in zip(prompts, rendered):
+        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        if len(ids) > max_length:
+            ids = ids[-max_length:]
+            text = tokenizer.decode(ids)
+            truncated += 1
+        encoded.append((prompt, text, ids))
+    return encoded, truncated
+
+
+def load_policy(base_path: str, cfg: PPORunConfig, tokenizer):
+    """The SFT policy to optimize, with new LoRA / QLoRA adapters (seeded) or full weights; decoder-only."""
+    from transformers import set_seed
+
+    from align.modeling import apply_tuning, load_model, match_model_to_tokenizer
+
+    set_seed(cfg.seed)  # the new adapter (and value-head) weights
+    model = load_model(base_path, cfg.model, cfg.quantization)
+    if model.config.is_encoder_decoder:
+        raise AlignError(f"model.path: {cfg.model.path} is an encoder-decoder model; align ppo trains decoder-only "
+                         f"policies")
+    match_model_to_tokenizer(model, tokenizer)
+    quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
+    return apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing=False)
+
+
+def register_policy(run_dir: RunDir, registry: Registry, cfg: PPORunConfig, name: str, policy_source, base_path: str,
+                    prompts: list[str], metrics: dict, config: dict, plots: list[str], parents: list) -> Artifact:
+    """The finished run: model card, the folder renamed into place, the registry row (stage ppo) with `parents`
+    (artifacts or None) as its lineage."""
+    data_fingerprint = fingerprint([{"prompt": p} for p in prompts])
+    base_model = policy_source.artifact.base_model if policy_source.artifact and policy_source.artifact.base_model \
+        else base_path
+    write_model_card(run_dir.work, final_path=run_dir.final, title=name, stage="ppo", base_model=base_model,
+                     model_source=cfg.model.path, adapter=cfg.lora.enabled, data_source=cfg.data.path,
+                     data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots)
+    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
+    return registry.add(stage="ppo", name=name, path=str(final), base_model=base_model,
+                        parents=[a.id for a in parents if a], config=config, data_fingerprint=data_fingerprint,
+                        metrics=metrics)
+
+
+def write_samples(samples: list[dict], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")

@@ -1,0 +1,319 @@
+"""`align ppo --algorithm grpo|rloo`: group-relative policy optimization against the reward model, through TRL.
+
+GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024) drop PPO's value function: every prompt gets
+`ppo.group_size` responses, and a response's advantage is its reward against the others' in its group. TRL's
+GRPOTrainer / RLOOTrainer do the sampling and the updates; align gives them the same inputs as `align ppo` (the SFT
+policy and its template, the registered reward model, the prompts, the same `rollout`/`ppo` settings, mapped below),
+and reads back the same per-iteration metrics, samples, plots, summary and registry row (stage `ppo`).
+
+Reads top to bottom: config (checked for what only PPO has) -> output folder -> prompts rendered as the SFT model
+was trained (longer ones keep their last tokens, counted) -> the SFT policy (an adapter merged once) with LoRA,
+QLoRA or full weights; the reference of the KL term is the policy with its adapter disabled (TRL) -> the reward
+model, loaded on its own and reading (prompt, response) text as `align reward` trained it, normalized, minus
+`rollout.missing_eos_penalty` without EOS -> TRL's trainer -> artifact renamed into place -> registry row.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log
+from align.config import PPOConfig, PPORunConfig, load_config, to_dict
+from align.errors import AlignError
+from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
+                            trainer_defaults, training_config, training_template)
+from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
+                          read_policy_prompts, register_policy, summarize, write_samples)
+from align.registry import Artifact, Registry, resolve_path
+from align.reporting import console, human_bytes, plot_metric_grid, print_table
+from align.scoring import RewardScorer
+
+STAGE = "ppo"
+# `ppo` fields of PPO's value function, GAE and KL controller: set away from their defaults, they would be ignored.
+PPO_ONLY = ("value_learning_rate", "value_warmup_steps", "value_layers", "gamma", "lam", "cliprange_value", "vf_coef",
+            "adaptive_kl", "whiten_rewards")
+
+
+def load(config_path: str, overrides: list[str]) -> PPORunConfig:
+    cfg = load_config(config_path, overrides, PPORunConfig)
+    if cfg.algorithm == "ppo":
+        raise AlignError("algorithm: ppo runs in stages/ppo.py (`align ppo` picks it)")
+    if cfg.ptx.path:
+        raise AlignError(f"ptx.path: PPO-ptx is part of align's PPO trainer; algorithm {cfg.algorithm} has no ptx "
+                         f"term: unset ptx.path or use algorithm: ppo")
+    if cfg.rollout.stop_strings:
+        raise AlignError(f"rollout.stop_strings: not supported with algorithm {cfg.algorithm} (responses end at EOS "
+                         f"or rollout.max_new_tokens); remove them or use algorithm: ppo")
+    defaults = PPOConfig()
+    for key in PPO_ONLY:
+        if getattr(cfg.ppo, key) != getattr(defaults, key):
+            raise AlignError(f"ppo.{key}: PPO only (value function, GAE, KL controller); algorithm {cfg.algorithm} "
+                             f"has none of them: remove it")
+    responses = cfg.ppo.batch_size * cfg.ppo.group_size
+    if responses % cfg.ppo.mini_batch_size:
+        raise AlignError(f"ppo.mini_batch_size: {cfg.ppo.mini_batch_size} does not divide the {responses} responses "
+                         f"of an iteration (ppo.batch_size {cfg.ppo.batch_size} x ppo.group_size "
+                         f"{cfg.ppo.group_size})")
+    return cfg
+
+
+def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
+    # 1. Config, output folder, references: what the user can get wrong fails before models load.
+    cfg = load(config_path, overrides)
+    name = cfg.output.name or Path(config_path).stem
+    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
+    checkpoint = run_dir.open(resume, int(os.environ.get("RANK", "0")) == 0)
+    registry = Registry()
+    policy_source = resolve_model(cfg.model.path, registry)
+    reward_source = resolve_model(cfg.reward.path, registry)
+    check_reward_artifact(reward_source, cfg.reward.path)
+    if cfg.reward.share_base == "true":
+        raise AlignError(f"reward.share_base: true: TRL's {cfg.algorithm.upper()} trainer scores with a reward model "
+                         f"of its own; set reward.share_base: auto or false")
+    prompt_path, prompt_artifact = resolve_path(cfg.data.path, registry)
+
+    # 2. Prompts, rendered as the SFT model was trained (its template, its tokenizer).
+    prompts = read_policy_prompts(prompt_path, cfg.data)
+    tokenizer = load_tokenizer(policy_source.path, cfg.model)
+    tokenizer_changes = prepare_tokenizer(tokenizer) if tokenizer.pad_token is None or \
+        tokenizer.pad_token_id == tokenizer.eos_token_id else []
+    encoded, truncated = encode_prompts(tokenizer, prompts, training_template(policy_source.path),
+                                        cfg.rollout.max_prompt_length)
+    rows = [{"prompt": text, "raw_prompt": prompt} for prompt, text, _ in encoded]  # TRL tokenizes the text
+    args, steps_per_iteration = _trl_config(cfg, run_dir)
+
+    # 3. Models: the policy with LoRA / QLoRA / full weights; the reward model on its own.
+    with args.main_process_first(desc="merging the SFT adapter"):  # one process merges, the others reuse it
+        base_path = merge_adapter(policy_source, cfg.model.dtype) if policy_source.adapter_of else policy_source.path
+    model = load_policy(base_path, cfg, tokenizer)
+    params = parameter_summary(model)
+    ends = model.generation_config.eos_token_id
+    eos_ids = {tokenizer.eos_token_id, *([ends] if isinstance(ends, int) else ends or [])}
+    reward = GroupReward(RewardScorer.load(reward_source.path, registry), cfg, eos_ids)
+    log = IterationLog(cfg, steps_per_iteration, reward)
+
+    # 4. Train.
+    trainer = _make_trainer(cfg.algorithm, model, reward, args, rows, tokenizer, log)
+    is_main = trainer.is_world_process_zero()
+    run_dir.create()
+    if is_main:
+        print_table(f"align ppo --algorithm {cfg.algorithm}: {name}", [
+            ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
+                                                               " (8-bit)" if cfg.quantization.load_in_8bit else "")),
+            ("method", "LoRA" if cfg.lora.enabled else "full fine-tuning"),
+            ("algorithm", f"{cfg.algorithm.upper()} (TRL {type(trainer).__name__}): {cfg.ppo.group_size} responses "
+                          f"per prompt compared with each other; no value function"),
+            ("reference (KL)", "the SFT model = the policy with its adapter disabled" if cfg.lora.enabled else
+             "a frozen copy of the SFT model"),
+            ("reward model", f"{cfg.reward.path}: {reward.describe()}"),
+            ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
+            ("memory (weights)", human_bytes(params.memory_bytes)),
+            ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated} over rollout.max_prompt_length="
+                                                            f"{cfg.rollout.max_prompt_length}: kept their last "
+                                                            f"tokens)" if truncated else "")),
+            ("schedule", f"{cfg.ppo.steps} iterations x {cfg.ppo.batch_size} prompts x {cfg.ppo.group_size} "
+                         f"responses x {args.world_size} process(es); {cfg.ppo.ppo_epochs} epochs of minibatch "
+                         f"{cfg.ppo.mini_batch_size} = {steps_per_iteration} optimizer steps an iteration"),
+            ("KL", f"beta {cfg.ppo.kl_coef} (fixed)"),
+            *[("tokenizer", change) for change in tokenizer_changes],
+            ("output", str(run_dir.final)),
+        ])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")  # TRL's frozen copy of the starting adapter: not part of the policy
+    trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
+    trainer.accelerator.wait_for_everyone()
+    if not is_main:
+        return None
+
+    # 5. Artifact: policy (adapter or weights), tokenizer, card, log, plots, samples; rename; register.
+    work = run_dir.work
+    tokenizer.save_pretrained(str(work))
+    config = to_dict(cfg)
+    save_run_config(config, work)
+    history = iterations(trainer.state.log_history, steps_per_iteration, cfg.ppo.kl_coef)
+    save_training_log(history, work)
+    write_samples(reward.samples, work / "samples.jsonl")
+    plots = plot_metric_grid(history, work, f"{cfg.algorithm}_curves.png", PLOT_PANELS)
+    done = len(history)
+    summary = summarize(history, done, done * cfg.ppo.batch_size * cfg.ppo.group_size * args.world_size,
+                        log.train_time, 0, cfg.ppo.kl_coef)
+    metrics = {**summary, "algorithm": cfg.algorithm, "group_size": cfg.ppo.group_size,
+               "truncated_prompts": truncated, "prompts": len(prompts), "trainable_parameters": params.trainable,
+               "total_parameters": params.total}
+    artifact = register_policy(run_dir, registry, cfg, name, policy_source, base_path, prompts, metrics, config,
+                               plots, [policy_source.artifact, reward_source.artifact, prompt_artifact])
+    final = Path(artifact.path)
+    print_table(f"finished: {artifact.ref} ({name}, {cfg.algorithm})", [
+        *finished_rows(summary),
+        ("artifact", str(final)),
+        ("plots", ", ".join(plots) or "none"),
+        ("registry", f"{artifact.ref} (id {artifact.id})"),
+    ])
+    return artifact
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and TRL's configuration
+
+def _trl_config(cfg: PPORunConfig, run_dir: RunDir):
+    """TRL's GRPOConfig / RLOOConfig from the `ppo` and `rollout` sections. An iteration samples ppo.batch_size x
+    ppo.group_size responses and runs ppo.ppo_epochs passes of minibatch ppo.mini_batch_size over them; TRL counts
+    optimizer steps, so steps, warmup and checkpoints are scaled by the steps an iteration takes."""
+    from trl import GRPOConfig, RLOOConfig
+
+    ppo, rollout = cfg.ppo, cfg.rollout
+    per_generation = ppo.batch_size * ppo.group_size // ppo.mini_batch_size  # optimizer steps per pass
+    steps_per_iteration = per_generation * ppo.ppo_epochs
+    values = trainer_defaults(cfg.model, run_dir.work / CHECKPOINTS, cfg.seed, cfg.data.seed, {}) | dict(
+        per_device_train_batch_size=ppo.mini_batch_size, gradient_accumulation_steps=1,
+        steps_per_generation=per_generation, num_generations=ppo.group_size, num_iterations=ppo.ppo_epochs,
+        max_steps=ppo.steps * steps_per_iteration, learning_rate=ppo.learning_rate,
+        lr_scheduler_type=ppo.lr_scheduler_type, warmup_steps=ppo.warmup_steps * steps_per_iteration,
+        weight_decay=ppo.weight_decay, max_grad_norm=ppo.max_grad_norm, beta=ppo.kl_coef,
+        epsilon=ppo.cliprange, max_completion_length=rollout.max_new_tokens, temperature=rollout.temperature,
+        top_k=rollout.top_k, top_p=rollout.top_p, logging_steps=1, disable_tqdm=True,
+        save_strategy="steps", save_steps=ppo.save_steps * steps_per_iteration, save_total_limit=ppo.save_total_limit,
+        shuffle_dataset=True)
+    return training_config(GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig, values), steps_per_iteration
+
+
+def _make_trainer(algorithm: str, model, reward, args, rows: list[dict], tokenizer, log):
+    """TRL's trainer; its own checks of the settings end as one-line errors."""
+    from datasets import Dataset
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from transformers import PrinterCallback
+
+    trainer_class = GRPOTrainer if algorithm == "grpo" else RLOOTrainer
+    try:
+        trainer = trainer_class(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer, callbacks=[log])
+    except (ValueError, NotImplementedError) as e:
+        raise AlignError(f"ppo ({algorithm}): " + " ".join(str(e).split())) from None
+    trainer.remove_callback(PrinterCallback)  # raw per-step dicts; IterationLog shows the run
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------
+# The reward and the per-iteration log
+
+class GroupReward:
+    """TRL's reward function: the registered reward model's score of (prompt as written, response), normalized as
+    stored with it, minus rollout.missing_eos_penalty for a response that reached max_new_tokens without EOS. Keeps
+    the last batch's samples for the log."""
+
+    __name__ = "reward"  # TRL names the logged reward after its function
+
+    def __init__(self, scorer: RewardScorer, cfg: PPORunConfig, eos_ids: set[int]):
+        self.scorer = scorer
+        self.normalized = cfg.reward.normalized
+        self.batch_size = cfg.reward.batch_size
+        self.penalty = cfg.rollout.missing_eos_penalty
+        self.eos_ids = eos_ids
+        self.samples: list[dict] = []  # the last batch's
+
+    def describe(self) -> str:
+        return f"separate model ({type(self.scorer.model).__name__}), reads responses as text with its own tokenizer"
+
+    def __call__(self, prompts, completions, completion_ids, raw_prompt, **kwargs) -> list[float]:
+        responses = [c.strip() for c in completions]
+        raw = self.scorer.score(raw_prompt, responses, self.batch_size, normalized=False)
+        norm = self.scorer.normalization
+        scores = [norm.apply(r) for r in raw] if norm is not None and self.normalized else list(raw)
+        ended = [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
+        rewards = [s - (0.0 if end else self.penalty) for s, end in zip(scores, ended)]
+        self.samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in zip(raw_prompt, responses, rewards)]
+        return rewards
+
+
+def iterations(log_history: list[dict], steps_per_iteration: int, kl_coef: float) -> list[dict]:
+    """TRL's per-optimizer-step log (restored on --resume) as align ppo's per-iteration history: the means of an
+    iteration's steps, in align ppo's names. The KL is the one in TRL's loss, measured during the iteration's updates
+    (align ppo measures it when sampling), as nats per response like align ppo's: TRL's mean per-token KL times the
+    mean response length (exact when the responses are equally long)."""
+    buckets: dict[int, dict[str, list[float]]] = {}
+    for logged in log_history:
+        if "step" not in logged or "loss" not in logged and "reward" not in logged:
+            continue  # the closing summary entry
+        bucket = buckets.setdefault((logged["step"] - 1) // steps_per_iteration + 1, {})
+        for key, name in TRL_KEYS.items():
+            if isinstance(logged.get(key), (int, float)):
+                bucket.setdefault(name, []).append(float(logged[key]))
+    history = []
+    for iteration, bucket in sorted(buckets.items()):
+        entry = {name: sum(values) / len(values) for name, values in bucket.items()}
+        if "eos_rate" in entry:
+            entry["eos_rate"] = 1 - entry["eos_rate"]  # TRL logs the share that never ended
+        if "kl" in entry and "response_length" in entry:
+            entry["kl"] *= entry["response_length"]  # TRL's is per token; align ppo's per response (its sum)
+        history.append({**entry, "step": iteration, "kl_coef": kl_coef})
+    return history
+
+
+TRL_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
+            "clip_ratio/region_mean": "clipfrac", "completions/mean_length": "response_length",
+            "completions/clipped_ratio": "eos_rate", "loss": "pg_loss", "grad_norm": "grad_norm",
+            "learning_rate": "learning_rate"}
+
+
+class IterationLog(TrainerCallback):
+    """The run as align ppo shows it: a progress bar over iterations, a log line every ppo.logging_steps iterations
+    and a table of samples every ppo.sample_steps (TRL logs every optimizer step; an iteration is one sampled batch
+    and its epochs). Also the PPO loop's time (sampling and updates, without loading and saving)."""
+
+    def __init__(self, cfg: PPORunConfig, steps_per_iteration: int, reward: GroupReward):
+        self.cfg, self.steps_per_iteration, self.reward = cfg, steps_per_iteration, reward
+        self.train_time = 0.0
+        self.started = 0.0
+        self.progress = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = time.perf_counter()
+        if state.is_world_process_zero:
+            self.progress = Progress(TextColumn(self.cfg.algorithm), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console,
+                                     transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("iterations", total=self.cfg.ppo.steps,
+                                               completed=state.global_step // self.steps_per_iteration, status="")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" not in (logs or {}):
+            return  # the trainer's closing summary
+        self.train_time = time.perf_counter() - self.started
+        if self.progress is None or state.global_step % self.steps_per_iteration:
+            return
+        entry = iterations(state.log_history, self.steps_per_iteration, self.cfg.ppo.kl_coef)[-1]
+        self.progress.update(self.task, completed=entry["step"], status=f"reward {entry.get('reward', float('nan')):+.3f}"
+                                                                        f"  kl {entry.get('kl', float('nan')):.3f}")
+        ppo = self.cfg.ppo
+        if entry["step"] % ppo.logging_steps == 0 or entry["step"] == ppo.steps:
+            self.progress.console.print(f"iteration {entry['step']}/{ppo.steps}  " + "  ".join(
+                f"{key} {entry[key]:{fmt}}" for key, fmt in (
+                    ("reward", "+.3f"), ("kl", ".3f"), ("entropy", ".3f"), ("clipfrac", ".3f"),
+                    ("response_length", ".1f"), ("eos_rate", ".2f")) if key in entry))
+        if ppo.sample_steps and entry["step"] % ppo.sample_steps == 0:
+            self._print_samples(entry["step"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self._print_samples(state.global_step // self.steps_per_iteration)
+
+    def _print_samples(self, step: int) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"samples at iteration {step}", title_justify="left")
+        table.add_column("prompt", overflow="fold", max_width=40)
+        table.add_column("response", overflow="fold", max_width=60)
+        table.add_column("reward", justify="right")
+        for sample in self.reward.samples[:4]:
+            table.add_row(sample["prompt"], sample["response"] or "(empty)", f"{sample['reward']:+.3f}")
+        (self.progress.console if self.progress else console).print(table)
