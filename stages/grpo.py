@@ -16,7 +16,6 @@ model, loaded on its own and reading (prompt, response) text as `align reward` t
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -122,6 +121,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             *[("tokenizer", change) for change in tokenizer_changes],
             ("output", str(run_dir.final)),
         ])
+    if checkpoint and is_main:
+        done = int(checkpoint.rsplit("-", 1)[-1]) // steps_per_iteration
+        console.print(f"resuming from {checkpoint} (iteration {done})")
     trainer.train(resume_from_checkpoint=checkpoint)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the starting adapter: not part of the policy
@@ -140,8 +142,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     write_samples(reward.samples, work / "samples.jsonl")
     plots = plot_metric_grid(history, work, f"{cfg.algorithm}_curves.png", PLOT_PANELS)
     done = len(history)
+    loop_time = sum(e.get("step_time", 0.0) for e in trainer.state.log_history)  # sampling + updates, all runs
     summary = summarize(history, done, done * cfg.ppo.batch_size * cfg.ppo.group_size * args.world_size,
-                        log.train_time, 0, cfg.ppo.kl_coef)
+                        loop_time, 0, cfg.ppo.kl_coef)
     metrics = {**summary, "algorithm": cfg.algorithm, "group_size": cfg.ppo.group_size,
                "truncated_prompts": truncated, "prompts": len(prompts), "trainable_parameters": params.trainable,
                "total_parameters": params.total}
@@ -264,18 +267,15 @@ TRL_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy
 class IterationLog(TrainerCallback):
     """The run as align ppo shows it: a progress bar over iterations, a log line every ppo.logging_steps iterations
     and a table of samples every ppo.sample_steps (TRL logs every optimizer step; an iteration is one sampled batch
-    and its epochs). Also the PPO loop's time (sampling and updates, without loading and saving)."""
+    and its epochs)."""
 
     def __init__(self, cfg: PPORunConfig, steps_per_iteration: int, reward: GroupReward):
         self.cfg, self.steps_per_iteration, self.reward = cfg, steps_per_iteration, reward
-        self.train_time = 0.0
-        self.started = 0.0
         self.progress = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.started = time.perf_counter()
         if state.is_world_process_zero:
             self.progress = Progress(TextColumn(self.cfg.algorithm), BarColumn(), MofNCompleteColumn(),
                                      TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console,
@@ -287,7 +287,6 @@ class IterationLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" not in (logs or {}):
             return  # the trainer's closing summary
-        self.train_time = time.perf_counter() - self.started
         if self.progress is None or state.global_step % self.steps_per_iteration:
             return
         entry = iterations(state.log_history, self.steps_per_iteration, self.cfg.ppo.kl_coef)[-1]

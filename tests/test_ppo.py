@@ -709,6 +709,42 @@ def test_grpo_and_rloo_artifact_is_the_policy_adapter_with_ppo_lineage(grouped, 
     assert row.config["algorithm"] == grouped.algorithm
 
 
+def test_grpo_ddp_two_processes_register_one_row_counting_both(dev):
+    config = _config(dev.home, "grpo-ddp", **_merge(GROUP, {"ppo": {"steps": 2}}))
+    rows_before = len(_ppo_rows())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "align", "ppo", "--config", config, "--algorithm", "rloo"]
+    done = subprocess.run(command, cwd=dev.home, env=_env(dev.home), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = _ppo_rows()
+    assert len(rows) == rows_before + 1 and rows[0].name == "grpo-ddp"
+    assert rows[0].metrics["episodes"] == 2 * 8 * 4 * 2 and rows[0].metrics["algorithm"] == "rloo"
+    assert [e["step"] for e in _log(Path(rows[0].path))] == [1, 2]
+
+
+def test_grpo_resume_continues_from_the_checkpoint_with_the_whole_log(dev):
+    """Killed after its first complete checkpoint, a GRPO run resumes there and logs all its iterations."""
+    config = _config(dev.home, "grpo-resume", **_merge(GROUP, {"ppo": {"steps": 40, "save_steps": 2}}))
+    work = dev.home / "runs" / "ppo" / "grpo-resume.incomplete"
+    command = [sys.executable, "-m", "align", "ppo", "--config", config, "--algorithm", "grpo"]
+    process = subprocess.Popen(command, cwd=dev.home, env=_env(dev.home), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(_readable_json(p) for p in work.glob("checkpoints/checkpoint-*/trainer_state.json")) and \
+            time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert process.returncode != 0, "the run finished before it could be killed"
+    done = subprocess.run(command + ["--resume"], cwd=dev.home, env=_env(dev.home), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    row = _ppo_rows()[0]
+    assert row.name == "grpo-resume" and row.metrics["iterations"] == 40
+    assert [e["step"] for e in _log(Path(row.path))] == list(range(1, 41))
+
+
 GROUP_BAD = {
     "ptx": ({"ptx": {"path": "@ptx"}}, "ptx.path: PPO-ptx is part of align's PPO trainer"),
     "value_setting": ({"ppo": {"value_layers": 2}}, "ppo.value_layers: PPO only"),
