@@ -744,6 +744,10 @@ class RolloutConfig:
                                                 "range": (0, 1)})
     stop_strings: list[str] = field(default_factory=list, metadata={
         "help": "The response ends after the first of these strings (like EOS)."})
+    forward_batch_size: int = field(default=16, metadata={
+        "help": "PPO: responses per no-grad forward pass while scoring a rollout (reference log-probs, values; the "
+                "reward model has reward.batch_size). Memory only: larger is faster until it no longer fits.",
+        "range": (1, None)})
     missing_eos_penalty: float = field(default=1.0, metadata={
         "help": "Subtracted from the reward of a response that reaches max_new_tokens without EOS or a stop string "
                 "(0: no penalty).", "range": (0, None)})
@@ -765,12 +769,12 @@ class PPOConfig:
         "help": "GRPO/RLOO only: responses sampled per prompt; each response's advantage is its reward against the "
                 "others' in its group. `batch_size` x `group_size` responses per iteration.", "range": (2, None)})
     value_layers: int | None = field(default=None, metadata={
-        "help": "With LoRA: how many decoder layers, counted from the top, carry the value function's adapter. Below "
-                "them the value function reads the reference model's hidden states, which the rollout computes "
-                "anyway, so its forward and backward passes run through these layers only. Default (unset): a "
-                "quarter of the layers, at least one. 0: every layer, so that with a shared-base reward model the "
-                "value function starts as exactly the reward model (InstructGPT), at the cost of a whole extra "
-                "forward and backward pass per minibatch.", "range": (0, None)})
+        "help": "With LoRA: how many decoder layers, counted from the top, the value function trains. It starts as "
+                "the reward model either way (shared base) or as the SFT model with a new adapter; the layers below "
+                "keep their starting weights, so the hidden states entering the lowest trained layer stay the same "
+                "through an iteration's PPO epochs: the rollout's value pass keeps them, and each value update runs "
+                "the trained layers alone. Default (unset): a quarter of the layers, at least one. 0: train every "
+                "layer (a whole forward and backward pass per value update).", "range": (0, None)})
     value_warmup_steps: int = field(default=0, metadata={
         "help": "First iterations that train only the value function (the policy is frozen; OpenRLHF's "
                 "freezing_actor_steps). A value function started as the reward model scores every unfinished "

@@ -53,7 +53,8 @@ def finished_rows(summary: dict) -> list[tuple[str, object]]:
         ("reward (normalized)", f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f} (first -> last "
                                 f"{summary['window']} iterations' mean)"),
         ("KL to SFT (nats/response)", f"{summary['kl_last']:.3f} (max {summary['kl_max']:.3f}); beta "
-                                      f"{summary['kl_coef_last']:.4g}"),
+                                      f"{summary['kl_coef_last']:.4g}" if "kl_last" in summary else
+         "not measured (beta 0)"),
         ("response length", f"{summary['length_first']:.1f} -> {summary['length_last']:.1f} tokens"),
         ("EOS rate", f"{summary['eos_rate_first']:.2f} -> {summary['eos_rate_last']:.2f}"),
         *([("ptx loss", f"{summary['ptx_loss_first']:.3f} -> {summary['ptx_loss_last']:.3f}")]

@@ -292,7 +292,8 @@ def align_config(work: Path, hyper: dict) -> Path:
         "data": {"path": str(work / "prompts.txt")},
         "lora": {"enabled": True, "r": hyper["lora_r"], "alpha": hyper["lora_alpha"],
                  "dropout": hyper["lora_dropout"], "target_modules": hyper["lora_target_modules"]},
-        "rollout": {"max_new_tokens": hyper["max_new_tokens"], "temperature": hyper["temperature"], "top_k": 0,
+        "rollout": {"max_new_tokens": hyper["max_new_tokens"], "forward_batch_size": hyper["forward_batch_size"],
+                    "temperature": hyper["temperature"], "top_k": 0,
                     "top_p": 1.0, "missing_eos_penalty": hyper["missing_eos_penalty"]},
         "ppo": {
             "steps": hyper["steps"], "batch_size": hyper["batch_size"], "mini_batch_size": hyper["mini_batch_size"],

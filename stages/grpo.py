@@ -8,20 +8,21 @@ and reads back the same per-iteration metrics, samples, plots, summary and regis
 
 Reads top to bottom: config (checked for what only PPO has) -> output folder -> prompts rendered as the SFT model
 was trained (longer ones keep their last tokens, counted) -> the SFT policy (an adapter merged once) with LoRA,
-QLoRA or full weights; the reference of the KL term is the policy with its adapter disabled (TRL) -> the reward
-model, loaded on its own and reading (prompt, response) text as `align reward` trained it, normalized, minus
+QLoRA or full weights; the reference of the KL term is the SFT model (TRL's frozen copy of the new adapter) -> the
+reward model, loaded on its own and reading (prompt, response) text as `align reward` trained it, normalized, minus
 `rollout.missing_eos_penalty` without EOS -> TRL's trainer -> artifact renamed into place -> registry row.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log
-from align.config import PPOConfig, PPORunConfig, load_config, to_dict
+from align.config import PPOConfig, PPORunConfig, RolloutConfig, load_config, to_dict
 from align.errors import AlignError
 from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
                             trainer_defaults, training_config, training_template)
@@ -44,6 +45,9 @@ def load(config_path: str, overrides: list[str]) -> PPORunConfig:
     if cfg.ptx.path:
         raise AlignError(f"ptx.path: PPO-ptx is part of align's PPO trainer; algorithm {cfg.algorithm} has no ptx "
                          f"term: unset ptx.path or use algorithm: ppo")
+    if cfg.rollout.forward_batch_size != RolloutConfig().forward_batch_size:
+        raise AlignError(f"rollout.forward_batch_size: PPO only; algorithm {cfg.algorithm} scores with "
+                         f"ppo.mini_batch_size per pass: remove it")
     if cfg.rollout.stop_strings:
         raise AlignError(f"rollout.stop_strings: not supported with algorithm {cfg.algorithm} (responses end at EOS "
                          f"or rollout.max_new_tokens); remove them or use algorithm: ppo")
@@ -82,7 +86,11 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         tokenizer.pad_token_id == tokenizer.eos_token_id else []
     encoded, truncated = encode_prompts(tokenizer, prompts, training_template(policy_source.path),
                                         cfg.rollout.max_prompt_length)
-    rows = [{"prompt": text, "raw_prompt": prompt} for prompt, text, _ in encoded]  # TRL tokenizes the text
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(prompts) < cfg.ppo.batch_size * world:
+        raise AlignError(f"data.path: {len(prompts)} prompts, fewer than one iteration's ppo.batch_size "
+                         f"{cfg.ppo.batch_size} x {world} process(es) (TRL's sampler would run no step)")
+    rows = [{"prompt": _trl_text(tokenizer, text, ids), "raw_prompt": prompt} for prompt, text, ids in encoded]
     args, steps_per_iteration = _trl_config(cfg, run_dir)
 
     # 3. Models: the policy with LoRA / QLoRA / full weights; the reward model on its own.
@@ -106,8 +114,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             ("method", "LoRA" if cfg.lora.enabled else "full fine-tuning"),
             ("algorithm", f"{cfg.algorithm.upper()} (TRL {type(trainer).__name__}): {cfg.ppo.group_size} responses "
                           f"per prompt compared with each other; no value function"),
-            ("reference (KL)", "the SFT model = the policy with its adapter disabled" if cfg.lora.enabled else
-             "a frozen copy of the SFT model"),
+            ("reference (KL)", "the SFT model: a frozen copy of the new (identity) adapter (TRL's 'ref')"
+             if cfg.lora.enabled else "a frozen copy of the SFT model"),
             ("reward model", f"{cfg.reward.path}: {reward.describe()}"),
             ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
             ("memory (weights)", human_bytes(params.memory_bytes)),
@@ -121,10 +129,14 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             *[("tokenizer", change) for change in tokenizer_changes],
             ("output", str(run_dir.final)),
         ])
+    resumed_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     if checkpoint and is_main:
-        done = int(checkpoint.rsplit("-", 1)[-1]) // steps_per_iteration
-        console.print(f"resuming from {checkpoint} (iteration {done})")
+        console.print(f"resuming from {checkpoint} (iteration {resumed_step // steps_per_iteration})")
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
+    # The loop's time: this process's, plus TRL's per-step times of the steps before a resumed checkpoint.
+    loop_time = time.perf_counter() - started + sum(e.get("step_time", 0.0) for e in trainer.state.log_history
+                                                    if e.get("step", 0) <= resumed_step)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the starting adapter: not part of the policy
     trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
@@ -142,7 +154,6 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     write_samples(reward.samples, work / "samples.jsonl")
     plots = plot_metric_grid(history, work, f"{cfg.algorithm}_curves.png", PLOT_PANELS)
     done = len(history)
-    loop_time = sum(e.get("step_time", 0.0) for e in trainer.state.log_history)  # sampling + updates, all runs
     summary = summarize(history, done, done * cfg.ppo.batch_size * cfg.ppo.group_size * args.world_size,
                         loop_time, 0, cfg.ppo.kl_coef)
     metrics = {**summary, "algorithm": cfg.algorithm, "group_size": cfg.ppo.group_size,
@@ -163,6 +174,16 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 # --------------------------------------------------------------------------------------------------
 # Inputs and TRL's configuration
 
+def _trl_text(tokenizer, text: str, ids: list[int]) -> str:
+    """The prompt text to give TRL, which tokenizes it again with the tokenizer's special tokens: a chat template
+    that writes the BOS itself would get a second one, so a leading BOS is left out where the tokenizer adds it. (A
+    prompt cut to its last tokens, which has none, gets the tokenizer's BOS from TRL.)"""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer(text)["input_ids"] != ids:
+        return text[len(bos):]
+    return text
+
+
 def _trl_config(cfg: PPORunConfig, run_dir: RunDir):
     """TRL's GRPOConfig / RLOOConfig from the `ppo` and `rollout` sections. An iteration samples ppo.batch_size x
     ppo.group_size responses and runs ppo.ppo_epochs passes of minibatch ppo.mini_batch_size over them; TRL counts
@@ -176,7 +197,9 @@ def _trl_config(cfg: PPORunConfig, run_dir: RunDir):
         per_device_train_batch_size=ppo.mini_batch_size, gradient_accumulation_steps=1,
         steps_per_generation=per_generation, num_generations=ppo.group_size, num_iterations=ppo.ppo_epochs,
         max_steps=ppo.steps * steps_per_iteration, learning_rate=ppo.learning_rate,
-        lr_scheduler_type=ppo.lr_scheduler_type, warmup_steps=ppo.warmup_steps * steps_per_iteration,
+        # transformers' "constant" ignores warmup steps; align's schedules all warm up first
+        lr_scheduler_type="constant_with_warmup" if ppo.lr_scheduler_type == "constant" else ppo.lr_scheduler_type,
+        warmup_steps=ppo.warmup_steps * steps_per_iteration, disable_dropout=True,
         weight_decay=ppo.weight_decay, max_grad_norm=ppo.max_grad_norm, beta=ppo.kl_coef,
         epsilon=ppo.cliprange, max_completion_length=rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, logging_steps=1, disable_tqdm=True,
@@ -236,9 +259,11 @@ class GroupReward:
 
 def iterations(log_history: list[dict], steps_per_iteration: int, kl_coef: float) -> list[dict]:
     """TRL's per-optimizer-step log (restored on --resume) as align ppo's per-iteration history: the means of an
-    iteration's steps, in align ppo's names. The KL is the one in TRL's loss, measured during the iteration's updates
-    (align ppo measures it when sampling), as nats per response like align ppo's: TRL's mean per-token KL times the
-    mean response length (exact when the responses are equally long)."""
+    iteration's steps, in align ppo's names. TRL's KL is per token (GRPO: the k3 estimate in its loss, measured
+    during the iteration's updates; RLOO: log pi - log pi_ref at sampling, which goes into the reward); it becomes
+    nats per response like align ppo's by the mean response length (exact when the responses are equally long).
+    TRL's clip fraction counts only the clipping that acts against the advantage (RLOO: per sequence), and its loss
+    includes the KL term."""
     buckets: dict[int, dict[str, list[float]]] = {}
     for logged in log_history:
         if "step" not in logged or "loss" not in logged and "reward" not in logged:
@@ -260,7 +285,7 @@ def iterations(log_history: list[dict], steps_per_iteration: int, kl_coef: float
 
 TRL_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
             "clip_ratio/region_mean": "clipfrac", "completions/mean_length": "response_length",
-            "completions/clipped_ratio": "eos_rate", "loss": "pg_loss", "grad_norm": "grad_norm",
+            "completions/clipped_ratio": "eos_rate", "loss": "loss", "grad_norm": "grad_norm",
             "learning_rate": "learning_rate"}
 
 
@@ -290,8 +315,8 @@ class IterationLog(TrainerCallback):
         if self.progress is None or state.global_step % self.steps_per_iteration:
             return
         entry = iterations(state.log_history, self.steps_per_iteration, self.cfg.ppo.kl_coef)[-1]
-        self.progress.update(self.task, completed=entry["step"], status=f"reward {entry.get('reward', float('nan')):+.3f}"
-                                                                        f"  kl {entry.get('kl', float('nan')):.3f}")
+        status = f"reward {entry.get('reward', float('nan')):+.3f}  kl {entry.get('kl', float('nan')):.3f}"
+        self.progress.update(self.task, completed=entry["step"], status=status)
         ppo = self.cfg.ppo
         if entry["step"] % ppo.logging_steps == 0 or entry["step"] == ppo.steps:
             self.progress.console.print(f"iteration {entry['step']}/{ppo.steps}  " + "  ".join(
