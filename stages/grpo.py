@@ -44,7 +44,7 @@ def load(config_path: str, overrides: list[str]) -> PPORunConfig:
         raise AlignError("algorithm: ppo runs in stages/ppo.py (`align ppo` picks it)")
     if cfg.ptx.path:
         raise AlignError(f"ptx.path: PPO-ptx is part of align's PPO trainer; algorithm {cfg.algorithm} has no ptx "
-                         f"term: unset ptx.path or use algorithm: ppo")
+                         f"term: unset it (ptx.path=null) or use algorithm: ppo")
     if cfg.rollout.forward_batch_size != RolloutConfig().forward_batch_size:
         raise AlignError(f"rollout.forward_batch_size: PPO only; algorithm {cfg.algorithm} scores with "
                          f"ppo.mini_batch_size per pass: remove it")
