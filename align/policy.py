@@ -133,6 +133,19 @@ def register_policy(run_dir: RunDir, registry: Registry, cfg: PPORunConfig, name
                         metrics=metrics)
 
 
+def print_samples(samples: list[dict], iteration: int, target) -> None:
+    """A table of the first few (prompt, response, reward) samples, printed on `target` (a rich console)."""
+    from rich.table import Table
+
+    table = Table(title=f"samples at iteration {iteration}", title_justify="left")
+    table.add_column("prompt", overflow="fold", max_width=40)
+    table.add_column("response", overflow="fold", max_width=60)
+    table.add_column("reward", justify="right")
+    for sample in samples[:4]:
+        table.add_row(sample["prompt"], sample["response"] or "(empty)", f"{sample['reward']:+.3f}")
+    target.print(table)
+
+
 def write_samples(samples: list[dict], path: Path) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for sample in samples:

@@ -27,7 +27,7 @@ from align.errors import AlignError
 from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
                             trainer_defaults, training_config, training_template)
 from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
-                          read_policy_prompts, register_policy, summarize, write_samples)
+                          print_samples, read_policy_prompts, register_policy, summarize, write_samples)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
 from align.scoring import RewardScorer
@@ -86,12 +86,11 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         tokenizer.pad_token_id == tokenizer.eos_token_id else []
     encoded, truncated = encode_prompts(tokenizer, prompts, training_template(policy_source.path),
                                         cfg.rollout.max_prompt_length)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if len(prompts) < cfg.ppo.batch_size * world:
-        raise AlignError(f"data.path: {len(prompts)} prompts, fewer than one iteration's ppo.batch_size "
-                         f"{cfg.ppo.batch_size} x {world} process(es) (TRL's sampler would run no step)")
-    rows = [{"prompt": _trl_text(tokenizer, text, ids), "raw_prompt": prompt} for prompt, text, ids in encoded]
     args, steps_per_iteration = _trl_config(cfg, run_dir)
+    if len(prompts) < cfg.ppo.batch_size * args.world_size:
+        raise AlignError(f"data.path: {len(prompts)} prompts, fewer than one iteration's ppo.batch_size "
+                         f"{cfg.ppo.batch_size} x {args.world_size} process(es) (TRL's sampler would run no step)")
+    rows = [{"prompt": _trl_text(tokenizer, text, ids), "raw_prompt": prompt} for prompt, text, ids in encoded]
 
     # 3. Models: the policy with LoRA / QLoRA / full weights; the reward model on its own.
     with args.main_process_first(desc="merging the SFT adapter"):  # one process merges, the others reuse it
@@ -314,7 +313,9 @@ class IterationLog(TrainerCallback):
             return  # the trainer's closing summary
         if self.progress is None or state.global_step % self.steps_per_iteration:
             return
-        entry = iterations(state.log_history, self.steps_per_iteration, self.cfg.ppo.kl_coef)[-1]
+        # logging_steps=1: the last steps_per_iteration entries are the iteration just finished
+        entry = iterations(state.log_history[-self.steps_per_iteration:], self.steps_per_iteration,
+                           self.cfg.ppo.kl_coef)[-1]
         status = f"reward {entry.get('reward', float('nan')):+.3f}  kl {entry.get('kl', float('nan')):.3f}"
         self.progress.update(self.task, completed=entry["step"], status=status)
         ppo = self.cfg.ppo
@@ -324,20 +325,10 @@ class IterationLog(TrainerCallback):
                     ("reward", "+.3f"), ("kl", ".3f"), ("entropy", ".3f"), ("clipfrac", ".3f"),
                     ("response_length", ".1f"), ("eos_rate", ".2f")) if key in entry))
         if ppo.sample_steps and entry["step"] % ppo.sample_steps == 0:
-            self._print_samples(entry["step"])
+            print_samples(self.reward.samples, entry["step"], self.progress.console)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.stop()
-            self._print_samples(state.global_step // self.steps_per_iteration)
-
-    def _print_samples(self, step: int) -> None:
-        from rich.table import Table
-
-        table = Table(title=f"samples at iteration {step}", title_justify="left")
-        table.add_column("prompt", overflow="fold", max_width=40)
-        table.add_column("response", overflow="fold", max_width=60)
-        table.add_column("reward", justify="right")
-        for sample in self.reward.samples[:4]:
-            table.add_row(sample["prompt"], sample["response"] or "(empty)", f"{sample['reward']:+.3f}")
-        (self.progress.console if self.progress else console).print(table)
+            if not self.cfg.ppo.sample_steps:  # as align ppo: at the end only when never during the run
+                print_samples(self.reward.samples, state.global_step // self.steps_per_iteration, console)

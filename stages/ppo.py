@@ -37,7 +37,7 @@ from align.errors import AlignError
 from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
                             training_template)
 from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
-                          read_policy_prompts, register_policy, summarize, write_samples)
+                          print_samples, read_policy_prompts, register_policy, summarize, write_samples)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
 from align.scoring import Normalization, RewardScorer, encode_pair
@@ -409,6 +409,11 @@ class AdapterSwitch:
                         self._switch("default")
         finally:
             self._keep_flags()
+
+    def train_only(self, trainable: list[torch.nn.Parameter], frozen: list[torch.nn.Parameter]) -> None:
+        """What stays trainable (and what frozen) through every switch; applied now."""
+        self.trainable, self.frozen = trainable, frozen
+        self._keep_flags()
 
     def _keep_flags(self) -> None:
         for param in self.trainable:
@@ -804,10 +809,8 @@ class PPOTrainer:
         value_params = value.parameters(model)
         self.params = policy_params + [p for p in value_params if all(p is not q for q in policy_params)]
         self.trainable_count = sum(p.numel() for p in self.params)
-        for param in self.params:  # peft's set_adapter('default') left the value adapter frozen
-            param.requires_grad_(True)
-        if self.adapters is not None:
-            self.adapters.trainable, self.adapters.frozen = self.params, value.frozen
+        if self.adapters is not None:  # peft's set_adapter('default') left the value adapter frozen
+            self.adapters.train_only(self.params, value.frozen)
         value_lr = self.ppo.value_learning_rate if self.ppo.value_learning_rate is not None else self.ppo.learning_rate
         self.optimizer = torch.optim.AdamW([
             {"params": policy_params, "lr": self.ppo.learning_rate},
@@ -859,7 +862,7 @@ class PPOTrainer:
                 if self.dist.is_main and (self.step % self.ppo.logging_steps == 0 or self.step == self.ppo.steps):
                     progress.console.print(self._log_line(entry))
                 if self.dist.is_main and self.ppo.sample_steps and self.step % self.ppo.sample_steps == 0:
-                    self._print_samples(progress.console)
+                    print_samples(self.samples, self.step, progress.console)
                 if self.bad_in_a_row >= self.ppo.max_bad_steps:
                     saved = self.save_checkpoint(run_dir)
                     raise AlignError(f"ppo: {self.bad_in_a_row} iterations in a row had NaN/inf rewards or losses "
@@ -868,7 +871,7 @@ class PPOTrainer:
                 if self.step % self.ppo.save_steps == 0 and self.step < self.ppo.steps:
                     self.save_checkpoint(run_dir)
         if self.dist.is_main and self.ppo.sample_steps == 0:
-            self._print_samples(console)
+            print_samples(self.samples, self.step, console)
 
     def iteration(self) -> dict:
         """Sample one batch, score it, and run the PPO epochs on it. Returns the iteration's metrics."""
@@ -1199,17 +1202,6 @@ class PPOTrainer:
     def _keep_samples(self, rollout: Rollout, scores: torch.Tensor) -> None:
         self.samples = [{"step": self.step + 1, "prompt": p, "response": r, "reward": float(s)}
                         for p, r, s in zip(rollout.prompts, rollout.responses, scores.tolist())]
-
-    def _print_samples(self, target) -> None:
-        from rich.table import Table
-
-        table = Table(title=f"samples at iteration {self.step}", title_justify="left")
-        table.add_column("prompt", overflow="fold", max_width=40)
-        table.add_column("response", overflow="fold", max_width=60)
-        table.add_column("reward", justify="right")
-        for sample in self.samples[:4]:
-            table.add_row(sample["prompt"], sample["response"] or "(empty)", f"{sample['reward']:+.3f}")
-        target.print(table)
 
     def summary(self) -> dict:
         return summarize(self.history, self.step, self.step * self.ppo.batch_size * self.dist.world,

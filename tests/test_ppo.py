@@ -436,7 +436,7 @@ def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_
         assert (value.upper is not None) is (name == "llama")
         assert value.layers_note(model) == "1 of 4 decoder layers"
         # Whole passes or not, the value loss trains the top layer only (set_adapter re-enables the whole adapter).
-        value.adapters.trainable, value.adapters.frozen = value.parameters(model), value.frozen
+        value.adapters.train_only(value.parameters(model), value.frozen)
         torch.nn.init.ones_(value.head.weight)
         ids = torch.tensor([probe[:12]])
         mask = torch.ones_like(ids)
