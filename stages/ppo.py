@@ -10,7 +10,9 @@ KL, NaN guard, checkpoints) -> artifact (policy adapter or weights, value functi
 samples) renamed into place -> registry row with the SFT model, the reward model and the ptx data as parents.
 
 Distributed: under `torchrun` / `accelerate launch --multi_gpu` every process samples its own prompts and the
-gradients are averaged across processes after each backward pass (data parallel, gloo on CPU, NCCL on GPUs).
+gradients are averaged across processes after each backward pass (data parallel, gloo on CPU, NCCL on GPUs). Under
+`accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml) the model's weights (and their gradients and
+optimizer state) are also split across the processes with PyTorch's FSDP2: one decoder layer is gathered at a time.
 """
 
 from __future__ import annotations
@@ -73,14 +75,9 @@ def load(config_path: str, overrides: list[str]) -> PPORunConfig:
 def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
     # 1. Config, output folder, references. Everything the user can get wrong fails here, before models load.
     cfg = load(config_path, overrides)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or \
-            os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise AlignError("align ppo runs data-parallel (accelerate launch --multi_gpu, or torchrun); DeepSpeed ZeRO "
-                         "and FSDP are not supported by its trainer yet: use configs/accelerate/ddp.yaml (with "
-                         "LoRA or QLoRA, one base copy per GPU)")
+    dist = Distributed.start(cfg)
     name = cfg.output.name or Path(config_path).stem
     run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
-    dist = Distributed.start()
     checkpoint = run_dir.open(resume, dist.is_main)
     registry = Registry()
     policy_source = resolve_model(cfg.model.path, registry)
@@ -115,37 +112,43 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         reference.to(device)
     params = parameter_summary(model)
     copies = base_weight_copies(model, reference, reward.model if isinstance(reward, TextReward) else None)
+    if checkpoint:  # weights first, while they are whole; the optimizer's state once the trainer exists
+        load_checkpoint_weights(Path(checkpoint), model, value, cfg.lora.enabled, dist)
+    dist.shard(model, reference)
     trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist)
-    if not value.check_upper(model, _probe(queries, cfg, model.config), device):
+    if not value.check_upper(model, _probe(queries, cfg, model.config), device) and dist.is_main:
         console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
                       f"{type(_language_model(model)).__name__}'s forward pass; they run the whole model")
-    print_table(f"align ppo: {name}", [
-        ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
-                                                           " (8-bit)" if cfg.quantization.load_in_8bit else "")),
-        ("method", "LoRA (adapter 'default')" if cfg.lora.enabled else "full fine-tuning"),
-        ("reference (KL)", "the SFT model = the policy with its adapters disabled" if cfg.lora.enabled else
-         "a frozen copy of the SFT model"),
-        ("value function", f"adapter 'value' (trained on {value.layers_note(model)}) + linear head" +
-         (" (initialized from the reward model)" if share else "") if cfg.lora.enabled else
-         "linear head on the policy's last hidden states"),
-        ("reward model", f"{cfg.reward.path}: " + ("adapter 'reward' on the policy's base (shared weights)" if share
-                                                   else reward.describe())),
-        ("base weight copies in memory", copies),
-        ("parameters", f"{trainer.trainable_count:,} trainable (policy and value) of {params.total:,} in the "
-                       f"policy model"),
-        ("memory (weights)", human_bytes(params.memory_bytes + (parameter_summary(reference).memory_bytes
-                                                                if reference is not None else 0))),
-        ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated_prompts} over rollout.max_prompt_length="
-                                                        f"{cfg.rollout.max_prompt_length}: kept their last tokens)"
-                                                        if truncated_prompts else "")),
-        ("ptx", f"{ptx_path}: {len(ptx.rows)} examples, coef {cfg.ptx.coef}" if ptx else "off"),
-        ("schedule", f"{cfg.ppo.steps} iterations x {cfg.ppo.batch_size} prompts x {dist.world} process(es), "
-                     f"{cfg.ppo.ppo_epochs} PPO epochs of minibatch {cfg.ppo.mini_batch_size}"),
-        ("KL", f"beta {cfg.ppo.kl_coef}" + (f", adaptive to target {cfg.ppo.target_kl}" if cfg.ppo.adaptive_kl
-                                            else ", fixed")),
-        *[("tokenizer", change) for change in tokenizer_changes],
-        ("output", str(run_dir.final)),
-    ])
+    weight_bytes = params.memory_bytes + (parameter_summary(reference).memory_bytes if reference is not None else 0)
+    if dist.is_main:
+        print_table(f"align ppo: {name}", [
+            ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
+                                                               " (8-bit)" if cfg.quantization.load_in_8bit else "")),
+            ("method", "LoRA (adapter 'default')" if cfg.lora.enabled else "full fine-tuning"),
+            ("reference (KL)", "the SFT model = the policy with its adapters disabled" if cfg.lora.enabled else
+             "a frozen copy of the SFT model"),
+            ("value function", f"adapter 'value' (trained on {value.layers_note(model)}) + linear head" +
+             (" (initialized from the reward model)" if share else "") if cfg.lora.enabled else
+             "linear head on the policy's last hidden states"),
+            ("reward model", f"{cfg.reward.path}: " + ("adapter 'reward' on the policy's base (shared weights)" if share
+                                                       else reward.describe())),
+            ("base weight copies in memory", f"{copies}" + (f", each split across {dist.world} processes (FSDP2)"
+                                                            if dist.sharded else "")),
+            ("parameters", f"{trainer.trainable_count:,} trainable (policy and value) of {params.total:,} in the "
+                           f"policy model"),
+            ("memory (weights)", human_bytes(weight_bytes) + (f"; {human_bytes(dist.bytes_held(model, reference))} "
+                                                              f"held by each process" if dist.sharded else "")),
+            ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated_prompts} over rollout.max_prompt_length="
+                                                            f"{cfg.rollout.max_prompt_length}: kept their last tokens)"
+                                                            if truncated_prompts else "")),
+            ("ptx", f"{ptx_path}: {len(ptx.rows)} examples, coef {cfg.ptx.coef}" if ptx else "off"),
+            ("schedule", f"{cfg.ppo.steps} iterations x {cfg.ppo.batch_size} prompts x {dist.world} process(es), "
+                         f"{cfg.ppo.ppo_epochs} PPO epochs of minibatch {cfg.ppo.mini_batch_size}"),
+            ("KL", f"beta {cfg.ppo.kl_coef}" + (f", adaptive to target {cfg.ppo.target_kl}" if cfg.ppo.adaptive_kl
+                                                else ", fixed")),
+            *[("tokenizer", change) for change in tokenizer_changes],
+            ("output", str(run_dir.final)),
+        ])
 
     # 4. Train.
     if dist.is_main:
@@ -155,6 +158,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         trainer.load_checkpoint(Path(checkpoint))
         console.print(f"resumed from {checkpoint} (iteration {trainer.step})")
     trainer.train(run_dir)
+    work = run_dir.work
+    trainer.save_policy(work)  # every process: under FSDP each holds a part of the weights
     if not dist.is_main:
         # Wait until rank 0 has saved and registered: a process group torn down under a peer still using it can
         # abort gloo at exit ("terminate called without an active exception").
@@ -163,8 +168,6 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         return None
 
     # 5. Artifact: policy (adapter or weights), value function, tokenizer, card, log, plots; rename; register.
-    work = run_dir.work
-    trainer.save_policy(work)
     tokenizer.save_pretrained(str(work))
     config = to_dict(cfg)
     save_run_config(config, work)
@@ -304,6 +307,18 @@ def _backbone(model):
     """The transformer body (hidden states, no LM head) of a causal LM, through peft's wrappers."""
     lm = _language_model(model)
     return getattr(lm, lm.base_model_prefix)
+
+
+def _body_for_a_pass(model):
+    """The transformer body, to be called on its own (value and reward passes). Under FSDP its own weights
+    (embeddings, final norm) belong to the model's root group, which gathers them in the model's forward pass only:
+    they are gathered here first (a no-op when they still are)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    lm = _language_model(model)
+    if isinstance(lm, FSDPModule):
+        lm.unshard()
+    return _backbone(model)
 
 
 def _adapter_config(folder: Path, **changes):
@@ -463,13 +478,11 @@ class ValueFunction:
     on it (`upper`, the body from that layer up). Where that shortcut does not reproduce the model's own forward
     pass (checked once, `check_upper`), value passes run the whole model: the same function, slower."""
 
-    def __init__(self, head: torch.nn.Linear, adapters: AdapterSwitch | None, first_layer: int = 0, upper=None,
-                 frozen: list[torch.nn.Parameter] | None = None):
+    def __init__(self, head: torch.nn.Linear, adapters: AdapterSwitch | None, first_layer: int = 0, upper=None):
         self.head = head
         self.adapters = adapters  # None: full fine-tuning, the head reads the policy's hidden states
         self.first_layer = first_layer  # the lowest decoder layer the value function trains
         self.upper = upper  # the body from first_layer up (None: value passes run the whole model)
-        self.frozen = frozen or []  # the value adapter's weights below first_layer
 
     @classmethod
     def create(cls, model, cfg: PPORunConfig, adapters: AdapterSwitch | None, reward_source=None) -> ValueFunction:
@@ -500,9 +513,7 @@ class ValueFunction:
         if layers is None or not 0 < count < len(layers):
             return cls(head, adapters)
         first = len(layers) - count
-        frozen = [p for n, p in model.named_parameters() if ".value." in n and "lora_" in n
-                  and _layer_index(n) is not None and _layer_index(n) < first]
-        return cls(head, adapters, first, _upper_body(model, first), frozen)
+        return cls(head, adapters, first, _upper_body(model, first))
 
     def check_upper(self, model, probe: list[int], device: torch.device) -> bool:
         """Whether the upper body on the captured hidden states ends where the whole body does, on `probe` (token
@@ -534,10 +545,23 @@ class ValueFunction:
 
     def parameters(self, model) -> list[torch.nn.Parameter]:
         """What the value loss trains: the value adapter's upper layers (all of it by default) and the head."""
-        frozen = {id(p) for p in self.frozen}
-        adapter = [p for n, p in model.named_parameters() if ".value." in n and "lora_" in n
-                   and id(p) not in frozen] if self.adapters else []
+        adapter = [p for n, p in model.named_parameters() if self._in_adapter(n) and not self._below(n)] \
+            if self.adapters else []
         return adapter + list(self.head.parameters())
+
+    def frozen(self, model) -> list[torch.nn.Parameter]:
+        """The value adapter's weights below first_layer: they keep their starting values. (Looked up by name each
+        time: sharding the model replaces its parameter objects.)"""
+        return [p for n, p in model.named_parameters() if self._in_adapter(n) and self._below(n)] \
+            if self.adapters else []
+
+    @staticmethod
+    def _in_adapter(weight_name: str) -> bool:
+        return ".value." in weight_name and "lora_" in weight_name
+
+    def _below(self, weight_name: str) -> bool:
+        layer = _layer_index(weight_name)
+        return layer is not None and layer < self.first_layer
 
     def __call__(self, model, ids, mask, positions, policy_hidden: torch.Tensor | None = None,
                  inputs: torch.Tensor | None = None) -> torch.Tensor:
@@ -548,11 +572,11 @@ class ValueFunction:
 
     def _hidden(self, model, ids, mask, positions, inputs: torch.Tensor | None = None) -> torch.Tensor:
         with self.adapters.use("value"):
+            body = _body_for_a_pass(model)
             if self.upper is not None and inputs is not None:
                 return self.upper(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                                   use_cache=False).last_hidden_state
-            return _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    use_cache=False).last_hidden_state
+            return body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
 def _probe(queries: list[tuple[str, list[int]]], cfg: PPORunConfig, model_config) -> list[int]:
@@ -616,7 +640,7 @@ class SharedBaseReward:
                     ids[row, :len(tokens)] = torch.tensor(tokens)
                     mask[row, :len(tokens)] = 1
                 ids, mask = ids.to(device), mask.to(device)
-                hidden = _backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                hidden = _body_for_a_pass(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 values = _last_token_states(hidden, mask).float() @ self.score.to(device).T
                 raw[start:start + len(chunk)] = values.squeeze(-1).tolist()
         normalized = [self.normalization.apply(r) for r in raw] if self.normalization else raw
@@ -649,16 +673,39 @@ def base_weight_copies(*models) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Distributed: plain data parallel
+# Distributed: data parallel, with the weights sharded (FSDP2) when the launcher asks for it
+
+def _launcher_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() == "true"
+
 
 @dataclass
 class Distributed:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sharded: bool = False  # FSDP2: each process holds 1/world of every weight, gradient and optimizer state
+    reshard_after_forward: bool = True  # free a layer's gathered weights after its forward pass (full shard)
 
     @classmethod
-    def start(cls) -> Distributed:
+    def start(cls, cfg: PPORunConfig | None = None) -> Distributed:
+        """Joins the process group the launcher set up. `accelerate launch` passes its config as environment
+        variables: an FSDP config turns sharding on; the settings align ppo cannot honour fail here, before any
+        model loads."""
+        if _launcher_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise AlignError("align ppo does not run under DeepSpeed: its trainer runs its own forward and backward "
+                             "passes (generation, policy, value, reward on one base), which DeepSpeed's engine would "
+                             "have to own. Launch with configs/accelerate/fsdp.yaml (weights, gradients and optimizer "
+                             "state sharded across GPUs, as ZeRO-3) or configs/accelerate/ddp.yaml")
+        sharded = _launcher_flag("ACCELERATE_USE_FSDP")
+        if sharded:
+            if cfg is not None and (cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit):
+                raise AlignError("quantization: FSDP cannot shard a 4/8-bit base (QLoRA); launch with "
+                                 "configs/accelerate/ddp.yaml, or drop the quantization section")
+            for flag, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                              ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+                if _launcher_flag(flag):
+                    raise AlignError(f"accelerate config: {key}: true is not supported by align ppo; set it to false")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cuda = torch.cuda.is_available()
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -667,7 +714,38 @@ class Distributed:
             torch.cuda.set_device(device)
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        return cls(int(os.environ.get("RANK", "0")), world, device)
+        return cls(int(os.environ.get("RANK", "0")), world, device, sharded=sharded and world > 1,
+                   reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false")
+
+    def shard(self, model, reference=None) -> None:
+        """FSDP2 over the policy model (and the full-fine-tuning reference): each decoder layer, with the adapters in
+        it, is one group gathered for its own forward and backward passes; the rest (embeddings, final norm, LM head)
+        is the model's root group. Called once every adapter is added and every weight loaded, before the optimizer
+        is built (its parameters become the shards)."""
+        if not self.sharded:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for each in (model, reference):
+            if each is None:
+                continue
+            layers = _decoder_layers(each)
+            if layers is None:
+                raise AlignError(f"FSDP: {type(_language_model(each)).__name__} keeps no list of decoder layers "
+                                 f"(`layers`) to shard; launch with configs/accelerate/ddp.yaml")
+            for layer in layers:
+                fully_shard(layer, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(_language_model(each), mesh=mesh)
+            # FSDP makes the first sharded module to run forward the root: the model's own, not a layer run by a
+            # value pass's body on its own. A one-token pass settles it. The root keeps its weights gathered after
+            # a forward pass (for the backward pass); they are split again so that the model's parameters are the
+            # shards the optimizer will hold.
+            with torch.no_grad():
+                _language_model(each)(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device),
+                                      use_cache=False)
+            _language_model(each).reshard()
 
     @property
     def is_main(self) -> bool:
@@ -692,7 +770,9 @@ class Distributed:
         return values
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        if self.world == 1:
+        """Averages the gradients of the replicated parameters (FSDP already averaged its shards' gradients)."""
+        params = [p for p in params if not _is_shard(p)]
+        if self.world == 1 or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -704,9 +784,49 @@ class Distributed:
             p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
 
+    def bytes_held(self, *models) -> int:
+        """The bytes of the models' weights this process holds: its shards only, under FSDP."""
+        return sum((p.to_local() if _is_shard(p) else p).numel() * p.dtype.itemsize
+                   for model in models if model is not None for p in model.parameters())
+
+    def grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """The L2 norm of the parameters' whole gradients: shards' squares summed over processes (one all-reduce),
+        replicated gradients counted once."""
+        sharded = torch.zeros((), dtype=torch.float32)
+        replicated = torch.zeros((), dtype=torch.float32)
+        for p in params:
+            if p.grad is None:
+                continue
+            if _is_shard(p):
+                sharded += p.grad.to_local().float().pow(2).sum().cpu()
+            else:
+                replicated += p.grad.float().pow(2).sum().cpu()
+        if self.sharded:
+            sharded = self.sum(sharded.to(self.device)).cpu()
+        return (sharded + replicated).sqrt()
+
+    def full_state(self, model, keep) -> dict[str, torch.Tensor] | None:
+        """The model's weights whose names pass `keep`, whole, on the main process (None elsewhere): under FSDP every
+        process takes part in gathering each one. None without sharding: the model holds them whole already."""
+        if not self.sharded:
+            return None
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if keep(name):
+                whole = tensor.full_tensor() if _is_shard(tensor) else tensor
+                if self.is_main:
+                    state[name] = whole.detach().cpu()
+        return state
+
     def stop(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _is_shard(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -804,18 +924,21 @@ class PPOTrainer:
         self.keeps_logits = "logits_to_keep" in inspect.signature(_language_model(model).forward).parameters
         self.model.eval()  # no dropout: the sampled log-probs and the trained ones must come from the same function
         self.lora = cfg.lora.enabled
-        policy_params = [p for n, p in model.named_parameters() if p.requires_grad and ".value." not in n
-                         and ".reward." not in n]
-        value_params = value.parameters(model)
-        self.params = policy_params + [p for p in value_params if all(p is not q for q in policy_params)]
+        self.policy_params = [p for n, p in model.named_parameters() if p.requires_grad and ".value." not in n
+                              and ".reward." not in n]
+        self.value_params = [p for p in value.parameters(model) if all(p is not q for q in self.policy_params)]
+        self.params = self.policy_params + self.value_params
         self.trainable_count = sum(p.numel() for p in self.params)
         if self.adapters is not None:  # peft's set_adapter('default') left the value adapter frozen
-            self.adapters.train_only(self.params, value.frozen)
+            self.adapters.train_only(self.params, value.frozen(model))
         value_lr = self.ppo.value_learning_rate if self.ppo.value_learning_rate is not None else self.ppo.learning_rate
-        self.optimizer = torch.optim.AdamW([
-            {"params": policy_params, "lr": self.ppo.learning_rate},
-            {"params": [p for p in value_params if all(p is not q for q in policy_params)], "lr": value_lr},
-        ], weight_decay=self.ppo.weight_decay)
+        # The value head (never sharded) has a group of its own: an optimizer updates a group's tensors together, and
+        # under FSDP the value adapter's are shards.
+        head = list(value.head.parameters())
+        groups = [(self.policy_params, self.ppo.learning_rate),
+                  ([p for p in self.value_params if all(p is not q for q in head)], value_lr), (head, value_lr)]
+        self.optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups if params],
+                                           weight_decay=self.ppo.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.kl = AdaptiveKL(self.ppo.kl_coef, self.ppo.target_kl if self.ppo.adaptive_kl else None,
                              self.ppo.kl_horizon)
@@ -943,7 +1066,8 @@ class PPOTrainer:
         recorder = _SampledLogprobs(r.temperature) if self.lora else None
         generated = _generate_without_model_defaults(
             self.model, sampling, input_ids=queries, attention_mask=query_mask,
-            tokenizer=self.tokenizer if r.stop_strings else None, logits_processor=[recorder] if recorder else None)
+            tokenizer=self.tokenizer if r.stop_strings else None, logits_processor=[recorder] if recorder else None,
+            synced_gpus=self.dist.sharded)  # sharded: every process runs each step's forward pass until all are done
         response = generated[:, width:]
         sampled_logprobs = recorder.logprobs(response) if recorder else None
         response, response_mask, ended = self._cut_responses(response)
@@ -1081,7 +1205,8 @@ class PPOTrainer:
             order = torch.randperm(size, generator=order_rng).tolist()
             for start in range(0, size, ppo.mini_batch_size):
                 rows = order[start:start + ppo.mini_batch_size]
-                stats = self._minibatch(rollout, rows, width, ptx_index=(self.step * per_iteration + count) * self.dist.world + self.dist.rank)
+                ptx_index = (self.step * per_iteration + count) * self.dist.world + self.dist.rank
+                stats = self._minibatch(rollout, rows, width, ptx_index)
                 if stats is None:
                     return None
                 for key, value in stats.items():
@@ -1151,7 +1276,7 @@ class PPOTrainer:
             loss.backward()
         self.dist.average_gradients(self.params)
         # Policy and value are clipped apart: a large value loss early on must not shrink the policy's step.
-        grad_norm = torch.stack([self._clip(group["params"]) for group in self.optimizer.param_groups]).norm()
+        grad_norm = torch.stack([self._clip(self.policy_params), self._clip(self.value_params)]).norm()
         if not torch.isfinite(grad_norm):  # the same on every process: gradients were averaged
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -1176,12 +1301,15 @@ class PPOTrainer:
         return bool(self.dist.sum(torch.isfinite(loss.detach()).float().reshape(1).cpu()).item() == self.dist.world)
 
     def _clip(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        with_grad = [p for p in params if p.grad is not None]
-        if not with_grad:
-            return torch.zeros(())
-        if self.ppo.max_grad_norm:
-            return torch.nn.utils.clip_grad_norm_(with_grad, self.ppo.max_grad_norm).float().cpu()
-        return torch.stack([p.grad.float().norm() for p in with_grad]).norm().cpu()
+        """Scales the gradients down to a norm of ppo.max_grad_norm when they are above it; returns the norm before."""
+        norm = self.dist.grad_norm(params)
+        if self.ppo.max_grad_norm and torch.isfinite(norm):
+            scale = min(1.0, self.ppo.max_grad_norm / (float(norm) + 1e-6))
+            if scale < 1.0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        return norm
 
     # ---- reporting ----
 
@@ -1191,7 +1319,8 @@ class PPOTrainer:
         parts = [f"iteration {self.step}/{self.ppo.steps}", f"reward {entry['reward']:+.3f} (raw "
                  f"{entry['reward_raw']:+.3f})", f"kl {entry['kl']:.3f}", f"beta {entry['kl_coef']:.3g}",
                  f"entropy {entry['entropy']:.3f}", f"clip {entry['clipfrac']:.3f}", f"approx_kl "
-                 f"{entry['approx_kl']:.4f}", f"vf_loss {entry['vf_loss']:.4f}", f"ev {entry['explained_variance']:.2f}",
+                 f"{entry['approx_kl']:.4f}", f"vf_loss {entry['vf_loss']:.4f}",
+                 f"ev {entry['explained_variance']:.2f}",
                  f"len {entry['response_length']:.1f}", f"eos {entry['eos_rate']:.2f}"]
         if "ptx_loss" in entry:
             parts.append(f"ptx {entry['ptx_loss']:.3f}")
@@ -1211,22 +1340,33 @@ class PPOTrainer:
 
     def save_checkpoint(self, run_dir: RunDir) -> Path:
         """checkpoints/checkpoint-N: adapters (or weights), value head, optimizer, scheduler, RNG, step, KL
-        controller, history. Written to a staging folder and renamed: a kill never leaves a half checkpoint."""
+        controller, history. Written to a staging folder and renamed: a kill never leaves a half checkpoint. Under
+        FSDP each process also writes its shard of the optimizer's state there."""
         folder = run_dir.work / CHECKPOINTS / f"checkpoint-{self.step}"
+        staging = folder.with_name(folder.name + ".partial")
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.dist.barrier()
+        self.save_policy(staging)
+        optimizer = self.optimizer.state_dict()
+        if self.dist.sharded:  # this process's shards, as plain tensors (the live state stays as it is)
+            optimizer["state"] = {key: {k: v.to_local() if _is_shard(v) else v for k, v in values.items()}
+                                  for key, values in optimizer["state"].items()}
+            torch.save(optimizer, staging / f"optimizer-rank{self.dist.rank}.pt")
+        elif self.dist.is_main:
+            torch.save(optimizer, staging / "optimizer.pt")
+        self.dist.barrier()
         if not self.dist.is_main:
             self.dist.barrier()
             return folder
-        staging = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        self.save_policy(staging)
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
         torch.save({"torch": torch.random.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
         (staging / STATE_FILE).write_text(json.dumps({
             "step": self.step, "kl_coef": self.kl.coef, "history": self.history, "samples": self.samples,
             "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row, "train_time": self.train_time,
-            "value_first_layer": self.value.first_layer}))
+            "value_first_layer": self.value.first_layer, "sharded_processes": self.dist.world if self.dist.sharded
+            else 0}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
         checkpoints = sorted((p for p in folder.parent.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
@@ -1237,45 +1377,73 @@ class PPOTrainer:
         return folder
 
     def load_checkpoint(self, folder: Path) -> None:
-        saved_first = json.loads((folder / STATE_FILE).read_text()).get("value_first_layer", 0)
-        if saved_first != self.value.first_layer:
-            raise AlignError(f"--resume: {folder} trained the value function from decoder layer {saved_first}, this "
-                             f"run from layer {self.value.first_layer} (ppo.value_layers changed); resume with the "
-                             f"checkpoint's setting or start a new run")
-        if self.lora:
-            _load_adapter_weights(self.model, "default", _adapter_weights(folder))
-            _load_adapter_weights(self.model, "value", _adapter_weights(folder / VALUE_FOLDER))
-        else:
-            from transformers import AutoModelForCausalLM
+        """Everything but the weights (load_checkpoint_weights put them in before the model was sharded)."""
+        state = json.loads((folder / STATE_FILE).read_text())
+        if self.dist.sharded:
+            from torch.distributed.tensor import DTensor
 
-            saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(self.model.parameters()).dtype)
-            self.model.load_state_dict(saved.state_dict())
-        self.value.head.load_state_dict(torch.load(folder / VALUE_FOLDER / VALUE_HEAD_FILE, weights_only=True))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            self.optimizer.load_state_dict(torch.load(folder / f"optimizer-rank{self.dist.rank}.pt",
+                                                      weights_only=True))
+            for param, values in self.optimizer.state.items():  # the shards were saved as plain local tensors
+                if _is_shard(param):
+                    values.update({k: DTensor.from_local(v.to(param.device), param.device_mesh, param.placements,
+                                                             shape=param.shape, stride=param.stride())
+                                   for k, v in values.items() if torch.is_tensor(v) and v.dim() > 0})
+        else:
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         rng = torch.load(folder / "rng.pt", weights_only=False)
         torch.random.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        state = json.loads((folder / STATE_FILE).read_text())
         self.step, self.kl.coef, self.history = state["step"], state["kl_coef"], state["history"]
         self.samples, self.skipped = state["samples"], state["skipped"]
         self.bad_in_a_row, self.train_time = state["bad_in_a_row"], state["train_time"]
 
     def save_policy(self, folder: Path) -> None:
         """The policy in a standard format (a peft adapter on the SFT weights, or full weights) at `folder`, the
-        value function (adapter + head) in `folder/value/`."""
+        value function (adapter + head) in `folder/value/`. Every process calls it; the main one writes."""
+        whole = self.dist.full_state(self.model, (lambda name: "lora_" in name) if self.lora else (lambda name: True))
+        if not self.dist.is_main:
+            return
+        given = {"state_dict": whole} if whole is not None else {}
         (folder / VALUE_FOLDER).mkdir(parents=True, exist_ok=True)
         if self.lora:
-            self.model.save_pretrained(str(folder), selected_adapters=["default"])
-            self.model.save_pretrained(str(folder / VALUE_FOLDER), selected_adapters=["value"])
+            self.model.save_pretrained(str(folder), selected_adapters=["default"], **given)
+            self.model.save_pretrained(str(folder / VALUE_FOLDER), selected_adapters=["value"], **given)
             nested = folder / VALUE_FOLDER / "value"  # peft writes non-default adapters into a subfolder
             if nested.is_dir():
                 for item in nested.iterdir():
                     os.replace(item, folder / VALUE_FOLDER / item.name)
                 nested.rmdir()
         else:
-            self.model.save_pretrained(str(folder))
+            self.model.save_pretrained(str(folder), **given)
         torch.save(self.value.head.state_dict(), folder / VALUE_FOLDER / VALUE_HEAD_FILE)
+
+
+def load_checkpoint_weights(folder: Path, model, value: ValueFunction, lora: bool, dist: Distributed) -> None:
+    """A checkpoint's policy and value weights into the (not yet sharded) model and the value head, once the
+    checkpoint is known to fit this run."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    saved_shards = state.get("sharded_processes", 0)
+    if saved_shards != (dist.world if dist.sharded else 0):
+        saved = f"{saved_shards} processes under FSDP" if saved_shards else "without FSDP"
+        now = f"{dist.world} processes under FSDP" if dist.sharded else "without FSDP"
+        raise AlignError(f"--resume: {folder} holds the optimizer's state as saved by {saved}, this run runs {now}; "
+                         f"resume with the launcher config the checkpoint was written with")
+    saved_first = state.get("value_first_layer", 0)
+    if saved_first != value.first_layer:
+        raise AlignError(f"--resume: {folder} trained the value function from decoder layer {saved_first}, this "
+                         f"run from layer {value.first_layer} (ppo.value_layers changed); resume with the "
+                         f"checkpoint's setting or start a new run")
+    if lora:
+        _load_adapter_weights(model, "default", _adapter_weights(folder))
+        _load_adapter_weights(model, "value", _adapter_weights(folder / VALUE_FOLDER))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict())
+    value.head.load_state_dict(torch.load(folder / VALUE_FOLDER / VALUE_HEAD_FILE, weights_only=True))
 
 
 def _masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

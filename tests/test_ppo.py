@@ -382,7 +382,8 @@ def test_value_adapter_is_trained(dev, learn):
     assert all(".layers.1." in k for k in moved), "only the top layer trains"
     assert sum(".layers.1." in k for k in value) == len(moved), "every weight of the top layer moved"
     assert learn.trainer.value.first_layer == 1
-    assert not any(p is q for p in learn.trainer.value.frozen for q in learn.trainer.params), "layer 0 is not trained"
+    frozen = learn.trainer.value.frozen(learn.trainer.model)
+    assert not any(p is q for p in frozen for q in learn.trainer.params), "layer 0 is not trained"
 
 
 def test_value_upper_layers_alone_give_the_whole_models_values_and_gradients(learn):
@@ -431,22 +432,22 @@ def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_
                                                 lora_dropout=0.5))
         value = ppo.ValueFunction.create(model, cfg, ppo.AdapterSwitch(model))
         assert value.first_layer == 3 and value.upper is not None
-        assert len(value.frozen) == 3 * 2 * 2, "the value adapter's A and B of q/v in layers 0-2 stay as they start"
+        assert len(value.frozen(model)) == 3 * 2 * 2, "value A and B of q/v in layers 0-2 stay as they are"
         assert value.check_upper(model, probe, torch.device("cpu")) is (name == "llama"), name
         assert (value.upper is not None) is (name == "llama")
         assert value.layers_note(model) == "1 of 4 decoder layers"
         # Whole passes or not, the value loss trains the top layer only (set_adapter re-enables the whole adapter).
-        value.adapters.train_only(value.parameters(model), value.frozen)
+        value.adapters.train_only(value.parameters(model), value.frozen(model))
         torch.nn.init.ones_(value.head.weight)
         ids = torch.tensor([probe[:12]])
         mask = torch.ones_like(ids)
         value(model, ids, mask, (mask.cumsum(1) - 1)).sum().backward()
-        assert all(p.grad is None for p in value.frozen), name
+        assert all(p.grad is None for p in value.frozen(model)), name
         assert all(p.grad is not None for p in value.parameters(model)), name
         model.delete_adapter("value")
     every = ppo.ValueFunction.create(model, SimpleNamespace(ppo=SimpleNamespace(value_layers=0)),
                                      ppo.AdapterSwitch(model))
-    assert every.first_layer == 0 and every.upper is None and not every.frozen
+    assert every.first_layer == 0 and every.upper is None and not every.frozen(model)
     assert every.layers_note(model) == "every layer"
 
 
@@ -509,14 +510,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_processes(script: list[str], *args: str) -> list[str]:
+    """torchrun with 2 processes on this machine (gloo on CPU) running `script` (`-m align`, or a file) with args."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), *script, *args]
+
+
+def _run_two(dev, *args: str, fsdp: bool = False) -> str:
+    """`align ppo ...` in 2 processes; FSDP as `accelerate launch` with configs/accelerate/fsdp.yaml sets it up.
+    Returns the output."""
+    env = {**_env(dev.home), **({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"} if fsdp else {})}
+    done = subprocess.run(_two_processes(["-m", "align"], "ppo", *args), cwd=dev.home, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 def test_ddp_two_processes_register_one_row_counting_both(dev):
     config = _config(dev.home, "ddp", ppo={"steps": 2, "batch_size": 8, "mini_batch_size": 4},
                      reward={"share_base": "false"})
     rows_before = len(_ppo_rows())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "align", "ppo", "--config", config]
-    done = subprocess.run(command, cwd=dev.home, env=_env(dev.home), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _run_two(dev, "--config", config)
     rows = _ppo_rows()
     assert len(rows) == rows_before + 1 and rows[0].name == "ddp"
     assert sorted(p.name for p in (dev.home / "runs" / "ppo").glob("ddp*")) == ["ddp"]
@@ -524,6 +538,96 @@ def test_ddp_two_processes_register_one_row_counting_both(dev):
     assert m["episodes"] == 2 * 8 * 2, m
     assert m["base_weight_copies"] == 2, "LoRA policy + a separate reward model"
     assert [e["step"] for e in _log(Path(rows[0].path))] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# 7b. FSDP2 on CPU (2 processes, gloo): the weights are split across the processes, and nothing else changes. Both
+# processes sample the same prompts as under DDP and the shards' gradients are averaged as DDP averages whole ones,
+# so the two runs compute the same numbers (measured: equal to print precision; weights within 6e-8).
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _assert_same_run(log: list[dict], reference: list[dict]) -> None:
+    assert [e["step"] for e in log] == [e["step"] for e in reference]
+    for a, b in zip(log, reference):
+        for key in COMPARED:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (a["step"], key, a[key], b[key])
+
+
+def test_fsdp_lora_run_equals_ddp_and_resumes_after_kill_from_sharded_checkpoints(dev, capsys):
+    """LoRA, shared-base reward, ptx: the FSDP run's log and adapters equal the DDP run's. Killed after its
+    checkpoint at iteration 2 (each process wrote its optimizer shard), it resumes under FSDP to the same numbers;
+    resuming it without FSDP fails with one line."""
+    from align.artifacts import RunDir
+
+    changes = {"ppo": {"steps": 4, "batch_size": 8, "mini_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2},
+               "ptx": {"path": dev.ptx_data, "coef": 0.5}}
+    ddp = _config(dev.home, "lora-ddp", **changes)
+    fsdp = _config(dev.home, "lora-fsdp", **changes)
+    _run_two(dev, "--config", ddp)
+    out = _run_two(dev, "--config", fsdp, fsdp=True)
+    assert "each split across 2 processes (FSDP2)" in out and "held by each process" in out, out
+    runs = dev.home / "runs" / "ppo"
+    _assert_same_run(_log(runs / "lora-fsdp"), _log(runs / "lora-ddp"))
+    for part in (Path("."), Path("value")):
+        a, b = _adapter(runs / "lora-fsdp" / part), _adapter(runs / "lora-ddp" / part)
+        assert a.keys() == b.keys() and a
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), part
+    assert torch.allclose(torch.load(runs / "lora-fsdp" / "value" / "value_head.pt")["weight"],
+                          torch.load(runs / "lora-ddp" / "value" / "value_head.pt")["weight"], atol=1e-5)
+
+    killed = _config(dev.home, "lora-fsdp-killed", **changes)
+    work = RunDir(runs / "lora-fsdp-killed").work
+    (dev.home / "driver.py").write_text(DRIVER)
+    env = {**_env(dev.home), "ACCELERATE_USE_FSDP": "true", "PAUSE_AT": "2"}
+    with open(dev.home / "killed.log", "w") as log:
+        first = subprocess.Popen(_two_processes([str(dev.home / "driver.py")], "ppo", "--config", killed),
+                                 cwd=dev.home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        try:
+            while not _readable_json(work / "checkpoints" / "checkpoint-2" / "trainer_state.json"):
+                assert first.poll() is None, (dev.home / "killed.log").read_text()[-3000:]
+                assert time.time() < deadline, "no checkpoint-2 within 120 s"
+                time.sleep(0.05)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    checkpoint = work / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "optimizer-rank0.pt").is_file() and (checkpoint / "optimizer-rank1.pt").is_file()
+
+    capsys.readouterr()
+    assert _main("ppo", "--config", killed, "--resume") == 2
+    err = _error_line(capsys.readouterr().err)
+    assert "saved by 2 processes under FSDP, this run runs without FSDP" in err, err
+    assert checkpoint.is_dir(), "the checkpoint is kept"
+
+    out = _run_two(dev, "--config", killed, "--resume", fsdp=True)
+    assert "resumed from" in out, out
+    _assert_same_run(_log(runs / "lora-fsdp-killed"), _log(runs / "lora-fsdp"))
+
+
+def test_fsdp_full_finetuning_equals_ddp_and_saves_plain_weights(dev):
+    """Full fine-tuning shards the policy and its frozen reference copy; the saved weights (gathered from the
+    shards) load with plain transformers and equal the DDP run's."""
+    from transformers import AutoModelForCausalLM
+
+    changes = {"ppo": {"steps": 2, "batch_size": 8, "mini_batch_size": 4, "learning_rate": 1e-4},
+               "lora": {"enabled": False}, "reward": {"share_base": "false"}}
+    _run_two(dev, "--config", _config(dev.home, "full-ddp", **changes))
+    _run_two(dev, "--config", _config(dev.home, "full-fsdp", **changes), fsdp=True)
+    runs = dev.home / "runs" / "ppo"
+    _assert_same_run(_log(runs / "full-fsdp"), _log(runs / "full-ddp"))
+    fsdp = AutoModelForCausalLM.from_pretrained(str(runs / "full-fsdp")).state_dict()
+    ddp = AutoModelForCausalLM.from_pretrained(str(runs / "full-ddp")).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(str(dev.sft_folder)).state_dict()
+    assert fsdp.keys() == ddp.keys()
+    assert all(torch.allclose(fsdp[k], ddp[k], atol=1e-6) for k in fsdp)
+    assert any(not torch.allclose(fsdp[k], sft[k], atol=1e-5) for k in fsdp), "the policy was trained"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,7 +742,8 @@ BAD = {
     "unknown_key": ({"ppo": {"kl_coeff": 0.1}}, "ppo.kl_coeff: unknown key"),
     "lora_bias": ({"lora": {"bias": "all"}}, "lora.bias: all: align ppo keeps every base weight frozen"),
     "value_layers_with_full_finetuning": ({"ppo": {"value_layers": 1}, "lora": {"enabled": False},
-                                           "reward": {"share_base": "false"}}, "ppo.value_layers: with full fine-tuning"),
+                                           "reward": {"share_base": "false"}},
+                                          "ppo.value_layers: with full fine-tuning"),
     "group_size_with_ppo": ({"ppo": {"group_size": 8}}, "ppo.group_size: GRPO/RLOO only"),
 }
 
@@ -671,6 +776,29 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(case, dev, capsys):
         assert f"{name}.yaml:{line}: " in err and "ppo.kl_coef" in err, err
     assert not list((dev.home / "runs" / "ppo").glob(name + "*"))
     assert len(Registry().list()) == rows_before
+
+
+LAUNCHER_BAD = {
+    "deepspeed": ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "align ppo does not run under DeepSpeed"),
+    "fsdp_with_4bit_base": ({"ACCELERATE_USE_FSDP": "true"}, {"quantization": {"load_in_4bit": True}},
+                            "quantization: FSDP cannot shard a 4/8-bit base (QLoRA)"),
+    "fsdp_offload": ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, {},
+                     "accelerate config: fsdp_offload_params: true is not supported by align ppo"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAUNCHER_BAD))
+def test_launcher_settings_align_ppo_cannot_honour_fail_with_one_line(case, dev, monkeypatch, capsys):
+    """What `accelerate launch` passes from its config (environment variables) is checked before any model loads."""
+    env, sections, expected = LAUNCHER_BAD[case]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    name = f"bad-launcher-{case}"
+    capsys.readouterr()
+    assert _main("ppo", "--config", _config(dev.home, name, **sections)) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert expected in err, err
+    assert not list((dev.home / "runs" / "ppo").glob(name + "*"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,10 +852,7 @@ def test_grpo_and_rloo_artifact_is_the_policy_adapter_with_ppo_lineage(grouped, 
 def test_grpo_ddp_two_processes_register_one_row_counting_both(dev):
     config = _config(dev.home, "grpo-ddp", **_merge(GROUP, {"ppo": {"steps": 2}}))
     rows_before = len(_ppo_rows())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "align", "ppo", "--config", config, "--algorithm", "rloo"]
-    done = subprocess.run(command, cwd=dev.home, env=_env(dev.home), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _run_two(dev, "--config", config, "--algorithm", "rloo")
     rows = _ppo_rows()
     assert len(rows) == rows_before + 1 and rows[0].name == "grpo-ddp"
     assert rows[0].metrics["episodes"] == 2 * 8 * 4 * 2 and rows[0].metrics["algorithm"] == "rloo"
