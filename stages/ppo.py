@@ -115,6 +115,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     if checkpoint:  # weights first, while they are whole; the optimizer's state once the trainer exists
         load_checkpoint_weights(Path(checkpoint), model, value, cfg.lora.enabled, dist)
     dist.shard(model, reference)
+    bytes_held = dist.bytes_held(model, reference)  # now, while every group is split (a pass leaves the root whole)
     trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist)
     if not value.check_upper(model, _probe(queries, cfg, model.config), device) and dist.is_main:
         console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
@@ -136,7 +137,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                                                             if dist.sharded else "")),
             ("parameters", f"{trainer.trainable_count:,} trainable (policy and value) of {params.total:,} in the "
                            f"policy model"),
-            ("memory (weights)", human_bytes(weight_bytes) + (f"; {human_bytes(dist.bytes_held(model, reference))} "
+            ("memory (weights)", human_bytes(weight_bytes) + (f"; {human_bytes(bytes_held)} "
                                                               f"held by each process" if dist.sharded else "")),
             ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated_prompts} over rollout.max_prompt_length="
                                                             f"{cfg.rollout.max_prompt_length}: kept their last tokens)"
@@ -706,6 +707,9 @@ class Distributed:
                               ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
                 if _launcher_flag(flag):
                     raise AlignError(f"accelerate config: {key}: true is not supported by align ppo; set it to false")
+            # With it, transformers may leave all but the first process's weights unloaded, for accelerate to
+            # broadcast when it wraps the model; align ppo shards the model itself: every process reads the weights.
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cuda = torch.cuda.is_available()
         local = int(os.environ.get("LOCAL_RANK", "0"))

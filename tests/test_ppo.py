@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -516,10 +517,16 @@ def _two_processes(script: list[str], *args: str) -> list[str]:
             "--master_port", str(_free_port()), *script, *args]
 
 
+# What `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets for the processes it starts.
+FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
+               "FSDP_OFFLOAD_PARAMS": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+               "FSDP_ACTIVATION_CHECKPOINTING": "false", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+
+
 def _run_two(dev, *args: str, fsdp: bool = False) -> str:
     """`align ppo ...` in 2 processes; FSDP as `accelerate launch` with configs/accelerate/fsdp.yaml sets it up.
     Returns the output."""
-    env = {**_env(dev.home), **({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"} if fsdp else {})}
+    env = {**_env(dev.home), **(FSDP_LAUNCH if fsdp else {})}
     done = subprocess.run(_two_processes(["-m", "align"], "ppo", *args), cwd=dev.home, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -571,7 +578,9 @@ def test_fsdp_lora_run_equals_ddp_and_resumes_after_kill_from_sharded_checkpoint
     fsdp = _config(dev.home, "lora-fsdp", **changes)
     _run_two(dev, "--config", ddp)
     out = _run_two(dev, "--config", fsdp, fsdp=True)
-    assert "each split across 2 processes (FSDP2)" in out and "held by each process" in out, out
+    assert "each split across 2 processes (FSDP2)" in out, out
+    total, held = map(float, re.search(r"([\d.]+) KiB; ([\d.]+) KiB held by each process", out).groups())
+    assert held == pytest.approx(total / 2, rel=0.02), "each process holds half of the weights"
     runs = dev.home / "runs" / "ppo"
     _assert_same_run(_log(runs / "lora-fsdp"), _log(runs / "lora-ddp"))
     for part in (Path("."), Path("value")):
@@ -584,7 +593,7 @@ def test_fsdp_lora_run_equals_ddp_and_resumes_after_kill_from_sharded_checkpoint
     killed = _config(dev.home, "lora-fsdp-killed", **changes)
     work = RunDir(runs / "lora-fsdp-killed").work
     (dev.home / "driver.py").write_text(DRIVER)
-    env = {**_env(dev.home), "ACCELERATE_USE_FSDP": "true", "PAUSE_AT": "2"}
+    env = {**_env(dev.home), **FSDP_LAUNCH, "PAUSE_AT": "2"}
     with open(dev.home / "killed.log", "w") as log:
         first = subprocess.Popen(_two_processes([str(dev.home / "driver.py")], "ppo", "--config", killed),
                                  cwd=dev.home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
