@@ -273,6 +273,24 @@ from align.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+def _kill_at_checkpoint(command: list[str], env: dict, checkpoint: Path, home: Path) -> subprocess.Popen:
+    """Runs `command` (a DRIVER pausing after `checkpoint`) and kills it, with every process it started, once the
+    checkpoint is complete."""
+    with open(home / "killed.log", "w") as log:
+        process = subprocess.Popen(command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        deadline = time.time() + 120
+        try:
+            while not _readable_json(checkpoint / "trainer_state.json"):
+                assert process.poll() is None, (home / "killed.log").read_text()[-3000:]
+                assert time.time() < deadline, f"no {checkpoint.name} within 120 s"
+                time.sleep(0.05)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process
+
+
 COMPARED = ("reward", "reward_raw", "kl", "entropy", "pg_loss", "vf_loss", "ptx_loss", "response_length",
             "learning_rate", "kl_coef")
 
@@ -285,19 +303,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(dev, ptx_on, capsys)
     final = dev.home / "runs" / "ppo" / "resumed"
     work = RunDir(final).work
     rows_before = len(_ppo_rows())
-    with open(dev.home / "resumed.log", "w") as log:
-        first = subprocess.Popen([sys.executable, "-c", DRIVER, "ppo", "--config", config], cwd=dev.home,
-                                 env={**_env(dev.home), "PAUSE_AT": "4"}, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        try:
-            while not _readable_json(work / "checkpoints" / "checkpoint-4" / "trainer_state.json"):
-                assert first.poll() is None, (dev.home / "resumed.log").read_text()[-3000:]
-                assert time.time() < deadline, "no checkpoint-4 within 120 s"
-                time.sleep(0.05)
-            first.send_signal(signal.SIGKILL)
-        finally:
-            first.kill()
-            first.wait()
+    (dev.home / "driver.py").write_text(DRIVER)
+    first = _kill_at_checkpoint([sys.executable, str(dev.home / "driver.py"), "ppo", "--config", config],
+                                {**_env(dev.home), "PAUSE_AT": "4"}, work / "checkpoints" / "checkpoint-4", dev.home)
     assert first.returncode == -signal.SIGKILL
     assert not final.exists() and work.is_dir() and len(_ppo_rows()) == rows_before
     assert RunDir(final).last_checkpoint().endswith("checkpoint-4")
@@ -593,20 +601,9 @@ def test_fsdp_lora_run_equals_ddp_and_resumes_after_kill_from_sharded_checkpoint
     killed = _config(dev.home, "lora-fsdp-killed", **changes)
     work = RunDir(runs / "lora-fsdp-killed").work
     (dev.home / "driver.py").write_text(DRIVER)
-    env = {**_env(dev.home), **FSDP_LAUNCH, "PAUSE_AT": "2"}
-    with open(dev.home / "killed.log", "w") as log:
-        first = subprocess.Popen(_two_processes([str(dev.home / "driver.py")], "ppo", "--config", killed),
-                                 cwd=dev.home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        try:
-            while not _readable_json(work / "checkpoints" / "checkpoint-2" / "trainer_state.json"):
-                assert first.poll() is None, (dev.home / "killed.log").read_text()[-3000:]
-                assert time.time() < deadline, "no checkpoint-2 within 120 s"
-                time.sleep(0.05)
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
     checkpoint = work / "checkpoints" / "checkpoint-2"
+    _kill_at_checkpoint(_two_processes([str(dev.home / "driver.py")], "ppo", "--config", killed),
+                        {**_env(dev.home), **FSDP_LAUNCH, "PAUSE_AT": "2"}, checkpoint, dev.home)
     assert (checkpoint / "optimizer-rank0.pt").is_file() and (checkpoint / "optimizer-rank1.pt").is_file()
 
     capsys.readouterr()
