@@ -751,6 +751,10 @@ class RolloutConfig:
     missing_eos_penalty: float = field(default=1.0, metadata={
         "help": "Subtracted from the reward of a response that reaches max_new_tokens without EOS or a stop string "
                 "(0: no penalty).", "range": (0, None)})
+    gather_weights: bool = field(default=True, metadata={
+        "help": "PPO under FSDP: gather the whole policy model on each process for the rollout (generation runs a "
+                "forward pass per token; gathering one layer at a time for each is far slower), and split it again "
+                "for the updates. false: for a model that does not fit whole on one GPU."})
 
 
 @dataclass

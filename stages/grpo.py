@@ -48,6 +48,9 @@ def load(config_path: str, overrides: list[str]) -> PPORunConfig:
     if cfg.rollout.forward_batch_size != RolloutConfig().forward_batch_size:
         raise AlignError(f"rollout.forward_batch_size: PPO only; algorithm {cfg.algorithm} scores with "
                          f"ppo.mini_batch_size per pass: remove it")
+    if cfg.rollout.gather_weights != RolloutConfig().gather_weights:
+        raise AlignError(f"rollout.gather_weights: PPO only; algorithm {cfg.algorithm} runs TRL's trainer, which "
+                         f"gathers weights as accelerate does: remove it")
     if cfg.rollout.stop_strings:
         raise AlignError(f"rollout.stop_strings: not supported with algorithm {cfg.algorithm} (responses end at EOS "
                          f"or rollout.max_new_tokens); remove them or use algorithm: ppo")

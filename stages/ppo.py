@@ -788,6 +788,20 @@ class Distributed:
             p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
 
+    @contextmanager
+    def gathered(self, model):
+        """Under FSDP: each decoder layer of `model` stays gathered from its first forward pass in the block to the
+        block's end (one all-gather per layer, not one per forward pass), then is split again."""
+        layers = list(_decoder_layers(model)) if self.sharded else []
+        for layer in layers:
+            layer.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.reshard()
+                layer.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
+
     def bytes_held(self, *models) -> int:
         """The bytes of the models' weights this process holds: its shards only, under FSDP."""
         return sum((p.to_local() if _is_shard(p) else p).numel() * p.dtype.itemsize
@@ -1004,7 +1018,8 @@ class PPOTrainer:
         """Sample one batch, score it, and run the PPO epochs on it. Returns the iteration's metrics."""
         # Seeded per iteration (and process): a resumed run samples exactly what the uninterrupted one did.
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * self.dist.world + self.dist.rank)
-        rollout, raw, scores, ended = self.sample()
+        with self.dist.gathered(self.model) if self.rollout_cfg.gather_weights else nullcontext():
+            rollout, raw, scores, ended = self.sample()
         finite = torch.isfinite(scores).all() & torch.isfinite(rollout.logprobs).all() & \
             torch.isfinite(rollout.ref_logprobs).all() & torch.isfinite(rollout.values).all()
         if not bool(self.dist.sum(finite.float().reshape(1)).item() == self.dist.world):

@@ -619,13 +619,14 @@ def test_fsdp_lora_run_equals_ddp_and_resumes_after_kill_from_sharded_checkpoint
 
 def test_fsdp_full_finetuning_equals_ddp_and_saves_plain_weights(dev):
     """Full fine-tuning shards the policy and its frozen reference copy; the saved weights (gathered from the
-    shards) load with plain transformers and equal the DDP run's."""
+    shards) load with plain transformers and equal the DDP run's. This run also generates on the split model
+    (rollout.gather_weights: false: each layer gathered for each token's forward pass)."""
     from transformers import AutoModelForCausalLM
 
     changes = {"ppo": {"steps": 2, "batch_size": 8, "mini_batch_size": 4, "learning_rate": 1e-4},
                "lora": {"enabled": False}, "reward": {"share_base": "false"}}
     _run_two(dev, "--config", _config(dev.home, "full-ddp", **changes))
-    _run_two(dev, "--config", _config(dev.home, "full-fsdp", **changes), fsdp=True)
+    _run_two(dev, "--config", _config(dev.home, "full-fsdp", **changes), "rollout.gather_weights=false", fsdp=True)
     runs = dev.home / "runs" / "ppo"
     _assert_same_run(_log(runs / "full-fsdp"), _log(runs / "full-ddp"))
     fsdp = AutoModelForCausalLM.from_pretrained(str(runs / "full-fsdp")).state_dict()
@@ -921,6 +922,7 @@ GROUP_BAD = {
     "value_setting": ({"ppo": {"value_layers": 2}}, "ppo.value_layers: PPO only"),
     "minibatch": ({"ppo": {"mini_batch_size": 5}}, "ppo.mini_batch_size: 5 does not divide the 32 responses"),
     "stop_strings": ({"rollout": {"stop_strings": ["."]}}, "rollout.stop_strings: not supported with algorithm grpo"),
+    "gather_weights": ({"rollout": {"gather_weights": False}}, "rollout.gather_weights: PPO only"),
     "too_few_prompts": ({"data": {"max_examples": 4}}, "data.path: 4 prompts, fewer than one iteration's"),
 }
 
