@@ -117,7 +117,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     dist.shard(model, reference)
     bytes_held = dist.bytes_held(model, reference)  # now, while every group is split (a pass leaves the root whole)
     trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist)
-    if not value.check_upper(model, _probe(queries, cfg, model.config), device) and dist.is_main:
+    if not value.check_upper(model, _probe(queries, cfg, model.config), dist) and dist.is_main:
         console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
                       f"{type(_language_model(model)).__name__}'s forward pass; they run the whole model")
     weight_bytes = params.memory_bytes + (parameter_summary(reference).memory_bytes if reference is not None else 0)
@@ -516,14 +516,14 @@ class ValueFunction:
         first = len(layers) - count
         return cls(head, adapters, first, _upper_body(model, first))
 
-    def check_upper(self, model, probe: list[int], device: torch.device) -> bool:
+    def check_upper(self, model, probe: list[int], dist: Distributed) -> bool:
         """Whether the upper body on the captured hidden states ends where the whole body does, on `probe` (token
         ids as long as a rollout). Not where an architecture transforms what enters its body (Granite's embedding
         multiplier) or picks a layer's attention by its position in the list: then value passes run the whole
         model."""
         if self.upper is None:
             return True
-        ids = torch.tensor([probe], device=device)
+        ids = torch.tensor([probe], device=dist.device)
         mask = torch.ones_like(ids)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         training = model.training
@@ -536,6 +536,8 @@ class ValueFunction:
         except Exception:  # noqa: BLE001 - a body that cannot start mid-way (other inputs, other layer calls)
             same = False
         model.train(training)
+        # Every process decides alike: under FSDP they must run the same layers (each pass gathers them together).
+        same = dist.sum(torch.tensor([float(same)], device=dist.device)).item() == dist.world
         if not same:
             self.upper = None
         return self.upper is not None
@@ -686,7 +688,6 @@ class Distributed:
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sharded: bool = False  # FSDP2: each process holds 1/world of every weight, gradient and optimizer state
-    reshard_after_forward: bool = True  # free a layer's gathered weights after its forward pass (full shard)
 
     @classmethod
     def start(cls, cfg: PPORunConfig | None = None) -> Distributed:
@@ -707,6 +708,11 @@ class Distributed:
                               ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
                 if _launcher_flag(flag):
                     raise AlignError(f"accelerate config: {key}: true is not supported by align ppo; set it to false")
+            # FSDP2 writes true/false, an FSDP1 config its sharding strategy. Kept gathered from the forward to the
+            # backward pass, the value adapter's layers got no gradient in align ppo's second backward pass.
+            if os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("false", "shard_grad_op", "2"):
+                raise AlignError("accelerate config: fsdp_reshard_after_forward: false (SHARD_GRAD_OP) is not "
+                                 "supported by align ppo; set it to true")
             # With it, transformers may leave all but the first process's weights unloaded, for accelerate to
             # broadcast when it wraps the model; align ppo shards the model itself: every process reads the weights.
             os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
@@ -718,8 +724,7 @@ class Distributed:
             torch.cuda.set_device(device)
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        return cls(int(os.environ.get("RANK", "0")), world, device, sharded=sharded and world > 1,
-                   reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false")
+        return cls(int(os.environ.get("RANK", "0")), world, device, sharded=sharded and world > 1)
 
     def shard(self, model, reference=None) -> None:
         """FSDP2 over the policy model (and the full-fine-tuning reference): each decoder layer, with the adapters in
@@ -729,7 +734,7 @@ class Distributed:
         if not self.sharded:
             return
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         for each in (model, reference):
@@ -740,16 +745,19 @@ class Distributed:
                 raise AlignError(f"FSDP: {type(_language_model(each)).__name__} keeps no list of decoder layers "
                                  f"(`layers`) to shard; launch with configs/accelerate/ddp.yaml")
             for layer in layers:
-                fully_shard(layer, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-            fully_shard(_language_model(each), mesh=mesh)
+                fully_shard(layer, mesh=mesh)
+            # The policy's root group stays gathered from a forward pass to its backward pass (FSDP's default for
+            # the root); the reference never runs a backward pass, so its root splits after each forward pass.
+            root = fully_shard(_language_model(each), mesh=mesh,
+                               **({"reshard_after_forward": True} if each is reference else {}))
             # FSDP makes the first sharded module to run forward the root: the model's own, not a layer run by a
-            # value pass's body on its own. A one-token pass settles it. The root keeps its weights gathered after
-            # a forward pass (for the backward pass); they are split again so that the model's parameters are the
-            # shards the optimizer will hold.
+            # value pass's body on its own. A one-token pass settles it; then every group is split again, so that
+            # the model's parameters are the shards the optimizer will hold.
             with torch.no_grad():
-                _language_model(each)(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device),
-                                      use_cache=False)
-            _language_model(each).reshard()
+                root(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), use_cache=False)
+            for module in root.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     @property
     def is_main(self) -> bool:
@@ -800,7 +808,7 @@ class Distributed:
         finally:
             for layer in layers:
                 layer.reshard()
-                layer.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
+                layer.set_reshard_after_forward(True, recurse=False)
 
     def bytes_held(self, *models) -> int:
         """The bytes of the models' weights this process holds: its shards only, under FSDP."""
@@ -810,31 +818,25 @@ class Distributed:
     def grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """The L2 norm of the parameters' whole gradients: shards' squares summed over processes (one all-reduce),
         replicated gradients counted once."""
-        sharded = torch.zeros((), dtype=torch.float32)
-        replicated = torch.zeros((), dtype=torch.float32)
-        for p in params:
-            if p.grad is None:
-                continue
-            if _is_shard(p):
-                sharded += p.grad.to_local().float().pow(2).sum().cpu()
-            else:
-                replicated += p.grad.float().pow(2).sum().cpu()
-        if self.sharded:
-            sharded = self.sum(sharded.to(self.device)).cpu()
-        return (sharded + replicated).sqrt()
+        def squares(grads: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else \
+                torch.zeros((), device=self.device)
 
-    def full_state(self, model, keep) -> dict[str, torch.Tensor] | None:
-        """The model's weights whose names pass `keep`, whole, on the main process (None elsewhere): under FSDP every
-        process takes part in gathering each one. None without sharding: the model holds them whole already."""
-        if not self.sharded:
-            return None
-        state = {}
-        for name, tensor in model.state_dict().items():
-            if keep(name):
-                whole = tensor.full_tensor() if _is_shard(tensor) else tensor
-                if self.is_main:
-                    state[name] = whole.detach().cpu()
-        return state
+        with_grad = [p for p in params if p.grad is not None]
+        sharded = squares([p.grad.to_local() for p in with_grad if _is_shard(p)])
+        if self.sharded:
+            sharded = self.sum(sharded)
+        return (sharded + squares([p.grad for p in with_grad if not _is_shard(p)])).sqrt().cpu()
+
+    def whole(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The tensors of `state` (a sharded model's state dict, or part of it) whole, on the CPU of the main process
+        (None elsewhere): every process takes part in gathering each one."""
+        gathered = {}
+        for name, tensor in state.items():
+            tensor = tensor.full_tensor() if _is_shard(tensor) else tensor
+            if self.is_main:
+                gathered[name] = tensor.detach().cpu()
+        return gathered if self.is_main else None
 
     def stop(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
@@ -1086,7 +1088,8 @@ class PPOTrainer:
         generated = _generate_without_model_defaults(
             self.model, sampling, input_ids=queries, attention_mask=query_mask,
             tokenizer=self.tokenizer if r.stop_strings else None, logits_processor=[recorder] if recorder else None,
-            synced_gpus=self.dist.sharded)  # sharded: every process runs each step's forward pass until all are done
+            # Split layers are gathered by every forward pass: every process runs each step's until all are done.
+            synced_gpus=self.dist.sharded and not r.gather_weights)
         response = generated[:, width:]
         sampled_logprobs = recorder.logprobs(response) if recorder else None
         response, response_mask, ended = self._cut_responses(response)
@@ -1401,15 +1404,14 @@ class PPOTrainer:
         if self.dist.sharded:
             from torch.distributed.tensor import DTensor
 
-            self.optimizer.load_state_dict(torch.load(folder / f"optimizer-rank{self.dist.rank}.pt",
-                                                      weights_only=True))
+            self._load_optimizer(folder / f"optimizer-rank{self.dist.rank}.pt")
             for param, values in self.optimizer.state.items():  # the shards were saved as plain local tensors
                 if _is_shard(param):
                     values.update({k: DTensor.from_local(v.to(param.device), param.device_mesh, param.placements,
                                                              shape=param.shape, stride=param.stride())
                                    for k, v in values.items() if torch.is_tensor(v) and v.dim() > 0})
         else:
-            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            self._load_optimizer(folder / "optimizer.pt")
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         rng = torch.load(folder / "rng.pt", weights_only=False)
         torch.random.set_rng_state(rng["torch"])
@@ -1418,13 +1420,19 @@ class PPOTrainer:
         self.samples, self.skipped = state["samples"], state["skipped"]
         self.bad_in_a_row, self.train_time = state["bad_in_a_row"], state["train_time"]
 
+    def _load_optimizer(self, file: Path) -> None:
+        try:
+            self.optimizer.load_state_dict(torch.load(file, weights_only=True))
+        except ValueError as error:  # another parameter layout: other adapters, or an older align ppo
+            raise AlignError(f"--resume: {file} does not fit this run's optimizer ({error}); resume with the "
+                             f"checkpoint's settings or start a new run") from None
+
     def save_policy(self, folder: Path) -> None:
         """The policy in a standard format (a peft adapter on the SFT weights, or full weights) at `folder`, the
         value function (adapter + head) in `folder/value/`. Every process calls it; the main one writes."""
-        whole = self.dist.full_state(self.model, (lambda name: "lora_" in name) if self.lora else (lambda name: True))
+        given = {"state_dict": self._whole_weights()} if self.dist.sharded else {}
         if not self.dist.is_main:
             return
-        given = {"state_dict": whole} if whole is not None else {}
         (folder / VALUE_FOLDER).mkdir(parents=True, exist_ok=True)
         if self.lora:
             self.model.save_pretrained(str(folder), selected_adapters=["default"], **given)
@@ -1437,6 +1445,19 @@ class PPOTrainer:
         else:
             self.model.save_pretrained(str(folder), **given)
         torch.save(self.value.head.state_dict(), folder / VALUE_FOLDER / VALUE_HEAD_FILE)
+
+
+    def _whole_weights(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP: what save_pretrained writes, gathered from the shards: peft's selection for the two adapters
+        (LoRA weights, modules_to_save, resized embeddings), or every weight."""
+        state = self.model.state_dict()
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            chosen = {id(tensor) for adapter in ("default", "value")
+                      for tensor in get_peft_model_state_dict(self.model, state, adapter).values()}
+            state = {name: tensor for name, tensor in state.items() if id(tensor) in chosen}
+        return self.dist.whole(state)
 
 
 def load_checkpoint_weights(folder: Path, model, value: ValueFunction, lora: bool, dist: Distributed) -> None:

@@ -442,7 +442,7 @@ def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_
         value = ppo.ValueFunction.create(model, cfg, ppo.AdapterSwitch(model))
         assert value.first_layer == 3 and value.upper is not None
         assert len(value.frozen(model)) == 3 * 2 * 2, "value A and B of q/v in layers 0-2 stay as they are"
-        assert value.check_upper(model, probe, torch.device("cpu")) is (name == "llama"), name
+        assert value.check_upper(model, probe, ppo.Distributed()) is (name == "llama"), name
         assert (value.upper is not None) is (name == "llama")
         assert value.layers_note(model) == "1 of 4 decoder layers"
         # Whole passes or not, the value loss trains the top layer only (set_adapter re-enables the whole adapter).
@@ -575,13 +575,13 @@ def _assert_same_run(log: list[dict], reference: list[dict]) -> None:
 
 
 def test_fsdp_lora_run_equals_ddp_and_resumes_after_kill_from_sharded_checkpoints(dev, capsys):
-    """LoRA, shared-base reward, ptx: the FSDP run's log and adapters equal the DDP run's. Killed after its
-    checkpoint at iteration 2 (each process wrote its optimizer shard), it resumes under FSDP to the same numbers;
-    resuming it without FSDP fails with one line."""
+    """LoRA (with the LM head trained whole: modules_to_save), shared-base reward, ptx: the FSDP run's log and
+    adapters equal the DDP run's. Killed after its checkpoint at iteration 2 (each process wrote its optimizer
+    shard), it resumes under FSDP to the same numbers; resuming it without FSDP fails with one line."""
     from align.artifacts import RunDir
 
     changes = {"ppo": {"steps": 4, "batch_size": 8, "mini_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2},
-               "ptx": {"path": dev.ptx_data, "coef": 0.5}}
+               "ptx": {"path": dev.ptx_data, "coef": 0.5}, "lora": {"modules_to_save": ["lm_head"]}}
     ddp = _config(dev.home, "lora-ddp", **changes)
     fsdp = _config(dev.home, "lora-fsdp", **changes)
     _run_two(dev, "--config", ddp)
@@ -594,6 +594,7 @@ def test_fsdp_lora_run_equals_ddp_and_resumes_after_kill_from_sharded_checkpoint
     for part in (Path("."), Path("value")):
         a, b = _adapter(runs / "lora-fsdp" / part), _adapter(runs / "lora-ddp" / part)
         assert a.keys() == b.keys() and a
+        assert any(key.endswith("lm_head.weight") for key in a) is (part == Path(".")), "the policy's whole LM head"
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), part
     assert torch.allclose(torch.load(runs / "lora-fsdp" / "value" / "value_head.pt")["weight"],
                           torch.load(runs / "lora-ddp" / "value" / "value_head.pt")["weight"], atol=1e-5)
@@ -791,6 +792,8 @@ LAUNCHER_BAD = {
                             "quantization: FSDP cannot shard a 4/8-bit base (QLoRA)"),
     "fsdp_offload": ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, {},
                      "accelerate config: fsdp_offload_params: true is not supported by align ppo"),
+    "fsdp_shard_grad_op": ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, {},
+                           "accelerate config: fsdp_reshard_after_forward: false (SHARD_GRAD_OP) is not supported"),
 }
 
 
