@@ -274,11 +274,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 def _kill_at_checkpoint(command: list[str], env: dict, checkpoint: Path, home: Path) -> subprocess.Popen:
-    """Runs `command` (a DRIVER pausing after `checkpoint`) and kills it, with every process it started, once the
-    checkpoint is complete."""
+    """Runs `command` (a DRIVER pausing after `checkpoint`) and kills it, with every process it started (torchrun's
+    workers run in sessions of their own), once the checkpoint is complete."""
+    import psutil
+
     with open(home / "killed.log", "w") as log:
-        process = subprocess.Popen(command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         try:
             while not _readable_json(checkpoint / "trainer_state.json"):
@@ -286,8 +287,18 @@ def _kill_at_checkpoint(command: list[str], env: dict, checkpoint: Path, home: P
                 assert time.time() < deadline, f"no {checkpoint.name} within 120 s"
                 time.sleep(0.05)
         finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            try:
+                root = psutil.Process(process.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:  # it died on its own (the assertion above says why)
+                tree = []
+            for each in tree:
+                try:
+                    each.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            process.wait()  # reaped by Popen, which keeps its exit status
+            psutil.wait_procs(tree[1:], timeout=30)
     return process
 
 
