@@ -383,6 +383,19 @@ def test_single_base_copy_holds_policy_reference_value_and_reward(dev, learn):
     assert model.active_adapter == "default"
 
 
+def test_optimizer_state_of_another_layout_fails_to_resume_with_one_line(learn, tmp_path):
+    """A checkpoint whose optimizer groups do not match this run's (e.g. written before the value head had a group
+    of its own) is refused with an AlignError naming the file, not a torch traceback."""
+    from align.errors import AlignError
+
+    state = learn.trainer.optimizer.state_dict()
+    state["param_groups"] = state["param_groups"][:-1]
+    file = tmp_path / "optimizer.pt"
+    torch.save(state, file)
+    with pytest.raises(AlignError, match=r"--resume: .*optimizer.pt does not fit this run's optimizer"):
+        learn.trainer._load_optimizer(file)
+
+
 def test_value_adapter_is_trained(dev, learn):
     """The value function starts as the reward model (its LoRA weights, its score head) and is trained by the value
     loss: its adapter weights must move, not only its head. By default only its top quarter of layers trains (here
