@@ -690,7 +690,7 @@ class Distributed:
     sharded: bool = False  # FSDP2: each process holds 1/world of every weight, gradient and optimizer state
 
     @classmethod
-    def start(cls, cfg: PPORunConfig | None = None) -> Distributed:
+    def start(cls, cfg: PPORunConfig) -> Distributed:
         """Joins the process group the launcher set up. `accelerate launch` passes its config as environment
         variables: an FSDP config turns sharding on; the settings align ppo cannot honour fail here, before any
         model loads."""
@@ -701,7 +701,7 @@ class Distributed:
                              "state sharded across GPUs, as ZeRO-3) or configs/accelerate/ddp.yaml")
         sharded = _launcher_flag("ACCELERATE_USE_FSDP")
         if sharded:
-            if cfg is not None and (cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit):
+            if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:
                 raise AlignError("quantization: FSDP cannot shard a 4/8-bit base (QLoRA); launch with "
                                  "configs/accelerate/ddp.yaml, or drop the quantization section")
             for flag, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
@@ -1445,7 +1445,6 @@ class PPOTrainer:
         else:
             self.model.save_pretrained(str(folder), **given)
         torch.save(self.value.head.state_dict(), folder / VALUE_FOLDER / VALUE_HEAD_FILE)
-
 
     def _whole_weights(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP: what save_pretrained writes, gathered from the shards: peft's selection for the two adapters
