@@ -151,5 +151,27 @@ def remember_password(url: str, name: str, password: str) -> None:
     server._write_private(path, json.dumps(known, indent=2))
 
 
+def remember_simulated_gold(url: str, dataset_id: str, name: str, gold: str) -> None:
+    """Which gold preference a simulated annotator ranked a dataset by (`pull` writes it into the pairs and the
+    registry), kept beside their passwords."""
+    path = simulated_users_file().with_name("simulated_golds.json")
+    server._make_private_dir(path.parent)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known.setdefault(url, {}).setdefault(str(dataset_id), {})[name] = gold
+    server._write_private(path, json.dumps(known, indent=2))
+
+
+def simulated_golds(url: str, dataset_id: str) -> dict[str, str]:
+    """``{simulated annotator name: gold spec}`` for one dataset (empty when none was remembered)."""
+    try:
+        return json.loads(simulated_users_file().with_name("simulated_golds.json").read_text()).get(url, {}).get(
+            str(dataset_id), {})
+    except (OSError, ValueError):
+        return {}
+
+
 def simulated_users_file() -> Path:
     return server.argilla_home() / "simulated_users.json"

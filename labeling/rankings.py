@@ -23,7 +23,8 @@ K-choose-2 comparisons (labeling/preferences.py) -> TRL's preference format ``{p
 rejected}`` plus provenance, written atomically and registered (kind ``dataset``, stage ``label``).
 
 ``simulate``: for demos and tests only; ``sim-annotator-N`` users rank through the same REST calls as
-the web UI, by a fixed rule.
+the web UI, by a gold preference (align/gold.py: a built-in rule such as ``sentiment``, a Python function
+or a reward model); ``pull`` marks their pairs ``simulated`` and names the gold they ranked by.
 
 Everything here talks to Argilla's REST API (v1, as the UI does) through labeling/argilla_api.py (httpx); the
 connection comes from :func:`labeling.server.connect`.
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from align.errors import AlignError
+from align.gold import Gold, load_gold, rank
 from labeling import argilla_api, server
 from labeling.argilla_api import SIM_PREFIX, annotation_url, simulated_users_file
 from labeling.argilla_api import Api as _Api
@@ -56,7 +58,6 @@ from labeling.argilla_api import workspace_id as _workspace_id
 from labeling.preferences import TIES, majority, pairwise_agreement, ranking_to_pairs
 
 WORKSPACE = server.WORKSPACE
-RULES = ("longer", "shorter", "random", "keyword:WORD")
 AGGREGATES = ("each", "majority")
 MAX_K = 20
 METADATA_KEY = "align"  # the dataset's metadata block written by push
@@ -507,6 +508,7 @@ class PullResult:
     out: Path
     rows: list[dict]
     metrics: dict[str, Any]
+    gold: str | None = None  # the gold preference(s) simulated annotators ranked by
     artifact: Any = None
     notes: list[str] = field(default_factory=list)
 
@@ -520,6 +522,7 @@ class _Ranking(NamedTuple):
     simulated: bool
     ranks: dict[int, int]
     values: dict  # the response's values (quality, flags, comment)
+    gold: str | None  # the gold preference a simulated annotator ranked by
 
 
 def annotator_id(user_id: str) -> str:
@@ -540,6 +543,7 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
     k = int(info["k"])
     records = _records(api, found["id"], responses=True)
     usernames = _usernames(api)
+    golds = argilla_api.simulated_golds(api.url, found["id"])  # simulated annotator name -> the gold they used
     api.close()
 
     counts = Counter()
@@ -563,7 +567,8 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
                 continue
             username = usernames.get(str(response.get("user_id")), "")
             rankings.append(_Ranking(record, texts, annotator_id(response.get("user_id")),
-                                     username.startswith(SIM_PREFIX), ranks, values))
+                                     username.startswith(SIM_PREFIX), ranks, values,
+                                     golds.get(username) if username.startswith(SIM_PREFIX) else None))
     if not rankings:
         pending = sum(r.get("status") == "pending" for r in records)
         drafts = f"; drafts, not counted until submitted: {counts['draft']}" if counts["draft"] else ""
@@ -578,7 +583,7 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
     rows: list[dict] = []
     if aggregate == "each":
         tied_pairs = sum(pair.tie for r in rankings for pair in ranking_to_pairs(r.ranks, "keep"))  # kept or not
-        for record, texts, annotator, simulated, ranks, values in rankings:
+        for record, texts, annotator, simulated, ranks, values, gold in rankings:
             prompt = _prompt_value(record, conversational, system)
             for pair in ranking_to_pairs(ranks, ties):
                 if not texts[pair.winner].strip() or not texts[pair.loser].strip():
@@ -588,6 +593,8 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
                        "record_id": record["external_id"], "annotator": annotator, "simulated": simulated,
                        "chosen_rank": ranks[pair.winner], "rejected_rank": ranks[pair.loser],
                        "chosen_index": pair.winner, "rejected_index": pair.loser}
+                if gold:
+                    row["gold"] = gold
                 if ties == "keep":
                     row["tie"] = pair.tie
                 quality, flags = (values.get("quality") or {}).get("value"), (values.get("flags") or {}).get("value")
@@ -615,6 +622,8 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
                 row = {"prompt": prompt, **_chosen_rejected(texts[vote.winner], texts[vote.loser], conversational),
                        "record_id": rid, "annotators": sorted(e.annotator for e in entries),
                        "simulated": all(e.simulated for e in entries),
+                       **({"gold": "+".join(sorted({e.gold for e in entries if e.gold}))}
+                          if any(e.gold for e in entries) else {}),
                        "votes": {"chosen": vote.wins, "rejected": vote.losses, "tie": vote.ties},
                        "chosen_index": vote.winner, "rejected_index": vote.loser}
                 if ties == "keep":
@@ -634,9 +643,11 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
             metrics[key] = counts[key]
     target = Path(out)
     _write_jsonl(target, rows)
-    result = PullResult(out=target, rows=rows, metrics=metrics)
+    result = PullResult(out=target, rows=rows, metrics=metrics,
+                        gold=", ".join(sorted({r.gold for r in rankings if r.gold})) or None)
     if register:
-        result.artifact, note = _register(dataset, target, rows, metrics, info, found, ties, aggregate, api.url)
+        result.artifact, note = _register(dataset, target, rows, metrics, info, found, ties, aggregate, api.url,
+                                          result.gold)
         if note:
             result.notes.append(note)
     return result
@@ -689,7 +700,7 @@ def _write_jsonl(target: Path, rows: list[dict]) -> None:
 
 
 def _register(dataset: str, target: Path, rows: list[dict], metrics: dict, info: dict, found: dict, ties: str,
-              aggregate: str, api_url: str):
+              aggregate: str, api_url: str, gold: str | None):
     from align.data import fingerprint
     from align.registry import Registry, looks_like_ref
 
@@ -710,7 +721,8 @@ def _register(dataset: str, target: Path, rows: list[dict], metrics: dict, info:
         data_fingerprint=fingerprint(rows), metrics=metrics,
         config={"dataset": dataset, "dataset_id": found["id"], "api_url": api_url, "ties": ties,
                 "aggregate": aggregate, "k": info.get("k"), "model": label, "sampling": info.get("sampling"),
-                "conversational": bool(info.get("conversational"))},
+                "conversational": bool(info.get("conversational")),
+                **({"simulated_gold": gold} if gold else {})},
     )
     return artifact, note
 
@@ -731,7 +743,8 @@ def pull_command(dataset: str, out: str, ties: str = "skip", aggregate: str = "e
         ("drafts / discarded (ignored)", f"{m['drafts_ignored']} / {m['discarded_ignored']}"),
     ])
     if m["simulated_rankings"]:
-        _show(f"[yellow]{m['simulated_rankings']} rankings come from simulated annotators (marked "
+        by = f" ranking by the gold {result.gold}" if result.gold else ""
+        _show(f"[yellow]{m['simulated_rankings']} rankings come from simulated annotators{_esc(by)} (marked "
               "\"simulated\": true): demo data, not human preferences[/yellow]")
     if m.get("unusable") or m.get("records_without_order"):
         _show(f"[yellow]left out: {m.get('unusable', 0)} partial rankings, {m.get('records_without_order', 0)} "
@@ -744,41 +757,6 @@ def pull_command(dataset: str, out: str, ties: str = "skip", aggregate: str = "e
 
 
 # --- Simulate -------------------------------------------------------------------------------------------------
-
-def parse_rule(rule: str) -> tuple[str, str | None]:
-    """``longer`` | ``shorter`` | ``random`` | ``keyword:WORD`` -> (name, word)."""
-    if rule in ("longer", "shorter", "random"):
-        return rule, None
-    if rule.startswith("keyword:") and rule[len("keyword:"):].strip():
-        return "keyword", rule[len("keyword:"):].strip()
-    raise AlignError(f"--rule {rule!r}: choose one of {', '.join(RULES)}")
-
-
-def rank_by_rule(texts: list[str], rule: str, rng: random.Random) -> list[int]:
-    """Ranks (1 = best) for the completions ``texts`` under a simulation rule.
-
-    ``longer``/``shorter``: by length in characters (stripped), equal lengths tied; ``keyword:WORD``: completions
-    containing WORD (case-insensitive) first, then longer first, ties as for ``longer``; ``random``: a random strict
-    order from ``rng``. Tied completions share a rank; ranks are dense (1, 1, 2, ...).
-    """
-    name, word = parse_rule(rule)
-    if name == "random":
-        order = list(range(len(texts)))
-        rng.shuffle(order)
-        ranks = [0] * len(texts)
-        for rank, position in enumerate(order, 1):
-            ranks[position] = rank
-        return ranks
-    lengths = [len(t.strip()) for t in texts]
-    if name == "longer":
-        keys = [(n,) for n in lengths]
-    elif name == "shorter":
-        keys = [(-n,) for n in lengths]
-    else:
-        keys = [(word.lower() in t.lower(), n) for t, n in zip(texts, lengths)]
-    distinct = sorted(set(keys), reverse=True)
-    return [distinct.index(key) + 1 for key in keys]
-
 
 def add_noise(ranks: list[int], noise: float, rng: random.Random) -> list[int]:
     """Walk the ranking best to worst and swap each adjacent pair with probability ``noise`` (ranks move with the
@@ -796,15 +774,17 @@ def add_noise(ranks: list[int], noise: float, rng: random.Random) -> list[int]:
     return noisy
 
 
-def simulate(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed: int = 0,
+def simulate(dataset: str, annotators: int, gold: str, noise: float = 0.0, seed: int = 0,
              workspace: str = WORKSPACE) -> dict[str, int]:
-    """For demos and tests: ``sim-annotator-1..N`` rank every record still in their queue, through the REST calls
-    the web UI makes. Returns the rankings each submitted now."""
-    parse_rule(rule)
+    """For demos and tests: ``sim-annotator-1..N`` rank every record still in their queue by a gold preference
+    (align/gold.py; or ``random``: no preference at all), through the REST calls the web UI makes. Which gold each
+    simulated annotator used is remembered, so that `pull` and the registry can say. Returns the rankings each
+    submitted now."""
     if not 1 <= annotators <= 100:
         raise AlignError(f"--annotators {annotators}: between 1 and 100")
     if not 0 <= noise <= 1:
         raise AlignError(f"--noise {noise}: a probability between 0 and 1")
+    scorer = None if gold == "random" else load_gold(gold, option="--gold")
     api = _Api.connect()
     found = _require_dataset(api, dataset, workspace)
     users = _owner_users(api)
@@ -823,12 +803,13 @@ def simulate(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed:
         key = users[name].get("api_key")
         if not key:
             raise AlignError(f"the API key of {name} is not visible with this key: simulate needs an owner's key")
-        submitted[name] = _annotate(_Api(api.url, key), found["id"], name, rule, noise, seed)
+        argilla_api.remember_simulated_gold(api.url, found["id"], name, gold)
+        submitted[name] = _annotate(_Api(api.url, key), found["id"], name, scorer, noise, seed)
     api.close()
     return submitted
 
 
-def _annotate(api: _Api, dataset_id: str, name: str, rule: str, noise: float, seed: int) -> int:
+def _annotate(api: _Api, dataset_id: str, name: str, gold: Gold | None, noise: float, seed: int) -> int:
     submitted, seen = 0, set()
     while True:
         page = api.call("POST", f"/api/v1/me/datasets/{dataset_id}/records/search", f"{name} reading their queue",
@@ -837,32 +818,43 @@ def _annotate(api: _Api, dataset_id: str, name: str, rule: str, noise: float, se
         if not records:
             api.close()
             return submitted
-        for record in records:
+        scored = [_positions(record) for record in records]
+        scores = gold.score([record["fields"]["prompt"] for record, positions in zip(records, scored)
+                             for _ in positions],
+                            [record["fields"][key] for record, positions in zip(records, scored)
+                             for key in positions]) if gold is not None else []
+        for record, positions in zip(records, scored):
             seen.add(record["id"])
-            fields = record["fields"]
-            positions = sorted((key for key in fields if re.fullmatch(r"completion_\d+", key)),
-                               key=lambda key: int(key.split("_")[1]))
-            texts = [fields[key] for key in positions]
             tag = f"{seed}:{name}:{record.get('external_id') or record['id']}"
-            ranks = add_noise(rank_by_rule(texts, rule, random.Random(f"rule:{tag}")), noise,
-                              random.Random(f"noise:{tag}"))
+            if gold is None:
+                ranks = list(range(1, len(positions) + 1))
+                random.Random(f"rule:{tag}").shuffle(ranks)
+            else:
+                ranks, scores = rank(scores[:len(positions)]), scores[len(positions):]
+            ranks = add_noise(ranks, noise, random.Random(f"noise:{tag}"))
             quality = random.Random(f"quality:{tag}").randint(3, 7)
             body = {"status": "submitted", "values": {
-                "ranking": {"value": [{"value": key, "rank": rank} for key, rank in zip(positions, ranks)]},
+                "ranking": {"value": [{"value": key, "rank": r} for key, r in zip(positions, ranks)]},
                 "quality": {"value": quality}}}
             api.call("POST", f"/api/v1/records/{record['id']}/responses", f"{name} submitting a ranking",
                      json_body=body, expect=(201, 409))
             submitted += 1
 
 
-def simulate_command(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed: int = 0,
+def _positions(record: dict) -> list[str]:
+    """The record's completion fields in display order."""
+    return sorted((key for key in record["fields"] if re.fullmatch(r"completion_\d+", key)),
+                  key=lambda key: int(key.split("_")[1]))
+
+
+def simulate_command(dataset: str, annotators: int, gold: str, noise: float = 0.0, seed: int = 0,
                      workspace: str = WORKSPACE) -> dict[str, int]:
     from align.reporting import print_table
 
-    submitted = simulate(dataset, annotators, rule, noise, seed, workspace)
+    submitted = simulate(dataset, annotators, gold, noise, seed, workspace)
     _show("[yellow]simulated annotators are for demos and tests only: `align label pull` marks their pairs "
-          "\"simulated\": true[/yellow]")
-    print_table(f"rankings submitted now (rule {rule}, noise {noise:g})",
+          "\"simulated\": true and records their gold[/yellow]")
+    print_table(f"rankings submitted now (gold {gold}, noise {noise:g})",
                 [(name, count) for name, count in submitted.items()])
     _show(f"their passwords (to look in the UI): {_esc(simulated_users_file())}")
     return submitted

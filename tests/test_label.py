@@ -312,6 +312,8 @@ def test_rankings_become_exact_pairs_agreement_and_a_registered_dataset(pushed, 
         assert shown[row["record_id"]][row["rejected_index"]] == row["rejected"][0]["content"]
     sim_rows = [row for row in rows if row["simulated"]]
     assert len(sim_rows) == 12 and all(3 <= row["best_quality"] <= 7 for row in sim_rows)
+    assert all(row["gold"] == "longer" for row in sim_rows) and not any("gold" in row for row in rows
+                                                                         if not row["simulated"])
 
     artifact = Registry().resolve("label:latest")
     assert artifact.kind == "dataset" and artifact.name == DATASET and artifact.parents == [model.id]
@@ -321,6 +323,7 @@ def test_rankings_become_exact_pairs_agreement_and_a_registered_dataset(pushed, 
     assert artifact.metrics["kendall_tau"] == pytest.approx(5 / 6)
     assert artifact.metrics["drafts_ignored"] == 1 and artifact.metrics["discarded_ignored"] == 1
     assert artifact.metrics["simulated_rankings"] == 4 and artifact.metrics["multi_annotator_records"] == 4
+    assert artifact.config["simulated_gold"] == "longer"
     assert [a.id for _, a in Registry().lineage(artifact.ref)] == [artifact.id, model.id]
 
     # One majority vote per pair, ties kept: bea's swap makes one 1-1 pair a tie.
@@ -357,23 +360,16 @@ def test_simulate_reuses_its_annotators_and_keeps_their_passwords_private(pushed
     url = _api().url
     assert stored[url]["sim-annotator-1"] == before[url]["sim-annotator-1"] and "sim-annotator-2" in stored[url]
     assert stat.S_IMODE(rankings.simulated_users_file().stat().st_mode) == 0o600
-    with pytest.raises(AlignError, match="--rule 'loudest'"):
+    with pytest.raises(AlignError, match="--gold: 'loudest' is not a gold preference"):
         rankings.simulate(DATASET, 1, "loudest")
 
 
 # --- Pure pieces: simulation rules, K samples per prompt --------------------------------------------------------
 
-def test_simulation_rules():
-    from labeling.rankings import add_noise, rank_by_rule
+def test_simulation_noise():
+    from labeling.rankings import add_noise
 
     rng = random.Random(0)
-    assert rank_by_rule(["aa", "a", "aaa"], "longer", rng) == [2, 3, 1]
-    assert rank_by_rule(["aa", "a", "aaa"], "shorter", rng) == [2, 1, 3]
-    assert rank_by_rule(["ab", "cd ", "e"], "longer", rng) == [1, 1, 2]  # equal length (stripped): tied
-    assert rank_by_rule(["the sea", "a very long answer", "Sea"], "keyword:SEA", rng) == [1, 3, 2]
-    shuffled = rank_by_rule(["a", "b", "c", "d"], "random", random.Random(1))
-    assert sorted(shuffled) == [1, 2, 3, 4] and shuffled == rank_by_rule(["a", "b", "c", "d"], "random",
-                                                                        random.Random(1))
     assert add_noise([1, 2, 3], 0.0, rng) == [1, 2, 3]
     assert add_noise([1, 2, 3], 1.0, rng) == [3, 1, 2]  # every adjacent pair swapped, best to worst
     assert add_noise([1, 1, 2], 1.0, random.Random(0)) == [2, 1, 1]
