@@ -541,7 +541,7 @@ _HH_ASSISTANT = "\n\nAssistant:"
 
 @dataclass
 class Preferences:
-    """Preference pairs ``{prompt, chosen, rejected, group[, margin][, category]}`` in TRL's explicit-prompt
+    """Preference pairs ``{prompt, chosen, rejected, group[, margin][, category][, subset]}`` in TRL's explicit-prompt
     format: all texts, or all message lists (conversational). ``group`` numbers the distinct prompts in order of
     appearance; ``locations[i]`` is the file:line pair ``i`` came from."""
 
@@ -581,8 +581,9 @@ def read_preferences(records: Records, columns: dict[str, str] | None = None, us
                 "group": groups.setdefault(_pref_key(prompt), len(groups))}
         if margin is not None:
             pair["margin"] = margin
-        if row.get("category") is not None:
-            pair["category"] = str(row["category"])
+        for key in ("category", "subset"):  # accuracy per category (`align reward`), per subset (RewardBench)
+            if row.get(key) is not None:
+                pair[key] = str(row[key])
         pairs.append(pair)
         locations.append(where)
 
@@ -622,7 +623,8 @@ def read_preferences(records: Records, columns: dict[str, str] | None = None, us
         add(prompt, chosen, rejected, row, where, None if margin is None else float(margin))
     if not pairs:
         raise AlignError(f"data: {records.source}: no usable preference pairs: all {len(records.rows)} records were "
-                         f"ties ({dropped['tie']} pairs) or had chosen identical to rejected ({dropped['identical']})")
+                         f"ties ({dropped['tie']} pairs) or had chosen identical to rejected ({dropped['identical']}); "
+                         f"expected pairs whose chosen and rejected responses differ and are not marked \"tie\": true")
     return Preferences(pairs, locations, fmt, len(records.rows),
                        rankings=len(records.rows) if fmt == "rankings" else 0,
                        dropped_ties=dropped["tie"], dropped_identical=dropped["identical"])

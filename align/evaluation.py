@@ -1,11 +1,14 @@
 """The computational core of the evaluation harness: statistics, log-likelihood scoring and benchmark files.
 
-Four groups, each usable on its own (the `align eval` command and its report are built on top):
+Five groups, each usable on its own (the `align eval` commands and their reports are built on top):
 
 * Pairwise helpfulness: per-prompt judgments of a model against a baseline (win / tie / loss, or a judge's reward
   pair with a tie margin) -> rates with 95% confidence intervals (`pairwise_stats`), and the AlpacaEval-2-style
   length-controlled win rate (`length_controlled_win_rate`).
 * Alignment tax: ``baseline score - model score`` over the same items with a paired bootstrap CI (`alignment_tax`).
+* Reward models on preference pairs (`align eval reward`): accuracy with ties counted half, per subset, length bias
+  beside the "longer response wins" heuristic, expected calibration error of sigmoid(margin), mean margin, each
+  with a 95% CI (`reward_model_metrics`).
 * Log-likelihood scoring of a causal LM (plain or PEFT-wrapped): multiple-choice accuracy, ``acc`` and the
   per-character length-normalized ``acc_norm`` as in lm-evaluation-harness (`score_multiple_choice`), and
   perplexity on held-out text (`perplexity`). Each question's context runs once for all its options, and many
@@ -77,31 +80,37 @@ def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) ->
     return Interval(p, min(p, max(0.0, center - half)), max(p, min(1.0, center + half)))
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE, bounded: bool = True) -> Interval:
     """Normal-approximation interval of a mean, ``mean +- z * sd / sqrt(n)`` (sample sd), clipped to [0, 1].
 
     Used for the win rate with ties counted half: its per-prompt score is 1, 0.5 or 0, so this is exactly the
     standard error AlpacaEval reports. When every score is the same the sample sd is 0 and the interval would
     collapse to a point; a [0, 1]-valued score has variance at most p(1 - p), so the Wilson interval of the same
-    mean is used then, a conservative bound instead of a false certainty."""
+    mean is used then, a conservative bound instead of a false certainty.
+
+    ``bounded=False`` is for values on any scale (a mean reward margin): the same interval, not clipped, and a
+    point when every value is the same."""
     n = len(values)
     if n == 0:
         return Interval(math.nan, math.nan, math.nan)
     mean = sum(values) / n
     sd = statistics.stdev(values) if n > 1 else 0.0
     if sd == 0:
-        return wilson_interval(mean * n, n, confidence)
+        return wilson_interval(mean * n, n, confidence) if bounded else Interval(mean, mean, mean)
     half = z_value(confidence) * sd / math.sqrt(n)
+    if not bounded:
+        return Interval(mean, mean - half, mean + half)
     return Interval(mean, max(0.0, mean - half), min(1.0, mean + half))
 
 
-def ci_warning(n: int, intervals: Sequence[Interval]) -> str | None:
-    """The small-sample warning for a report, or None when `n` and the interval widths are adequate."""
+def ci_warning(n: int, intervals: Sequence[Interval], unit: str = "prompts") -> str | None:
+    """The small-sample warning for a report, or None when `n` (counted in `unit`) and the interval widths are
+    adequate."""
     if n < MIN_PROMPTS_FOR_CI:
-        return f"{SMALL_SAMPLE_WARNING} ({n} < {MIN_PROMPTS_FOR_CI} prompts)"
+        return f"{SMALL_SAMPLE_WARNING.replace('prompts', unit)} ({n} < {MIN_PROMPTS_FOR_CI} {unit})"
     widest = max((i.half_width for i in intervals), default=0.0)
     if widest > MAX_CI_HALF_WIDTH:
-        return f"{SMALL_SAMPLE_WARNING} (CI half-width {widest:.2f} > {MAX_CI_HALF_WIDTH})"
+        return f"{SMALL_SAMPLE_WARNING.replace('prompts', unit)} (CI half-width {widest:.2f} > {MAX_CI_HALF_WIDTH})"
     return None
 
 
@@ -149,15 +158,17 @@ class PairwiseStats:
     warning: str | None  # set when n or the interval widths make the CIs uninformative
 
 
-def pairwise_stats(judgments: Sequence[str], confidence: float = CONFIDENCE) -> PairwiseStats:
-    """Rates and CIs from per-prompt judgments ("win" / "tie" / "loss", the model's side)."""
+def pairwise_stats(judgments: Sequence[str], confidence: float = CONFIDENCE, unit: str = "prompts") -> PairwiseStats:
+    """Rates and CIs from per-prompt judgments ("win" / "tie" / "loss", the model's side). `unit` names what was
+    judged in the small-sample warning."""
     scores = preference_scores(judgments)
     n = len(scores)
     wins, ties = scores.count(1.0), scores.count(0.5)
     losses = n - wins - ties
     rates = [wilson_interval(count, n, confidence) for count in (wins, ties, losses)]
     win_rate = mean_interval(scores, confidence)
-    return PairwiseStats(n, wins, ties, losses, *rates, win_rate=win_rate, warning=ci_warning(n, [*rates, win_rate]))
+    return PairwiseStats(n, wins, ties, losses, *rates, win_rate=win_rate,
+                         warning=ci_warning(n, [*rates, win_rate], unit))
 
 
 @dataclass
@@ -261,6 +272,175 @@ def alignment_tax(baseline_scores: Sequence[float], model_scores: Sequence[float
     alpha = 1 - confidence
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return Interval(float(differences.mean()), float(low), float(high))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward models on preference pairs
+
+CALIBRATION_BINS = 10
+BOOTSTRAP_RESAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How well P(chosen preferred) = sigmoid(score_chosen - score_rejected) matches what people chose."""
+
+    ece: float  # expected calibration error
+    bins: list[tuple[float, float, int]]  # per non-empty bin: mean predicted probability, observed rate, count
+
+
+def _calibration_sums(margins, bins: int):
+    """Per row of `margins` (an array: resamples x pairs) and per bin: the sum of predictions, the sum of outcomes
+    and the count. Each pair enters in both orders, (sigmoid(m), preferred) and (sigmoid(-m), not preferred)."""
+    import numpy as np
+
+    rows = margins.shape[0]
+    predictions = np.concatenate([0.5 * (1 + np.tanh(margins / 2)), 0.5 * (1 + np.tanh(-margins / 2))], axis=1)
+    outcomes = np.concatenate([np.ones_like(margins), np.zeros_like(margins)], axis=1)
+    cells = np.minimum((predictions * bins).astype(np.int64), bins - 1) + bins * np.arange(rows)[:, None]
+    size = rows * bins
+    predicted = np.bincount(cells.ravel(), predictions.ravel(), size).reshape(rows, bins)
+    observed = np.bincount(cells.ravel(), outcomes.ravel(), size).reshape(rows, bins)
+    counts = np.bincount(cells.ravel(), minlength=size).reshape(rows, bins)
+    return predicted, observed, counts
+
+
+def calibration(margins: Sequence[float], bins: int = CALIBRATION_BINS) -> Calibration:
+    """Expected calibration error of P(chosen preferred) = sigmoid(margin), margin = score_chosen - score_rejected.
+
+    Every pair is counted in both orders, (sigmoid(m), preferred) and (sigmoid(-m), not preferred), so the `bins`
+    equal-width bins over [0, 1] compare the predicted probability that the FIRST response is preferred with how
+    often it was: ECE = sum over bins of (share of predictions) x |mean prediction - observed rate|. (Counted one
+    way only every outcome would be "chosen", and ECE would just be 1 - mean P.)"""
+    import numpy as np
+
+    if not len(margins):
+        return Calibration(math.nan, [])
+    predicted, observed, counts = (a[0] for a in _calibration_sums(np.asarray([margins], dtype=np.float64), bins))
+    ece = float(np.abs(predicted - observed).sum() / counts.sum())
+    return Calibration(ece, [(float(p / n), float(o / n), int(n)) for p, o, n in zip(predicted, observed, counts)
+                             if n])
+
+
+def calibration_error_interval(margins: Sequence[float], bins: int = CALIBRATION_BINS,
+                               resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
+                               seed: int = 0) -> Interval:
+    """The ECE of `calibration` with a percentile-bootstrap CI over pairs (deterministic for a seed). ECE is biased
+    upwards on few pairs (noise alone puts bins off the diagonal); the interval does not correct that."""
+    import numpy as np
+
+    values = np.asarray(margins, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    errors = np.empty(resamples)
+    chunk = max(1, 1_000_000 // n)
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        predicted, observed, _ = _calibration_sums(values[rng.integers(0, n, size=(count, n))], bins)
+        errors[start:start + count] = np.abs(predicted - observed).sum(axis=1) / (2 * n)
+    alpha = 1 - confidence
+    low, high = np.quantile(errors, [alpha / 2, 1 - alpha / 2])
+    ece = calibration(margins, bins).ece
+    return Interval(ece, min(ece, float(low)), max(ece, float(high)))
+
+
+def longer_wins(chosen_lengths: Sequence[float], rejected_lengths: Sequence[float]) -> list[float]:
+    """The heuristic "the longer response wins", scored per pair like a reward model: 1 when the chosen response
+    is the longer, 0 when it is the shorter, 0.5 when both are as long."""
+    if len(chosen_lengths) != len(rejected_lengths):
+        raise ValueError(f"{len(chosen_lengths)} chosen lengths but {len(rejected_lengths)} rejected lengths")
+    return [1.0 if c > r else 0.0 if c < r else 0.5 for c, r in zip(chosen_lengths, rejected_lengths)]
+
+
+@dataclass
+class LengthBias:
+    """Does the reward model prefer the longer response? Its accuracy split by which response is longer, beside
+    the "longer wins" heuristic on the same pairs. A model that does not beat the heuristic learned length."""
+
+    chosen_longer: Interval  # the model's accuracy (ties half) on pairs whose chosen response is the longer
+    chosen_longer_pairs: int
+    chosen_shorter: Interval  # ... whose chosen response is the shorter
+    chosen_shorter_pairs: int
+    same_length: Interval
+    same_length_pairs: int
+    longer_wins: Interval  # the heuristic's accuracy on all pairs (equal lengths count half)
+    advantage: Interval  # model accuracy - heuristic accuracy on the same pairs, paired bootstrap CI
+
+
+def length_bias(scores: Sequence[float], chosen_lengths: Sequence[float], rejected_lengths: Sequence[float],
+                confidence: float = CONFIDENCE, seed: int = 0) -> LengthBias:
+    """`scores` are the model's per-pair results (1 correct, 0.5 tie, 0 wrong: `preference_scores`); lengths in
+    any unit (characters or tokens), the same for both sides."""
+    heuristic = longer_wins(chosen_lengths, rejected_lengths)
+    if len(scores) != len(heuristic):
+        raise ValueError(f"{len(scores)} scores but {len(heuristic)} pairs of lengths")
+    groups = {1.0: [], 0.0: [], 0.5: []}
+    for score, h in zip(scores, heuristic):
+        groups[h].append(score)
+    behind = alignment_tax(heuristic, scores, confidence=confidence, seed=seed)  # heuristic - model, paired
+    return LengthBias(
+        chosen_longer=mean_interval(groups[1.0], confidence), chosen_longer_pairs=len(groups[1.0]),
+        chosen_shorter=mean_interval(groups[0.0], confidence), chosen_shorter_pairs=len(groups[0.0]),
+        same_length=mean_interval(groups[0.5], confidence), same_length_pairs=len(groups[0.5]),
+        longer_wins=mean_interval(heuristic, confidence),
+        advantage=Interval(-behind.estimate, -behind.high, -behind.low))
+
+
+@dataclass
+class SubsetAccuracy:
+    pairs: int
+    accuracy: PairwiseStats
+    longer_wins: Interval
+    margin: Interval
+
+
+@dataclass
+class RewardModelMetrics:
+    """Everything `align eval reward` reports about a reward model on preference pairs."""
+
+    pairs: int
+    accuracy: PairwiseStats  # win = correct, tie = scores within the tie margin, loss = wrong; win_rate = accuracy
+    margin: Interval  # mean score_chosen - score_rejected (raw scores), normal CI
+    ece: Interval  # expected calibration error of sigmoid(margin), bootstrap CI
+    calibration: Calibration
+    length: LengthBias
+    subsets: dict[str, SubsetAccuracy]
+    judgments: list[str]  # per pair: "win" (correct), "tie", "loss" (wrong)
+
+
+def reward_model_metrics(chosen: Sequence[float], rejected: Sequence[float], chosen_lengths: Sequence[float],
+                         rejected_lengths: Sequence[float], subsets: Sequence[str] | None = None,
+                         tie_margin: float = 0.0, bins: int = CALIBRATION_BINS, confidence: float = CONFIDENCE,
+                         seed: int = 0) -> RewardModelMetrics:
+    """A reward model's scores of chosen and rejected responses (raw) -> accuracy with ties counted half (Wilson
+    intervals of the correct / tie / wrong rates, a normal CI of the accuracy), the same per subset (in order of
+    first appearance) beside the "longer wins" heuristic, length bias, ECE of sigmoid(margin) with a bootstrap CI,
+    and the mean margin."""
+    n = len(chosen)
+    if not n == len(rejected) == len(chosen_lengths) == len(rejected_lengths) or \
+            (subsets is not None and len(subsets) != n):
+        raise ValueError("chosen, rejected, their lengths and subsets must have one entry per pair")
+    judgments = judgments_from_rewards(chosen, rejected, tie_margin)
+    scores = preference_scores(judgments)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    heuristic = longer_wins(chosen_lengths, rejected_lengths)
+    members: dict[str, list[int]] = {}
+    for i, subset in enumerate(subsets or []):
+        members.setdefault(subset, []).append(i)
+    by_subset = {
+        name: SubsetAccuracy(len(idx), pairwise_stats([judgments[i] for i in idx], confidence, unit="pairs"),
+                             mean_interval([heuristic[i] for i in idx], confidence),
+                             mean_interval([margins[i] for i in idx], confidence, bounded=False))
+        for name, idx in members.items()}
+    return RewardModelMetrics(
+        pairs=n, accuracy=pairwise_stats(judgments, confidence, unit="pairs"),
+        margin=mean_interval(margins, confidence, bounded=False),
+        ece=calibration_error_interval(margins, bins, confidence=confidence, seed=seed),
+        calibration=calibration(margins, bins),
+        length=length_bias(scores, chosen_lengths, rejected_lengths, confidence, seed),
+        subsets=by_subset, judgments=judgments)
 
 
 # --------------------------------------------------------------------------------------------------

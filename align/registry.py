@@ -544,11 +544,27 @@ def print_show(console: Console, artifact: Artifact, registry: Registry) -> None
 
 
 def _evaluation_line(evaluation: Artifact, model: Artifact) -> str:
-    """`eval:2 (demo-eval): win_rate=0.62 mmlu/tax=0.01`: the numbers an evaluation recorded for this model."""
+    """`eval:2 (demo-eval): win_rate=0.62 mmlu/tax=0.01`: the numbers an evaluation recorded for this model.
+
+    An `align eval reward` row measures one reward model and records its metrics flat: `eval:3 (reward-reward1):
+    accuracy=0.81 [0.74, 0.87] longer_wins_accuracy=0.55 ece=0.06 margin=1.2 pairs=120`; listed under a dataset it
+    evaluated on, the line starts with the reward model's reference."""
+    if evaluation.config.get("evaluation") == "reward":
+        m = evaluation.metrics
+        numbers = " ".join(
+            f"{k}={_format_value(m[k])}" + (f" [{m[k + '_low']:.3g}, {m[k + '_high']:.3g}]"
+                                             if k == "accuracy" and k + "_low" in m and k + "_high" in m else "")
+            for k in _REWARD_EVAL_METRICS if isinstance(m.get(k), (int, float)))
+        evaluated = evaluation.config.get("model")
+        about = f"{evaluated} " if evaluated and evaluated != model.ref else ""
+        return f"{evaluation.ref} ({evaluation.name}): {about}{numbers or '-'}"
     prefix = f"{model.ref}/"
     own = {k[len(prefix):]: v for k, v in evaluation.metrics.items() if k.startswith(prefix)}
     numbers = " ".join(f"{k}={_format_value(v)}" for k, v in own.items()) or "(baseline or judge)"
     return f"{evaluation.ref} ({evaluation.name}): {numbers}"
+
+
+_REWARD_EVAL_METRICS = ("accuracy", "longer_wins_accuracy", "ece", "margin", "pairs")
 
 
 def print_lineage(console: Console, registry: Registry, ref: str | int) -> None:

@@ -36,6 +36,33 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
+def plot_reliability(bins: list[tuple[float, float, int]], ece: float, folder: Path) -> list[str]:
+    """plots/calibration.png: a reward model's reliability diagram, P(preferred) = sigmoid(score margin) against how
+    often the response was preferred, per bin of (predicted, observed, pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    predicted, observed, _ = zip(*bins)
+    ax.plot(predicted, observed, marker="o", label=f"reward model (ECE {ece:.3f})")
+    for p, o, n in bins:
+        ax.annotate(str(n), (p, o), textcoords="offset points", xytext=(4, -10), fontsize=7, color="dimgrey")
+    ax.set_xlabel("predicted P(preferred) = sigmoid(score margin)")
+    ax.set_ylabel("observed rate preferred")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    (folder / "plots").mkdir(exist_ok=True)
+    fig.savefig(folder / "plots" / "calibration.png", dpi=110)
+    plt.close(fig)
+    return ["plots/calibration.png"]
+
+
 def plot_training_curves(log_history: list[dict], folder: Path) -> list[str]:
     """plots/loss.png (train and eval loss by step) and plots/learning_rate.png; returns relative paths."""
     import matplotlib

@@ -28,15 +28,15 @@ from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_
 from align.config import RewardRunConfig, check_report_to, load_config, to_dict
 from align.data import (fingerprint, read_preferences, read_prompt_responses, read_records, split_by_prompt)
 from align.errors import AlignError
+from align.evaluation import CALIBRATION_BINS, calibration
 from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_model_to_tokenizer, parameter_summary,
                             merge_adapter, prepare_tokenizer, resolve_model, torch_dtype, trainer_defaults,
                             training_config)
 from align.registry import Artifact, Registry, resolve_path
-from align.reporting import human_bytes, plot_training_curves, print_table
+from align.reporting import human_bytes, plot_reliability, plot_training_curves, print_table
 from align.scoring import Normalization, RewardScorer, as_text, encode_pair, load_sequence_classifier
 
 STAGE = "reward"
-CALIBRATION_BINS = 10
 
 
 def load(config_path: str, overrides: list[str]) -> RewardRunConfig:
@@ -191,7 +191,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     save_training_log(history, work)
     plots = plot_training_curves(history, work) + _plot_accuracy(history, work)
     if heldout:
-        plots += _plot_rewards(heldout, normalization, work) + _plot_calibration(heldout, work)
+        plots += _plot_rewards(heldout, normalization, work)
+        plots += plot_reliability(heldout.calibration, heldout.metrics["ece"], work)
     write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=backbone,
                      model_source=_described(cfg.model.path, source.artifact, source.path), adapter=cfg.lora.enabled,
                      data_source=_described(cfg.data.path, data_artifact, data_path),
@@ -493,10 +494,10 @@ def _heldout(scorer: RewardScorer, rows: list[dict], pairs: list[dict], batch_si
     def length(response) -> int:
         return len(scorer.tokenizer(as_text(response), add_special_tokens=False)["input_ids"])
 
-    metrics, calibration = preference_metrics(
+    metrics, reliability = preference_metrics(
         chosen, rejected, categories=[p.get("category") for p in pairs],
         lengths=([length(p["chosen"]) for p in pairs], [length(p["rejected"]) for p in pairs]))
-    return Heldout(chosen, rejected, metrics, calibration)
+    return Heldout(chosen, rejected, metrics, reliability)
 
 
 def preference_metrics(chosen: list[float], rejected: list[float], categories: list[str | None] | None = None,
@@ -505,33 +506,21 @@ def preference_metrics(chosen: list[float], rejected: list[float], categories: l
     P(chosen preferred) = sigmoid(margin), Pearson r of reward with response length (over chosen and rejected
     responses; a reward-hacking signal), accuracy per category. Returns (metrics, calibration bins).
 
-    ECE: each pair is counted in both orders, (sigmoid(m), preferred) and (sigmoid(-m), not preferred), so the 10
-    equal-width bins over [0, 1] compare the predicted probability with how often the first response really was
-    preferred: sum over bins of (share of predictions) x |mean prediction - observed rate|.
+    ECE: `align.evaluation.calibration` (each pair counted in both orders, 10 equal-width bins), as `align eval
+    reward` reports it.
     """
     margins = [c - r for c, r in zip(chosen, rejected)]
     wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
     metrics = {"accuracy": sum(wins) / len(wins), "margin": sum(margins) / len(margins)}
-    predictions = [(_sigmoid(m), 1.0) for m in margins] + [(_sigmoid(-m), 0.0) for m in margins]
-    table = [[0.0, 0.0, 0] for _ in range(bins)]
-    for p, outcome in predictions:
-        cell = table[min(int(p * bins), bins - 1)]
-        cell[0] += p
-        cell[1] += outcome
-        cell[2] += 1
-    calibration = [(s / n, o / n, n) for s, o, n in table if n]
-    metrics["ece"] = sum(n / len(predictions) * abs(p - o) for p, o, n in calibration)
+    reliability = calibration(margins, bins)
+    metrics["ece"] = reliability.ece
     metrics["length_correlation"] = _pearson(chosen + rejected, lengths[0] + lengths[1]) if lengths else None
     by_category: dict[str, list[float]] = {}
     for category, win in zip(categories or [], wins):
         if category is not None:
             by_category.setdefault(category, []).append(win)
     metrics["by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_category.items())}
-    return metrics, calibration
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+    return metrics, reliability.bins
 
 
 def _pearson(xs: list[float], ys: list[float]) -> float | None:
@@ -604,28 +593,6 @@ def _plot_rewards(heldout: Heldout, normalization: Normalization | None, folder:
     fig.savefig(folder / "plots" / "reward_histogram.png", dpi=110)
     plt.close(fig)
     return ["plots/reward_histogram.png"]
-
-
-def _plot_calibration(heldout: Heldout, folder: Path) -> list[str]:
-    """plots/calibration.png: reliability diagram of P(preferred) = sigmoid(margin) on the held-out pairs."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 4.8))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
-    predicted, observed, counts = zip(*heldout.calibration)
-    ax.plot(predicted, observed, marker="o", label=f"reward model (ECE {heldout.metrics['ece']:.3f})")
-    for p, o, n in heldout.calibration:
-        ax.annotate(str(n), (p, o), textcoords="offset points", xytext=(4, -10), fontsize=7, color="dimgrey")
-    ax.set_xlabel("predicted P(preferred) = sigmoid(reward margin)")
-    ax.set_ylabel("observed rate preferred")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    (folder / "plots").mkdir(exist_ok=True)
-    fig.savefig(folder / "plots" / "calibration.png", dpi=110)
-    plt.close(fig)
-    return ["plots/calibration.png"]
 
 
 def _described(given: str, artifact: Artifact | None, path: str) -> str:
