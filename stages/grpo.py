@@ -11,10 +11,18 @@ was trained (longer ones keep their last tokens, counted) -> the SFT policy (an 
 QLoRA or full weights; the reference of the KL term is the SFT model (TRL's frozen copy of the new adapter) -> the
 reward model, loaded on its own and reading (prompt, response) text as `align reward` trained it, normalized, minus
 `rollout.missing_eos_penalty` without EOS -> TRL's trainer -> artifact renamed into place -> registry row.
+
+With `gold` (align/gold.py), TRL gets a second reward function, the gold, with weight 0 (GRPOConfig/RLOOConfig
+`reward_weights` [1, 0]): TRL scores and logs it per step (`rewards/gold/mean`, read back as the iteration's `gold`)
+but it never reaches the rewards, advantages or loss. In TRL 1.16 both trainers sum the functions' weighted scores
+with nansum, so 0 x gold adds exactly 0 (RLOO's KL term is added after that sum); the logged `reward` is that same
+weighted sum, the proxy's alone. One case would differ, a response the proxy cannot score (NaN): TRL marks a row
+unscorable only when every function gave NaN, so the gold gives NaN (None) there too.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -26,8 +34,10 @@ from align.config import PPOConfig, PPORunConfig, RolloutConfig, load_config, to
 from align.errors import AlignError
 from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
                             trainer_defaults, training_config, training_template)
+from align.gold import Gold
 from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
-                          print_samples, read_policy_prompts, register_policy, summarize, write_samples)
+                          load_run_gold, plot_overoptimization, print_overoptimization, print_samples,
+                          read_policy_prompts, register_policy, summarize, write_samples)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
 from align.scoring import RewardScorer
@@ -81,6 +91,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         raise AlignError(f"reward.share_base: true: TRL's {cfg.algorithm.upper()} trainer scores with a reward model "
                          f"of its own; set reward.share_base: auto or false")
     prompt_path, prompt_artifact = resolve_path(cfg.data.path, registry)
+    args, steps_per_iteration = _trl_config(cfg, run_dir)
+    args.device  # noqa: B018 - sets up accelerate's state: each process's own GPU, where a reward-model gold loads
+    gold = load_run_gold(cfg, reward_source)  # measured each iteration, never trained on; checked now
 
     # 2. Prompts, rendered as the SFT model was trained (its template, its tokenizer).
     prompts = read_policy_prompts(prompt_path, cfg.data)
@@ -89,7 +102,6 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         tokenizer.pad_token_id == tokenizer.eos_token_id else []
     encoded, truncated = encode_prompts(tokenizer, prompts, training_template(policy_source.path),
                                         cfg.rollout.max_prompt_length)
-    args, steps_per_iteration = _trl_config(cfg, run_dir)
     if len(prompts) < cfg.ppo.batch_size * args.world_size:
         raise AlignError(f"data.path: {len(prompts)} prompts, fewer than one iteration's ppo.batch_size "
                          f"{cfg.ppo.batch_size} x {args.world_size} process(es) (TRL's sampler would run no step)")
@@ -103,10 +115,12 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     ends = model.generation_config.eos_token_id
     eos_ids = {tokenizer.eos_token_id, *([ends] if isinstance(ends, int) else ends or [])}
     reward = GroupReward(RewardScorer.load(reward_source.path, registry), cfg, eos_ids)
+    measure = GoldReward(gold, reward) if gold else None
     log = IterationLog(cfg, steps_per_iteration, reward)
 
     # 4. Train.
-    trainer = _make_trainer(cfg.algorithm, model, reward, args, rows, tokenizer, log)
+    trainer = _make_trainer(cfg.algorithm, model, [reward, measure] if measure else [reward], args, rows, tokenizer,
+                            log)
     is_main = trainer.is_world_process_zero()
     run_dir.create()
     if is_main:
@@ -119,6 +133,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             ("reference (KL)", "the SFT model: a frozen copy of the new (identity) adapter (TRL's 'ref')"
              if cfg.lora.enabled else "a frozen copy of the SFT model"),
             ("reward model", f"{cfg.reward.path}: {reward.describe()}"),
+            ("gold (measured only)", f"{gold.spec}: {gold.description}; scored on every iteration's responses as a "
+                                     f"reward function of weight 0 (never trained on)" if gold else "none"),
             ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
             ("memory (weights)", human_bytes(params.memory_bytes)),
             ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated} over rollout.max_prompt_length="
@@ -154,10 +170,11 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     history = iterations(trainer.state.log_history, steps_per_iteration, cfg.ppo.kl_coef)
     save_training_log(history, work)
     write_samples(reward.samples, work / "samples.jsonl")
-    plots = plot_metric_grid(history, work, f"{cfg.algorithm}_curves.png", PLOT_PANELS)
     done = len(history)
     summary = summarize(history, done, done * cfg.ppo.batch_size * cfg.ppo.group_size * args.world_size,
                         loop_time, 0, cfg.ppo.kl_coef)
+    plots = plot_metric_grid(history, work, f"{cfg.algorithm}_curves.png", PLOT_PANELS) + \
+        plot_overoptimization(history, work, summary.get("overoptimization"))
     metrics = {**summary, "algorithm": cfg.algorithm, "group_size": cfg.ppo.group_size,
                "truncated_prompts": truncated, "prompts": len(prompts), "trainable_parameters": params.trainable,
                "total_parameters": params.total}
@@ -170,6 +187,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("plots", ", ".join(plots) or "none"),
         ("registry", f"{artifact.ref} (id {artifact.id})"),
     ])
+    print_overoptimization(summary)
     return artifact
 
 
@@ -207,11 +225,14 @@ def _trl_config(cfg: PPORunConfig, run_dir: RunDir):
         top_k=rollout.top_k, top_p=rollout.top_p, logging_steps=1, disable_tqdm=True,
         save_strategy="steps", save_steps=ppo.save_steps * steps_per_iteration, save_total_limit=ppo.save_total_limit,
         shuffle_dataset=True)
+    if cfg.gold:  # the gold is TRL's second reward function: logged, weighted 0 (see the module's docstring)
+        values["reward_weights"] = [1.0, 0.0]
     return training_config(GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig, values), steps_per_iteration
 
 
-def _make_trainer(algorithm: str, model, reward, args, rows: list[dict], tokenizer, log):
-    """TRL's trainer; its own checks of the settings end as one-line errors."""
+def _make_trainer(algorithm: str, model, rewards: list, args, rows: list[dict], tokenizer, log):
+    """TRL's trainer with `rewards` as its reward functions (the proxy; the gold, weight 0); its own checks of the
+    settings end as one-line errors."""
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -219,7 +240,7 @@ def _make_trainer(algorithm: str, model, reward, args, rows: list[dict], tokeniz
 
     trainer_class = GRPOTrainer if algorithm == "grpo" else RLOOTrainer
     try:
-        trainer = trainer_class(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
+        trainer = trainer_class(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
                                 processing_class=tokenizer, callbacks=[log])
     except (ValueError, NotImplementedError) as e:
         raise AlignError(f"ppo ({algorithm}): " + " ".join(str(e).split())) from None
@@ -244,6 +265,7 @@ class GroupReward:
         self.penalty = cfg.rollout.missing_eos_penalty
         self.eos_ids = eos_ids
         self.samples: list[dict] = []  # the last batch's
+        self.rewards: list[float] = []  # the last batch's
 
     def describe(self) -> str:
         return f"separate model ({type(self.scorer.model).__name__}), reads responses as text with its own tokenizer"
@@ -256,7 +278,30 @@ class GroupReward:
         ended = [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
         rewards = [s - (0.0 if end else self.penalty) for s, end in zip(scores, ended)]
         self.samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in zip(raw_prompt, responses, rewards)]
+        self.rewards = rewards
         return rewards
+
+
+class GoldReward:
+    """The gold as TRL's second reward function, weighted 0: TRL logs its mean per step (`rewards/gold/mean`) and
+    it adds nothing to the rewards the advantages come from. Called right after GroupReward on the same batch (TRL
+    calls synchronous reward functions in order): it scores the same responses, adds `gold` to its samples, and
+    gives None (NaN) where the proxy's reward is not finite, so that TRL's unscorable rows stay what they would be
+    without a gold."""
+
+    __name__ = "gold"  # TRL names the logged reward after its function: rewards/gold/mean
+
+    def __init__(self, gold: Gold, proxy: GroupReward):
+        self.gold, self.proxy = gold, proxy
+
+    def __call__(self, prompts, completions, completion_ids, raw_prompt, **kwargs) -> list[float | None]:
+        responses = [c.strip() for c in completions]
+        scores = self.gold.score(raw_prompt, responses)
+        proxy = self.proxy.rewards if len(self.proxy.rewards) == len(scores) else [0.0] * len(scores)
+        scores = [s if math.isfinite(r) else None for s, r in zip(scores, proxy)]
+        for sample, score in zip(self.proxy.samples, scores):
+            sample["gold"] = score
+        return scores
 
 
 def iterations(log_history: list[dict], steps_per_iteration: int, kl_coef: float) -> list[dict]:
@@ -265,7 +310,7 @@ def iterations(log_history: list[dict], steps_per_iteration: int, kl_coef: float
     during the iteration's updates; RLOO: log pi - log pi_ref at sampling, which goes into the reward); it becomes
     nats per response like align ppo's by the mean response length (exact when the responses are equally long).
     TRL's clip fraction counts only the clipping that acts against the advantage (RLOO: per sequence), and its loss
-    includes the KL term."""
+    includes the KL term. The gold's mean (a reward function of weight 0) becomes `gold`."""
     buckets: dict[int, dict[str, list[float]]] = {}
     for logged in log_history:
         if "step" not in logged or "loss" not in logged and "reward" not in logged:
@@ -285,7 +330,8 @@ def iterations(log_history: list[dict], steps_per_iteration: int, kl_coef: float
     return history
 
 
-TRL_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
+TRL_KEYS = {"reward": "reward", "reward_std": "reward_std",
+            "rewards/gold/mean": "gold", "rewards/gold/std": "gold_std", "kl": "kl", "entropy": "entropy",
             "clip_ratio/region_mean": "clipfrac", "completions/mean_length": "response_length",
             "completions/clipped_ratio": "eos_rate", "loss": "loss", "grad_norm": "grad_norm",
             "learning_rate": "learning_rate"}
@@ -325,7 +371,7 @@ class IterationLog(TrainerCallback):
         if entry["step"] % ppo.logging_steps == 0 or entry["step"] == ppo.steps:
             self.progress.console.print(f"iteration {entry['step']}/{ppo.steps}  " + "  ".join(
                 f"{key} {entry[key]:{fmt}}" for key, fmt in (
-                    ("reward", "+.3f"), ("kl", ".3f"), ("entropy", ".3f"), ("clipfrac", ".3f"),
+                    ("reward", "+.3f"), ("gold", "+.3f"), ("kl", ".3f"), ("entropy", ".3f"), ("clipfrac", ".3f"),
                     ("response_length", ".1f"), ("eos_rate", ".2f")) if key in entry))
         if ppo.sample_steps and entry["step"] % ppo.sample_steps == 0:
             print_samples(self.reward.samples, entry["step"], self.progress.console)

@@ -9,6 +9,11 @@ sample, score, KL-shaped per-token rewards, GAE, clipped policy and value losses
 KL, NaN guard, checkpoints) -> artifact (policy adapter or weights, value function, tokenizer, card, log, plots,
 samples) renamed into place -> registry row with the SFT model, the reward model and the ptx data as parents.
 
+With `gold` (align/gold.py), every iteration's responses are also scored under a gold preference after the update
+(measured, never trained on: nothing of it reaches the rewards, advantages or losses): its mean is logged as `gold`,
+each sample keeps its own, and the plots and summary show proxy reward, gold score and KL together (Gao et al.
+2022's overoptimization curve).
+
 Distributed: under `torchrun` / `accelerate launch --multi_gpu` every process samples its own prompts and the
 gradients are averaged across processes after each backward pass (data parallel, gloo on CPU, NCCL on GPUs). Under
 `accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml) the model's weights (and their gradients and
@@ -38,8 +43,10 @@ from align.data import read_records, to_examples
 from align.errors import AlignError
 from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
                             training_template)
+from align.gold import Gold
 from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
-                          print_samples, read_policy_prompts, register_policy, summarize, write_samples)
+                          load_run_gold, plot_overoptimization, print_overoptimization, print_samples,
+                          read_policy_prompts, register_policy, summarize, write_samples)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
 from align.scoring import Normalization, RewardScorer, encode_pair
@@ -83,6 +90,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     policy_source = resolve_model(cfg.model.path, registry)
     reward_source = resolve_model(cfg.reward.path, registry)
     check_reward_artifact(reward_source, cfg.reward.path)
+    gold = load_run_gold(cfg, reward_source)  # measured each iteration, never trained on; checked now
     prompt_path, prompt_artifact = resolve_path(cfg.data.path, registry)
     ptx_path, ptx_artifact = resolve_path(cfg.ptx.path, registry) if cfg.ptx.path else (None, None)
 
@@ -116,7 +124,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         load_checkpoint_weights(Path(checkpoint), model, value, cfg.lora.enabled, dist)
     dist.shard(model, reference)
     bytes_held = dist.bytes_held(model, reference)  # now, while every group is split (a pass leaves the root whole)
-    trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist)
+    trainer = PPOTrainer(cfg, model, reference, value, reward, tokenizer, queries, ptx, dist, gold)
     if not value.check_upper(model, _probe(queries, cfg, model.config), dist) and dist.is_main:
         console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
                       f"{type(_language_model(model)).__name__}'s forward pass; they run the whole model")
@@ -133,6 +141,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
              "linear head on the policy's last hidden states"),
             ("reward model", f"{cfg.reward.path}: " + ("adapter 'reward' on the policy's base (shared weights)" if share
                                                        else reward.describe())),
+            ("gold (measured only)", f"{gold.spec}: {gold.description}; scored on every iteration's responses, never "
+                                     f"trained on" if gold else "none"),
             ("base weight copies in memory", f"{copies}" + (f", each split across {dist.world} processes (FSDP2)"
                                                             if dist.sharded else "")),
             ("parameters", f"{trainer.trainable_count:,} trainable (policy and value) of {params.total:,} in the "
@@ -174,8 +184,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     save_run_config(config, work)
     save_training_log(trainer.history, work)
     write_samples(trainer.samples, work / "samples.jsonl")
-    plots = plot_metric_grid(trainer.history, work, "ppo_curves.png", PLOT_PANELS)
     summary = trainer.summary()
+    plots = plot_metric_grid(trainer.history, work, "ppo_curves.png", PLOT_PANELS) + \
+        plot_overoptimization(trainer.history, work, summary.get("overoptimization"))
     metrics = {**summary, "base_weight_copies": copies, "truncated_prompts": truncated_prompts,
                "prompts": len(prompts), "trainable_parameters": trainer.trainable_count,
                "total_parameters": params.total}
@@ -190,6 +201,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("plots", ", ".join(plots) or "none"),
         ("registry", f"{artifact.ref} (id {artifact.id})"),
     ])
+    print_overoptimization(summary)
     return artifact
 
 
@@ -936,9 +948,11 @@ class PPOTrainer:
     """InstructGPT PPO: sample, score, shape per-token rewards with the KL to the reference, GAE, clipped updates."""
 
     def __init__(self, cfg: PPORunConfig, model, reference, value: ValueFunction, reward, tokenizer,
-                 queries: list[tuple[str, list[int]]], ptx: PtxData | None, dist: Distributed):
+                 queries: list[tuple[str, list[int]]], ptx: PtxData | None, dist: Distributed,
+                 gold: Gold | None = None):
         self.cfg, self.ppo, self.rollout_cfg = cfg, cfg.ppo, cfg.rollout
         self.model, self.reference, self.value, self.reward = model, reference, value, reward
+        self.gold = gold  # measured on each iteration's responses after its update; never part of a loss
         self.adapters = value.adapters  # None with full fine-tuning
         self.tokenizer, self.queries, self.ptx, self.dist = tokenizer, queries, ptx, dist
         self.keeps_logits = "logits_to_keep" in inspect.signature(_language_model(model).forward).parameters
@@ -968,6 +982,7 @@ class PPOTrainer:
         self.bad_in_a_row = 0
         self.skipped = 0
         self.train_time = 0.0
+        self.gold_time = 0.0  # the current iteration's gold scoring: measurement, not training time
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.eos_ids = set(stop_ids + ([model.generation_config.eos_token_id]
                                        if isinstance(model.generation_config.eos_token_id, int) else
@@ -994,9 +1009,9 @@ class PPOTrainer:
                       disable=not self.dist.is_main) as progress:
             task = progress.add_task("ppo", total=self.ppo.steps, completed=self.step, status="")
             while self.step < self.ppo.steps:
-                started = time.perf_counter()
+                started, self.gold_time = time.perf_counter(), 0.0
                 entry = self.iteration()
-                self.train_time += time.perf_counter() - started
+                self.train_time += time.perf_counter() - started - self.gold_time
                 self.step += 1
                 entry.update(step=self.step, time_s=round(self.train_time, 3))
                 self.history.append(entry)
@@ -1033,16 +1048,29 @@ class PPOTrainer:
             return self._skip("non-finite loss", rollout, scores)
         self.bad_in_a_row = 0
         kl = kl_per_token.sum(1)
+        gold = self._gold_scores(rollout)  # after the update: what it measures cannot reach it
         entry = self._reduce({
             "reward": scores.mean(), "reward_std": scores.std(unbiased=False), "reward_raw": raw.mean(),
-            "reward_raw_std": raw.std(unbiased=False), "kl": kl.mean(),
-            "response_length": rollout.response_mask.sum(1).mean(), "eos_rate": ended.float().mean(), **stats})
+            "reward_raw_std": raw.std(unbiased=False), **({"gold": gold.mean(), "gold_std": gold.std(unbiased=False)}
+                                                         if gold is not None else {}),
+            "kl": kl.mean(), "response_length": rollout.response_mask.sum(1).mean(), "eos_rate": ended.float().mean(),
+            **stats})
         entry["kl_coef"] = self.kl.coef
         entry["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.kl.update(entry["kl"], self.ppo.batch_size * self.dist.world)
         self.scheduler.step()
-        self._keep_samples(rollout, scores)
+        self._keep_samples(rollout, scores, gold)
         return entry
+
+    def _gold_scores(self, rollout: Rollout) -> torch.Tensor | None:
+        """The gold's score of each of this process's responses (to the prompts as written), or None without a gold.
+        Every process scores its own; `_reduce` averages the equal-sized batches' means into the iteration's."""
+        if self.gold is None:
+            return None
+        started = time.perf_counter()
+        scores = torch.tensor(self.gold.score(rollout.prompts, rollout.responses), dtype=torch.float32)
+        self.gold_time += time.perf_counter() - started
+        return scores
 
     def _skip(self, why: str, rollout: Rollout, scores: torch.Tensor) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -1339,7 +1367,8 @@ class PPOTrainer:
         if entry.get("skipped"):
             return f"iteration {self.step}/{self.ppo.steps}: skipped"
         parts = [f"iteration {self.step}/{self.ppo.steps}", f"reward {entry['reward']:+.3f} (raw "
-                 f"{entry['reward_raw']:+.3f})", f"kl {entry['kl']:.3f}", f"beta {entry['kl_coef']:.3g}",
+                 f"{entry['reward_raw']:+.3f})", *([f"gold {entry['gold']:+.3f}"] if "gold" in entry else []),
+                 f"kl {entry['kl']:.3f}", f"beta {entry['kl_coef']:.3g}",
                  f"entropy {entry['entropy']:.3f}", f"clip {entry['clipfrac']:.3f}", f"approx_kl "
                  f"{entry['approx_kl']:.4f}", f"vf_loss {entry['vf_loss']:.4f}",
                  f"ev {entry['explained_variance']:.2f}",
@@ -1350,9 +1379,12 @@ class PPOTrainer:
             parts.append("(value warmup: policy frozen)")
         return "  ".join(parts)
 
-    def _keep_samples(self, rollout: Rollout, scores: torch.Tensor) -> None:
+    def _keep_samples(self, rollout: Rollout, scores: torch.Tensor, gold: torch.Tensor | None = None) -> None:
         self.samples = [{"step": self.step + 1, "prompt": p, "response": r, "reward": float(s)}
                         for p, r, s in zip(rollout.prompts, rollout.responses, scores.tolist())]
+        if gold is not None:
+            for sample, value in zip(self.samples, gold.tolist()):
+                sample["gold"] = value
 
     def summary(self) -> dict:
         return summarize(self.history, self.step, self.step * self.ppo.batch_size * self.dist.world,
