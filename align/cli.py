@@ -112,6 +112,20 @@ def _parser() -> argparse.ArgumentParser:
                          help="models to compare (replace the config's `models:`) and config overrides")
     compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     compare.set_defaults(handler=_run_eval_compare)
+    reward_eval = eval_commands.add_parser("reward", help="how good is a reward model: accuracy on preference pairs, "
+                                                          "length bias, calibration (95%% CIs)")
+    reward_eval.add_argument("--model", required=True, help="reward model: folder or registry ref (reward:latest, "
+                                                            "reward:2)")
+    reward_eval.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                             help="preference pairs: files in any format `align reward` reads (TRL {prompt, chosen, "
+                                  "rejected}, messages, implicit prompt, rankings, `align label pull` pairs, "
+                                  "RewardBench with `subset`) or registry refs (label:3)")
+    reward_eval.add_argument("--out", help="output folder (default runs/eval/reward-<model>)")
+    reward_eval.add_argument("--batch-size", type=int, default=16, help="responses scored per forward pass")
+    reward_eval.add_argument("--tie-margin", type=float, default=0.0,
+                             help="scores this close count as a tie, half right (default 0: exact equality)")
+    reward_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    reward_eval.set_defaults(handler=_run_eval_reward)
     human = eval_commands.add_parser("human", help="blind A/B comparisons by people in Argilla")
     human_commands = human.add_subparsers(title="human eval commands", metavar="COMMAND", required=True,
                                           parser_class=_Parser)
@@ -215,9 +229,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="tied completions: leave out (default) or keep with \"tie\": true")
     pull.add_argument("--aggregate", choices=("each", "majority"), default="each",
                       help="pairs from every annotator (default) or one majority vote per pair")
-    simulate = label_commands.add_parser("simulate", help="DEMOS/TESTS ONLY: sim-annotator-N users rank by a rule")
+    simulate = label_commands.add_parser("simulate", help="DEMOS/TESTS ONLY: sim-annotator-N users rank by a gold "
+                                                          "preference")
     simulate.add_argument("--annotators", type=int, required=True, help="number of simulated annotators")
-    simulate.add_argument("--rule", required=True, help="longer | shorter | random | keyword:WORD")
+    simulate.add_argument("--gold", "--rule", dest="gold", required=True,
+                          help="what they rank by: a built-in rule (sentiment, shorter, longer, keyword:WORD), a "
+                               "Python callable module:function(prompt, response) -> number, a reward model "
+                               "(reward:N or a folder), or random (no preference)")
     simulate.add_argument("--noise", type=float, default=0.0, help="probability of swapping adjacent ranks")
     simulate.add_argument("--seed", type=int, default=0)
     for sub in (label_status, pull, simulate):
@@ -333,6 +351,12 @@ def _run_eval_compare(args) -> None:
     evaluation.run(args.config, overrides, models=models or None)
 
 
+def _run_eval_reward(args) -> None:
+    from stages import eval_reward
+
+    eval_reward.run(args.model, args.data, out=args.out, batch_size=args.batch_size, tie_margin=args.tie_margin)
+
+
 def _run_dpo(args) -> None:
     from stages import dpo
 
@@ -444,7 +468,7 @@ def _label_pull(args) -> None:
 def _label_simulate(args) -> None:
     from labeling import rankings
 
-    rankings.simulate_command(args.dataset, args.annotators, args.rule, noise=args.noise, seed=args.seed,
+    rankings.simulate_command(args.dataset, args.annotators, args.gold, noise=args.noise, seed=args.seed,
                               workspace=args.workspace)
 
 

@@ -839,6 +839,13 @@ class PPORunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = field(default=42, metadata={"help": "Seed of sampling, minibatch order and new weights."})
+    gold: str | None = field(default=None, metadata={
+        "help": "Gold preference (align/gold.py) scored on every iteration's responses and never used for training: "
+                "a built-in rule (sentiment, shorter, longer, keyword:WORD), a Python callable "
+                "`module:function(prompt, response) -> number`, or a reward model other than `reward.path`. The "
+                "training log, plots and summary then show proxy reward, gold score and KL over iterations: the "
+                "overoptimization curve (Gao et al. 2022), and the summary says when the gold fell while the proxy "
+                "rose. Checked at start-up. `align pipeline` sets it to the gold its simulated annotators ranked by."})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -903,6 +910,17 @@ class JudgeConfig:
 
 
 @dataclass
+class GoldConfig:
+    preference: str | None = field(default=None, metadata={
+        "help": "Gold preference (align/gold.py) the models never trained on: a built-in rule (sentiment, shorter, "
+                "longer, keyword:WORD), a Python callable `module:function(prompt, response) -> number`, or a reward "
+                "model that is not the judge. Win rates under it lead the report; the judge's (a proxy) follow. "
+                "Unset: no gold win rates (`align pipeline` sets the gold its simulated annotators ranked by)."})
+    tie_margin: float = field(default=0.0, metadata={
+        "help": "Gold scores within this margin count as a tie.", "range": (0, None)})
+
+
+@dataclass
 class BenchmarkConfig:
     path: str = field(metadata={"help": "Multiple-choice file: MMLU-style {question, choices|options, answer}, BoolQ "
                                         "{question, passage, answer}, or generic {context, options, label}; "
@@ -933,6 +951,7 @@ class EvalRunConfig:
                                             "usually the SFT model. Evaluated too."})
     prompts: EvalPromptsConfig
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    gold: GoldConfig = field(default_factory=GoldConfig)
     benchmarks: list[BenchmarkConfig] = field(default_factory=list, metadata={
         "help": "Capability benchmarks for the alignment tax: a list of {path, name, max_examples}."})
     perplexity: list[str] = field(default_factory=list, metadata={
@@ -953,7 +972,8 @@ class PipelineStepConfig:
     config: str = field(metadata={"help": "The stage's own YAML config (e.g. configs/ppo.yaml)."})
     overrides: list[str] = field(default_factory=list, metadata={
         "help": "`key=value` overrides for that config (sizes for the demo, ...). The pipeline adds the references "
-                "to the steps before (model.path, data.path, reward.path) and output.name itself."})
+                "to the steps before (model.path, data.path, reward.path) and output.name itself; an override given "
+                "here wins over what it wires (e.g. a reward model on another backbone: model.path=...)."})
     enabled: bool = field(default=True, metadata={"help": "false: skip this step (a later step needing its output "
                                                           "then fails with a clear message)."})
 
@@ -971,9 +991,13 @@ class PipelineLabelConfig:
     batch_size: int = field(default=16, metadata={"help": "Generations per forward pass.", "range": (1, None)})
     annotators: Literal["simulated", "human"] = field(default="simulated", metadata={
         "help": "`human`: push to Argilla and wait until every record is ranked (annotators rank in the web UI); "
-                "`simulated` (demos): scripted annotators rank by `simulate_rule`, marked simulated everywhere."})
-    simulate_rule: str = field(default="shorter", metadata={
-        "help": "The simulated annotators' transparent rule: longer | shorter | random | keyword:WORD."})
+                "`simulated` (demos): scripted annotators rank by the `gold` preference, marked simulated "
+                "everywhere."})
+    gold: str = field(default="shorter", metadata={
+        "help": "The gold preference simulated annotators rank by (align/gold.py): a built-in rule (sentiment, "
+                "shorter, longer, keyword:WORD), a Python callable `module:function(prompt, response) -> number`, "
+                "or a reward model. The pipeline also measures the policies under it in the eval step (`gold:` of "
+                "the eval config), and PPO tracks it per iteration: the models never see it."})
     simulate_annotators: int = field(default=1, metadata={"help": "How many simulated annotators.",
                                                           "range": (1, 100)})
     simulate_noise: float = field(default=0.0, metadata={
@@ -994,3 +1018,7 @@ class PipelineRunConfig:
     ppo: PipelineStepConfig
     dpo: PipelineStepConfig
     eval: PipelineStepConfig
+    seed: int | None = field(default=None, metadata={
+        "help": "One seed for the whole chain: set as `seed` of sft, reward, ppo and dpo and as the sampling seed of "
+                "the label completions (a new seed is a new, independent run of every step). Unset: each step's "
+                "config keeps its own."})

@@ -3,6 +3,9 @@
     sft -> label (completions pushed to Argilla, ranked by people or by simulated annotators, pulled as pairs)
         -> reward -> ppo and dpo -> eval (ppo and dpo against sft)
 
+With simulated annotators, the gold preference they rank by (`label.gold`, align/gold.py) is also handed to PPO
+(scored every iteration, never trained on) and to the evaluation (win rates under the gold lead the report).
+
 Each step runs its stage with the step's own YAML, plus what the pipeline wires in: the registry references of the
 steps before (`model.path`, `data.path`, `reward.path`), `output.name` = `<pipeline>-<step>` and an output folder
 named by a digest of the resolved config. A re-run finds a finished step in the registry by that folder (same
@@ -20,7 +23,8 @@ from pathlib import Path
 from align.artifacts import RunDir
 from align.config import PipelineRunConfig, PipelineStepConfig, PPORunConfig, load_config, to_dict
 from align.errors import AlignError
-from align.registry import Artifact, Registry, redact_secrets
+from align.gold import load_gold
+from align.registry import Artifact, Registry, looks_like_ref, redact_secrets
 from align.reporting import console, print_table
 
 STEPS = ("sft", "label", "reward", "ppo", "dpo", "eval")
@@ -35,7 +39,17 @@ def load(config_path: str, overrides: list[str]) -> PipelineRunConfig:
         if enabled[step] and missing:
             raise AlignError(f"{config_path}: {step} needs the output of {', '.join(missing)}, which is disabled "
                              f"({missing[0]}.enabled: false); enable it or disable {step}")
+    gold = simulated_gold(cfg)
+    if gold and not looks_like_ref(gold):  # a reward-model gold is checked when the eval step loads it
+        load_gold(gold, option="label.gold")
     return cfg
+
+
+def simulated_gold(cfg: PipelineRunConfig) -> str | None:
+    """The gold preference the simulated annotators rank by: PPO tracks it and the evaluation measures under it
+    (never trained on). None with people ranking, or with `random` annotators (no preference to measure)."""
+    label = cfg.label
+    return label.gold if label.annotators == "simulated" and label.gold != "random" else None
 
 
 def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
@@ -58,42 +72,61 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
 
     from stages import dpo, eval as evaluation, grpo, ppo, reward, sft
 
-    step("sft", lambda: _stage(sft, "sft", cfg.sft, cfg.name, home, {}))
+    step("sft", lambda: _stage(sft, "sft", cfg.sft, cfg.name, home, {}, cfg.seed))
     step("label", lambda: _label(cfg, home, done["sft"]))
     sft_ref, label_ref = done["sft"].ref, done["label"].ref
+    gold = simulated_gold(cfg)
     if cfg.reward.enabled:
         step("reward", lambda: _stage(reward, "reward", cfg.reward, cfg.name, home,
-                                      {"model.path": sft_ref, "data.path": label_ref}))
+                                      {"model.path": sft_ref, "data.path": label_ref}, cfg.seed))
     if cfg.ppo.enabled:
-        inputs = {"model.path": sft_ref, "reward.path": done["reward"].ref}
+        inputs = {"model.path": sft_ref, "reward.path": done["reward"].ref, **({"gold": gold} if gold else {})}
         algorithm = load_config(cfg.ppo.config, list(cfg.ppo.overrides) + [f"{k}={v}" for k, v in inputs.items()],
                                 PPORunConfig).algorithm  # grpo / rloo: TRL's trainers, stages/grpo.py
-        step("ppo", lambda: _stage(ppo if algorithm == "ppo" else grpo, "ppo", cfg.ppo, cfg.name, home, inputs))
+        trainer = ppo if algorithm == "ppo" else grpo
+        step("ppo", lambda: _stage(trainer, "ppo", cfg.ppo, cfg.name, home, inputs, cfg.seed))
     if cfg.dpo.enabled:
         step("dpo", lambda: _stage(dpo, "dpo", cfg.dpo, cfg.name, home,
-                                   {"model.path": sft_ref, "data.path": label_ref}))
+                                   {"model.path": sft_ref, "data.path": label_ref}, cfg.seed))
     if cfg.eval.enabled:
         compared = [done[s].ref for s in ("ppo", "dpo") if s in done]
         wired = {"models": "[" + ", ".join(compared) + "]", "baseline": sft_ref}
         if "reward" in done:  # without a reward model: no judge win rates, the tax and KL still
             wired["judge.path"] = done["reward"].ref
-        step("eval", lambda: _stage(evaluation, "eval", cfg.eval, cfg.name, home, wired))
+        if gold:
+            wired["gold.preference"] = gold
+        step("eval", lambda: _stage(evaluation, "eval", cfg.eval, cfg.name, home, wired, cfg.seed))
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
             for how, seconds in [timings[name]]]
     rows.append(("total", f"{(time.monotonic() - started) / 60:.1f} min"))
     if "eval" in done:
         rows.append(("report", str(Path(done["eval"].path) / "report.html")))
     print_table(f"pipeline {cfg.name}: finished", rows)
+    _write_summary(home / "last-run.json", {
+        "config": config_path, "overrides": list(overrides), "seed": cfg.seed, "gold": gold,
+        "steps": {name: {"ref": artifact.ref, "how": timings[name][0], "seconds": round(timings[name][1], 1)}
+                  for name, artifact in done.items()}})
     return done
 
 
-def _stage(module, stage: str, step: PipelineStepConfig, pipeline: str, home: Path,
-           wired: dict[str, str]) -> tuple[Artifact, str]:
+def _write_summary(path: Path, summary: dict) -> None:
+    """What this run of the pipeline did (benchmarks/demo_quality.py reads it), written whole or not at all."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(summary, indent=2) + "\n")
+    staging.replace(path)
+
+
+def _stage(module, stage: str, step: PipelineStepConfig, pipeline: str, home: Path, wired: dict[str, str],
+           seed: int | None) -> tuple[Artifact, str]:
     """Run one stage unless the registry already has it for this exact config; resume it when interrupted."""
     if not step.enabled:
         raise AlignError(f"{stage}: disabled")
-    overrides = list(step.overrides) + [f"{key}={value}" for key, value in wired.items()] + \
+    # The step's own overrides come after what the pipeline wires in, so they win (a reward model on another
+    # backbone than the SFT model: `model.path=...` among the reward step's overrides).
+    overrides = [f"{key}={value}" for key, value in wired.items()] + list(step.overrides) + \
         [f"output.name={pipeline}-{stage}"]
+    if seed is not None and stage != "eval":
+        overrides.append(f"seed={seed}")
     resolved = module.load(step.config, overrides)
     digest = hashlib.sha256(json.dumps(redact_secrets(to_dict(resolved)), sort_keys=True, default=str)
                             .encode()).hexdigest()[:10]
@@ -140,11 +173,11 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
     prompt_file.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
     server.serve_command()
     sampling = SamplingConfig(max_new_tokens=label.max_new_tokens, temperature=label.temperature,
-                              batch_size=label.batch_size)
+                              batch_size=label.batch_size, seed=cfg.seed or 0)
     rankings.push_command(model=sft.ref, prompts_path=str(prompt_file), k=label.k, dataset=dataset,
                           sampling=sampling)
     if label.annotators == "simulated":
-        rankings.simulate_command(dataset, label.simulate_annotators, label.simulate_rule, noise=label.simulate_noise)
+        rankings.simulate_command(dataset, label.simulate_annotators, label.gold, noise=label.simulate_noise)
     else:
         _wait_for_rankings(dataset, len(prompts), label.wait_timeout_s)
     result = rankings.pull_command(dataset, str(home / f"{dataset}.jsonl"))

@@ -5,8 +5,10 @@ Reads top to bottom: config (the models on the command line replace `models:`) -
 time in memory: responses to the held-out prompts (batched, the template each model was trained with), multiple-
 choice accuracy by log-likelihood on each benchmark, perplexity, the log-probability of its own responses -> the
 baseline again: its log-probabilities of every other model's responses (KL estimate, same tokenizer only) -> the
-judge reward model scores every response (text, its own tokenizer) -> statistics (align/evaluation.py): win / tie /
-loss rates with 95% CIs, length-controlled win rate, alignment tax with paired bootstrap CIs -> report (Markdown +
+judge reward model scores every response (text, its own tokenizer), and the gold preference when one is given (a
+rule, a function or a reward model no model trained on: align/gold.py) -> statistics (align/evaluation.py): win /
+tie / loss rates with 95% CIs and length-controlled win rates under the gold and the judge, alignment tax with
+paired bootstrap CIs -> report, led by the gold's verdict (Markdown +
 one self-contained HTML file with plots and side-by-side samples), generations.jsonl, results.json -> registry row
 (stage `eval`, kind `evaluation`, parents: every model measured and the judge).
 """
@@ -29,8 +31,10 @@ from align.data import PROMPT_FIELDS, read_records
 from align.errors import AlignError
 from align.evaluation import (Benchmark, Question, alignment_tax, judgments_from_rewards,
                               length_controlled_win_rate, loglikelihoods, pairwise_stats, perplexity,
-                              preference_scores, read_benchmark, score_multiple_choice, text_metrics)
+                              preference_scores, read_benchmark, reward_model_metrics, score_multiple_choice,
+                              text_metrics)
 from align.generation import SamplingConfig, generate, render_prompts
+from align.gold import Gold, load_gold
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, print_table
 
@@ -60,6 +64,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
         names.append(name)
         artifacts[name] = source.artifact
     judge_artifact = _source(cfg.judge.path, registry).artifact if cfg.judge.path else None
+    gold = _load_gold(cfg, registry)
     run_name = cfg.output.name or "-vs-".join(_short(n) for n in names[1:] + names[:1])[:80]
     run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / run_name, cfg.output.overwrite)
     run_dir.open(resume=False)
@@ -73,6 +78,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
         ("models", ", ".join(names[1:]) or "(only the baseline)"),
         ("prompts", f"{cfg.prompts.path}: {len(prompts)}" + (" (with references: task metrics)" if references
                                                              else "")),
+        ("gold", f"{gold.spec}: {gold.description}" if gold else "none (no gold win rates)"),
         ("judge", cfg.judge.path or "none (no judge win rates)"),
         ("benchmarks", ", ".join(f"{name} ({len(b.questions)} questions, {b.format})" for name, b in benchmarks)
          or "none"),
@@ -98,13 +104,19 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     # 4. The judge: rewards of every response, then win rates against the baseline.
     if cfg.judge.path:
         _judge(results, names, prompts, cfg)
-    stats = _statistics(results, names, cfg, hacked, dict(benchmarks))
+    if gold is not None:
+        for name in names:
+            results[name].gold_scores = gold.score(prompts, results[name].responses)
+    stats = _statistics(results, names, prompts, cfg, hacked, dict(benchmarks))
 
     # 5. Report and registry row.
     run_dir.create()
     work = run_dir.work
     save_run_config(to_dict(cfg), work)
     _write_generations(results, names, prompts, work / "generations.jsonl")
+    if "judge_vs_gold" in stats:  # `align eval reward --data` reads it: any reward model against the same gold
+        _write_gold_pairs(_gold_pairs(results, names, prompts, cfg.gold.tie_margin), results, prompts,
+                          work / "gold_pairs.jsonl")
     (work / "results.json").write_text(json.dumps(stats, indent=2, default=_json_safe) + "\n")
     plots = _plots(results, stats, names, work)
     training = _training_rows(artifacts, names, judge_artifact)
@@ -113,6 +125,9 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     (work / "report.html").write_text(_html(markdown, work))
     final = run_dir.finish()
     parents = [a.id for a in list(artifacts.values()) + [judge_artifact] if a is not None]
+    if gold is not None and gold.kind == "reward_model":
+        gold_artifact = _source(gold.spec, registry).artifact
+        parents += [gold_artifact.id] if gold_artifact is not None and gold_artifact.id not in parents else []
     artifact = registry.add(stage=STAGE, name=run_name, kind="evaluation", path=str(final), parents=parents,
                             config=to_dict(cfg), metrics=_registry_metrics(stats, names))
     _print_summary(stats, names, final, artifact, cfg)
@@ -207,6 +222,19 @@ def _optimized_against(judge, artifacts: dict, registry: Registry) -> list[str]:
             and any(a.id == judge.id for _, a in registry.lineage(artifact.id))]
 
 
+def _load_gold(cfg: EvalRunConfig, registry: Registry) -> Gold | None:
+    """The gold preference, checked now (before any model loads); a gold that is the judge itself is refused."""
+    if not cfg.gold.preference:
+        return None
+    gold = load_gold(cfg.gold.preference, option="gold.preference")
+    if gold.kind == "reward_model" and cfg.judge.path and \
+            Path(gold.reward_model_path).resolve() == Path(_source(cfg.judge.path, registry).path).resolve():
+        raise AlignError(f"gold.preference {cfg.gold.preference} is the judge itself (judge.path {cfg.judge.path}): "
+                         f"a gold must be a preference the judge did not learn; give another gold or unset "
+                         f"gold.preference")
+    return gold
+
+
 # --------------------------------------------------------------------------------------------------
 # Per model
 
@@ -220,7 +248,8 @@ class ModelResult:
     baseline_logprobs: list[float] | None = None  # log p_baseline(response | prompt), same tokenizer only
     vocabulary: tuple | None = None  # identifies the tokenizer, for "same tokenizer" checks
     rendered_prompts: list[str] = field(default_factory=list)
-    rewards: list[float] | None = None
+    rewards: list[float] | None = None  # the judge's
+    gold_scores: list[float] | None = None
     benchmarks: dict[str, object] = field(default_factory=dict)
     perplexity: dict[str, object] = field(default_factory=dict)
     task_metrics: dict[str, float] | None = None
@@ -293,10 +322,11 @@ def _judge(results: dict[str, ModelResult], names: list[str], prompts: list[str]
 # --------------------------------------------------------------------------------------------------
 # Statistics
 
-def _statistics(results: dict[str, ModelResult], names: list[str], cfg: EvalRunConfig, hacked: list[str],
-                benchmarks: dict[str, Benchmark]) -> dict:
+def _statistics(results: dict[str, ModelResult], names: list[str], prompts: list[str], cfg: EvalRunConfig,
+                hacked: list[str], benchmarks: dict[str, Benchmark]) -> dict:
     baseline = results[names[0]]
     stats = {"baseline": names[0], "prompts": len(baseline.responses), "judge": cfg.judge.path,
+             "gold": cfg.gold.preference,
              "judge_optimized_against": hacked, "models": {},
              "benchmarks": {name: _reference_points(b.questions) for name, b in benchmarks.items()}}
     for name in names:
@@ -317,26 +347,65 @@ def _statistics(results: dict[str, ModelResult], names: list[str], cfg: EvalRunC
             entry["kl_to_baseline"] = None  # another tokenizer: log-probabilities are not comparable
         if result.rewards is not None:
             entry["judge_reward"] = _mean(result.rewards)
+        if result.gold_scores is not None:
+            entry["gold_score"] = _mean(result.gold_scores)
         if name != names[0]:
             if result.rewards is not None:
-                judgments = judgments_from_rewards(result.rewards, baseline.rewards, cfg.judge.tie_margin)
-                pairwise = pairwise_stats(judgments)
-                lc = length_controlled_win_rate(preference_scores(judgments), result.response_tokens,
-                                                baseline.response_tokens)
-                entry["win_rate"] = {
-                    "n": pairwise.n, "wins": pairwise.wins, "ties": pairwise.ties, "losses": pairwise.losses,
-                    "win": vars(pairwise.win), "tie": vars(pairwise.tie), "loss": vars(pairwise.loss),
-                    "win_rate": vars(pairwise.win_rate), "length_controlled": lc.win_rate,
-                    "length_coefficient": lc.length_coefficient, "warning": pairwise.warning,
-                    "optimistic": name in hacked,
-                }
+                entry["win_rate"] = _win_rates(result.rewards, baseline.rewards, cfg.judge.tie_margin, result,
+                                               baseline)
+                entry["win_rate"]["optimistic"] = name in hacked
+            if result.gold_scores is not None:
+                entry["gold_win_rate"] = _win_rates(result.gold_scores, baseline.gold_scores, cfg.gold.tie_margin,
+                                                    result, baseline)
             entry["tax"] = {}
             for bench, mc in result.benchmarks.items():
                 base_mc = baseline.benchmarks[bench]
                 entry["tax"][bench] = {"acc": vars(alignment_tax(base_mc.correct, mc.correct)),
                                        "acc_norm": vars(alignment_tax(base_mc.correct_norm, mc.correct_norm))}
         stats["models"][name] = entry
+    pairs = _gold_pairs(results, names, prompts, cfg.gold.tie_margin)
+    if pairs and all(results[n].rewards is not None for n in names):
+        stats["judge_vs_gold"] = _judge_vs_gold(pairs, results)
     return stats
+
+
+def _gold_pairs(results: dict[str, ModelResult], names: list[str], prompts: list[str], tie_margin: float) -> list:
+    """Preference pairs ranked by the gold from every two models' responses to the same held-out prompt (gold ties
+    left out): (prompt index, chosen model, rejected model). Neither the judge nor any policy saw these prompts."""
+    if any(results[n].gold_scores is None for n in names):
+        return []
+    pairs = []
+    for i in range(len(prompts)):
+        for a, name_a in enumerate(names):
+            for name_b in names[a + 1:]:
+                gold_a, gold_b = results[name_a].gold_scores[i], results[name_b].gold_scores[i]
+                if abs(gold_a - gold_b) > tie_margin and results[name_a].responses[i] != results[name_b].responses[i]:
+                    pairs.append((i, name_a, name_b) if gold_a > gold_b else (i, name_b, name_a))
+    return pairs
+
+
+def _judge_vs_gold(pairs: list, results: dict[str, ModelResult]) -> dict:
+    """The judge (a reward model: the proxy) on gold-ranked pairs of the evaluated responses: its accuracy with a 95%
+    CI, beside what "the longer response wins" scores on the same pairs, and its calibration."""
+    metrics = reward_model_metrics(
+        [results[c].rewards[i] for i, c, _ in pairs], [results[r].rewards[i] for i, _, r in pairs],
+        [len(results[c].responses[i]) for i, c, _ in pairs], [len(results[r].responses[i]) for i, _, r in pairs])
+    return {"pairs": metrics.pairs, "accuracy": vars(metrics.accuracy.win_rate),
+            "longer_wins": vars(metrics.length.longer_wins), "advantage_over_longer": vars(metrics.length.advantage),
+            "ece": vars(metrics.ece)}
+
+
+def _win_rates(scores: list[float], baseline_scores: list[float], tie_margin: float, result: ModelResult,
+               baseline: ModelResult) -> dict:
+    """Win / tie / loss against the baseline's response to the same prompt, with 95% CIs, and the length-controlled
+    win rate, for one scorer (the judge or the gold)."""
+    judgments = judgments_from_rewards(scores, baseline_scores, tie_margin)
+    pairwise = pairwise_stats(judgments)
+    lc = length_controlled_win_rate(preference_scores(judgments), result.response_tokens, baseline.response_tokens)
+    return {"n": pairwise.n, "wins": pairwise.wins, "ties": pairwise.ties, "losses": pairwise.losses,
+            "win": vars(pairwise.win), "tie": vars(pairwise.tie), "loss": vars(pairwise.loss),
+            "win_rate": vars(pairwise.win_rate), "length_controlled": lc.win_rate,
+            "length_coefficient": lc.length_coefficient, "warning": pairwise.warning}
 
 
 def _mean(values) -> float:
@@ -351,8 +420,14 @@ def _json_safe(value):
 def _registry_metrics(stats: dict, names: list[str]) -> dict:
     """Flat numbers for the registry row: `<model>/<metric>`, the win rate first."""
     metrics = {"prompts": stats["prompts"]}
+    if "judge_vs_gold" in stats:
+        metrics["judge/gold_pair_accuracy"] = stats["judge_vs_gold"]["accuracy"]["estimate"]
+        metrics["judge/gold_pairs"] = stats["judge_vs_gold"]["pairs"]
     for name in names:
         entry = stats["models"][name]
+        if "gold_win_rate" in entry:
+            metrics[f"{name}/gold_win_rate"] = entry["gold_win_rate"]["win_rate"]["estimate"]
+            metrics[f"{name}/gold_lc_win_rate"] = entry["gold_win_rate"]["length_controlled"]
         if "win_rate" in entry:
             metrics[f"{name}/win_rate"] = entry["win_rate"]["win_rate"]["estimate"]
             metrics[f"{name}/lc_win_rate"] = entry["win_rate"]["length_controlled"]
@@ -386,24 +461,28 @@ def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folde
 
     (folder / "plots").mkdir(exist_ok=True)
     written = []
-    compared = [n for n in names[1:] if "win_rate" in stats["models"][n]]
-    if compared:
-        fig, ax = plt.subplots(figsize=(6.4, 1.8 + 0.6 * len(compared)))
-        for row, name in enumerate(compared):
-            w = stats["models"][name]["win_rate"]
+    bars = [(f"{n} (gold)", stats["models"][n]["gold_win_rate"]) for n in names[1:]
+            if "gold_win_rate" in stats["models"][n]]
+    bars += [(f"{n} (judge)" if bars else n, stats["models"][n]["win_rate"]) for n in names[1:]
+             if "win_rate" in stats["models"][n]]
+    if bars:
+        fig, ax = plt.subplots(figsize=(6.4, 1.8 + 0.6 * len(bars)))
+        for row, (label, w) in enumerate(bars):
             left = 0.0
             for key, color in (("win", "#2e7d32"), ("tie", "#9e9e9e"), ("loss", "#c62828")):
                 share = w[key]["estimate"]
                 ax.barh(row, share, left=left, color=color, label=key if row == 0 else None)
                 left += share
             rate = w["win_rate"]
-            ax.errorbar(rate["estimate"], row, xerr=[[max(0.0, rate["estimate"] - rate["low"])], [max(0.0, rate["high"] - rate["estimate"])]],
+            error = [[max(0.0, rate["estimate"] - rate["low"])], [max(0.0, rate["high"] - rate["estimate"])]]
+            ax.errorbar(rate["estimate"], row, xerr=error,
                         fmt="o", color="black", capsize=4, label="win rate (ties half), 95% CI" if row == 0 else None)
         ax.axvline(0.5, color="black", linestyle=":", linewidth=1)
-        ax.set_yticks(range(len(compared)), compared)
+        ax.set_yticks(range(len(bars)), [label for label, _ in bars])
+        ax.invert_yaxis()
         ax.set_xlim(0, 1)
-        ax.set_xlabel(f"judged against {names[0]}")
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(compared)), ncol=4,
+        ax.set_xlabel(f"against {names[0]}")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(bars)), ncol=4,
                   frameon=False)
         fig.tight_layout()
         fig.savefig(folder / "plots" / "win_rates.png", dpi=110, bbox_inches="tight")
@@ -489,33 +568,43 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
              f"{stats['prompts']} held-out prompts from `{cfg.prompts.path}`; judge: "
              f"`{cfg.judge.path or 'none'}`; generation: max {cfg.generation.max_new_tokens} new tokens, "
              f"temperature {cfg.generation.temperature}.", ""]
+    gold_compared = [n for n in names[1:] if "gold_win_rate" in stats["models"][n]]
+    if gold_compared:
+        lines += [_gold_verdict(stats, gold_compared, baseline), ""]
     for name in stats["judge_optimized_against"]:
         lines += [f"> **Warning:** `{name}` was optimized against the judge `{cfg.judge.path}`: its judge win rate "
                   f"is optimistic (reward hacking). Confirm with human A/B (`align eval human push`).", ""]
+    if gold_compared:
+        lines += [f"## Helpfulness under the gold preference `{stats['gold']}`", "",
+                  "The gold is the preference the simulated annotators ranked by. The reward model learned it only "
+                  "from their rankings, and no policy was trained on it: this is the honest measure (AlpacaFarm; Gao "
+                  "et al. 2022). The judge's numbers below come from a reward model, a *proxy* of the gold; where "
+                  "the two disagree, the policy learned the proxy's mistakes.", ""]
+        lines += _win_rate_table(stats, gold_compared, "gold_win_rate")
     compared = [n for n in names[1:] if "win_rate" in stats["models"][n]]
     if compared:
-        lines += ["## Helpfulness (judge)", "",
-                  "| model | win | tie | loss | win rate (ties half) | length-controlled | n |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for name in compared:
-            w = stats["models"][name]["win_rate"]
-            flag = " (optimistic)" if w["optimistic"] else ""
-            lines.append(f"| {name}{flag} | {_pct(w['win'])} | {_pct(w['tie'])} | {_pct(w['loss'])} | "
-                         f"{_pct(w['win_rate'])} | {100 * w['length_controlled']:.1f}% | {w['n']} |")
-        warnings = {stats["models"][n]["win_rate"]["warning"] for n in compared} - {None}
-        lines += [""] + [f"> {w}: read the intervals, not the point estimates." for w in sorted(warnings)] + \
-            ["", "Rates are against the baseline's response to the same prompt; 95% Wilson intervals. The "
-                 "length-controlled rate is the judge's predicted preference at equal response lengths.", ""]
+        lines += ["## Helpfulness (judge" + (": the reward model, a proxy of the gold)" if gold_compared else ")"),
+                  ""]
+        lines += _win_rate_table(stats, compared, "win_rate")
+    if "judge_vs_gold" in stats:
+        j = stats["judge_vs_gold"]
+        lines += ["## The judge (reward model) against the gold", "",
+                  f"On {j['pairs']} pairs of the responses above ranked by the gold (every two models' responses to "
+                  f"the same held-out prompt; gold ties left out), the judge agreed with the gold on "
+                  f"{_pct(j['accuracy'])} of them; \"the longer response wins\" scores {_pct(j['longer_wins'])} on "
+                  f"the same pairs (the judge's advantage: {_pts(j['advantage_over_longer'])} points); calibration "
+                  f"error (ECE) {j['ece']['estimate']:.3f}. The pairs are in `gold_pairs.jsonl` (`align eval reward "
+                  f"--data` reads them).", ""]
     if training:
         lines += ["## How the models were made (their own training runs, from the registry)", "",
                   "| model | stage | measured during training |", "| --- | --- | --- |"]
         lines += [f"| {name} | {stage} | {result} |" for name, stage, result in training] + [""]
-    lines += ["## Per model", "", f"| model | judge reward | {_kl_label(cfg)} (nats) | response tokens | EOS rate |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["## Per model", "", f"| model | gold score | judge reward | {_kl_label(cfg)} (nats) | response tokens "
+              "| EOS rate |", "| --- | --- | --- | --- | --- | --- |"]
     for name in names:
         entry = stats["models"][name]
         kl = entry["kl_to_baseline"]
-        lines.append(f"| {name} | {_fmt(entry.get('judge_reward'))} | "
+        lines.append(f"| {name} | {_fmt(entry.get('gold_score'))} | {_fmt(entry.get('judge_reward'))} | "
                      f"{'n/a (other tokenizer)' if kl is None else _fmt(kl)} | {entry['response_tokens']:.1f} | "
                      f"{entry['eos_rate']:.2f} |")
     benches = list(stats["models"][baseline]["benchmarks"])
@@ -555,11 +644,42 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
         for i in range(count):
             cells = []
             for name in names:
-                reward = results[name].rewards
+                reward, gold = results[name].rewards, results[name].gold_scores
                 text = results[name].responses[i] or "(empty)"
-                cells.append(_cell(text) + (f" *(reward {reward[i]:+.2f})*" if reward is not None else ""))
+                cells.append(_cell(text) + (f" *(gold {gold[i]:+.2f})*" if gold is not None else "")
+                             + (f" *(reward {reward[i]:+.2f})*" if reward is not None else ""))
             lines.append(f"| {_cell(prompts[i])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _gold_verdict(stats: dict, compared: list[str], baseline: str) -> str:
+    """The report's first sentence: did alignment help under the gold judge?"""
+    parts, helped = [], []
+    for name in compared:
+        w = stats["models"][name]["gold_win_rate"]
+        rate = w["win_rate"]
+        verdict = ("helped" if rate["low"] > 0.5 else "hurt" if rate["high"] < 0.5 else "made no measurable difference")
+        helped.append(verdict == "helped")
+        parts.append(f"`{name}` won {_pct(rate)} of {w['n']} prompts against `{baseline}` ({verdict}; "
+                     f"length-controlled {100 * w['length_controlled']:.1f}%)")
+    overall = ("alignment helped" if all(helped) else "alignment helped for some models" if any(helped)
+               else "alignment did not measurably help")
+    return (f"**Under the gold preference `{stats['gold']}`, {overall}:** " + "; ".join(parts) +
+            ". (Win rate with ties as half, 95% interval: \"helped\" when the whole interval is above 50%.)")
+
+
+def _win_rate_table(stats: dict, compared: list[str], key: str) -> list[str]:
+    lines = ["| model | win | tie | loss | win rate (ties half) | length-controlled | n |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in compared:
+        w = stats["models"][name][key]
+        flag = " (optimistic)" if w.get("optimistic") else ""
+        lines.append(f"| {name}{flag} | {_pct(w['win'])} | {_pct(w['tie'])} | {_pct(w['loss'])} | "
+                     f"{_pct(w['win_rate'])} | {100 * w['length_controlled']:.1f}% | {w['n']} |")
+    warnings = {stats["models"][n][key]["warning"] for n in compared} - {None}
+    return lines + [""] + [f"> {w}: read the intervals, not the point estimates." for w in sorted(warnings)] + \
+        ["", "Rates are against the baseline's response to the same prompt; 95% Wilson intervals. The "
+             "length-controlled rate is the predicted preference at equal response lengths.", ""]
 
 
 def _reference_line(bench: str, stats: dict, names: list[str]) -> str:
@@ -647,16 +767,31 @@ def _write_generations(results: dict[str, ModelResult], names: list[str], prompt
                        "response_tokens": result.response_tokens[i], "ended": result.ended[i]}
                 if result.rewards is not None:
                     row["judge_reward"] = result.rewards[i]
+                if result.gold_scores is not None:
+                    row["gold_score"] = result.gold_scores[i]
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_gold_pairs(pairs: list, results: dict[str, ModelResult], prompts: list[str], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for i, chosen, rejected in pairs:
+            handle.write(json.dumps({"prompt": prompts[i], "chosen": results[chosen].responses[i],
+                                     "rejected": results[rejected].responses[i], "subset": f"{chosen} > {rejected}"},
+                                    ensure_ascii=False) + "\n")
 
 
 def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifact, cfg: EvalRunConfig) -> None:
     rows = []
     for name in names[1:]:
         entry = stats["models"][name]
+        if "gold_win_rate" in entry:
+            w = entry["gold_win_rate"]
+            rows.append((f"{name}: gold win rate vs {names[0]}",
+                         f"{_pct(w['win_rate'])} (LC {100 * w['length_controlled']:.1f}%)"
+                         + (f"; {w['warning']}" if w["warning"] else "")))
         if "win_rate" in entry:
             w = entry["win_rate"]
-            rows.append((f"{name}: win rate vs {names[0]}",
+            rows.append((f"{name}: judge win rate vs {names[0]}",
                          f"{_pct(w['win_rate'])} (LC {100 * w['length_controlled']:.1f}%)"
                          + (" optimistic: judge = its reward model" if w["optimistic"] else "")
                          + (f"; {w['warning']}" if w["warning"] else "")))
@@ -664,5 +799,9 @@ def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifac
             rows.append((f"{name}: {bench} tax (points)", _pts(tax["acc"])))
         if entry.get("kl_to_baseline") is not None:
             rows.append((f"{name}: {_kl_label(cfg)}", f"{entry['kl_to_baseline']:.3f} nats/response"))
+    if "judge_vs_gold" in stats:
+        j = stats["judge_vs_gold"]
+        rows.append(("judge vs gold", f"{_pct(j['accuracy'])} agreement on {j['pairs']} gold-ranked pairs (longer "
+                                      f"wins: {_pct(j['longer_wins'])})"))
     rows += [("report", f"{final / 'report.html'} (and report.md)"), ("registry", f"{artifact.ref} (id {artifact.id})")]
     print_table(f"finished: {artifact.ref}", rows)

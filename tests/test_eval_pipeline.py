@@ -519,7 +519,7 @@ def pipe(argilla_server, tmp_path_factory, tiny_llama):
         "name": PIPELINE,
         "sft": {"config": "sft.yaml"},
         "label": {"prompts": "label_prompts.txt", "k": 3, "max_new_tokens": 8, "batch_size": 12, "temperature": 0.8,
-                  "annotators": "simulated", "simulate_rule": "shorter"},
+                  "annotators": "simulated", "gold": "shorter"},
         "reward": {"config": "reward.yaml"},
         "ppo": {"config": "ppo.yaml", "overrides": ["ppo.logging_steps=2"]},
         "dpo": {"config": "dpo.yaml"},
@@ -636,6 +636,18 @@ def test_pipeline_fixed_runs_the_rest_with_simulated_rankings_and_lineage(in_pip
     assert label.metrics["simulated_rankings"] == label.metrics["rankings"] > 0
     pairs = [json.loads(line) for line in Path(label.path).read_text().splitlines()]
     assert pairs and all(p["simulated"] is True for p in pairs)
+    # ... by the gold preference `shorter`, which the pipeline hands to PPO and the evaluation, never to training.
+    assert all(p["gold"] == "shorter" and len(p["chosen"].strip()) < len(p["rejected"].strip()) for p in pairs)
+    assert label.config["simulated_gold"] == "shorter"
+    assert ppo.config["gold"] == "shorter" and evaluation.config["gold"]["preference"] == "shorter"
+    report = (Path(evaluation.path) / "report.md").read_text()
+    assert report.startswith(f"# Evaluation") and "Under the gold preference `shorter`" in report.split("##")[1]
+    assert "## Helpfulness under the gold preference `shorter`" in report
+    results = json.loads((Path(evaluation.path) / "results.json").read_text())
+    for model in (ppo.ref, dpo.ref):
+        gold = results["models"][model]["gold_win_rate"]
+        assert gold["n"] == 6 and gold["wins"] + gold["ties"] + gold["losses"] == 6
+        assert evaluation.metrics[f"{model}/gold_win_rate"] == pytest.approx(gold["win_rate"]["estimate"])
     assert reward.metrics.get("train_pairs", 1) > 0
 
 
