@@ -237,6 +237,8 @@ def _parser() -> argparse.ArgumentParser:
                                "Python callable module:function(prompt, response) -> number, a reward model "
                                "(reward:N or a folder), or random (no preference)")
     simulate.add_argument("--noise", type=float, default=0.0, help="probability of swapping adjacent ranks")
+    simulate.add_argument("--tie-margin", type=float, default=0.0,
+                          help="completions whose gold scores are this close rank as a tie (default 0)")
     simulate.add_argument("--seed", type=int, default=0)
     for sub in (label_status, pull, simulate):
         sub.add_argument("--dataset", required=True, help="Argilla dataset name")
@@ -469,7 +471,7 @@ def _label_simulate(args) -> None:
     from labeling import rankings
 
     rankings.simulate_command(args.dataset, args.annotators, args.gold, noise=args.noise, seed=args.seed,
-                              workspace=args.workspace)
+                              workspace=args.workspace, tie_margin=args.tie_margin)
 
 
 if __name__ == "__main__":

@@ -998,6 +998,10 @@ class PipelineLabelConfig:
                 "shorter, longer, keyword:WORD), a Python callable `module:function(prompt, response) -> number`, "
                 "or a reward model. The pipeline also measures the policies under it in the eval step (`gold:` of "
                 "the eval config), and PPO tracks it per iteration: the models never see it."})
+    gold_tie_margin: float = field(default=0.0, metadata={
+        "help": "Simulated annotators rank completions whose gold scores are this close as a tie (people do not "
+                "tell near-equal responses apart either); tied pairs are left out of the preference data.",
+        "range": (0, None)})
     simulate_annotators: int = field(default=1, metadata={"help": "How many simulated annotators.",
                                                           "range": (1, 100)})
     simulate_noise: float = field(default=0.0, metadata={

@@ -209,10 +209,11 @@ def length_controlled_win_rate(preferences: Sequence[float], model_lengths: Sequ
     scale = statistics.pstdev(differences)
     features = [math.tanh(d / scale) if scale > 0 else 0.0 for d in differences]
     intercept, slope = _fit_logistic(features, targets, regularization)
-    return LengthControlled(_sigmoid(intercept), sum(targets) / len(targets), intercept, slope, scale, len(rows))
+    return LengthControlled(sigmoid(intercept), sum(targets) / len(targets), intercept, slope, scale, len(rows))
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for large |x|."""
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
@@ -228,7 +229,7 @@ def _fit_logistic(x: Sequence[float], y: Sequence[float], slope_penalty: float,
         g_a = g_b = 0.0
         h_aa = h_ab = h_bb = 0.0
         for xi, yi in zip(x, y):
-            p = _sigmoid(a + b * xi)
+            p = sigmoid(a + b * xi)
             w = p * (1 - p)
             g_a += p - yi
             g_b += (p - yi) * xi

@@ -40,7 +40,9 @@ def load(config_path: str, overrides: list[str]) -> PipelineRunConfig:
             raise AlignError(f"{config_path}: {step} needs the output of {', '.join(missing)}, which is disabled "
                              f"({missing[0]}.enabled: false); enable it or disable {step}")
     gold = simulated_gold(cfg)
-    if gold and not looks_like_ref(gold):  # a reward-model gold is checked when the eval step loads it
+    if gold and looks_like_ref(gold):  # `reward:latest` pinned now: later steps register newer reward models
+        cfg.label.gold = Registry().resolve(gold).ref
+    elif gold:  # a reward-model gold is checked when the label step loads it
         load_gold(gold, option="label.gold")
     return cfg
 
@@ -81,7 +83,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
                                       {"model.path": sft_ref, "data.path": label_ref}, cfg.seed))
     if cfg.ppo.enabled:
         inputs = {"model.path": sft_ref, "reward.path": done["reward"].ref, **({"gold": gold} if gold else {})}
-        algorithm = load_config(cfg.ppo.config, list(cfg.ppo.overrides) + [f"{k}={v}" for k, v in inputs.items()],
+        algorithm = load_config(cfg.ppo.config, [f"{k}={v}" for k, v in inputs.items()] + list(cfg.ppo.overrides),
                                 PPORunConfig).algorithm  # grpo / rloo: TRL's trainers, stages/grpo.py
         trainer = ppo if algorithm == "ppo" else grpo
         step("ppo", lambda: _stage(trainer, "ppo", cfg.ppo, cfg.name, home, inputs, cfg.seed))
@@ -93,7 +95,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
         wired = {"models": "[" + ", ".join(compared) + "]", "baseline": sft_ref}
         if "reward" in done:  # without a reward model: no judge win rates, the tax and KL still
             wired["judge.path"] = done["reward"].ref
-        if gold:
+        if gold:  # scores compared exactly: the annotators' tie margin models what people can tell apart
             wired["gold.preference"] = gold
         step("eval", lambda: _stage(evaluation, "eval", cfg.eval, cfg.name, home, wired, cfg.seed))
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
@@ -103,7 +105,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
         rows.append(("report", str(Path(done["eval"].path) / "report.html")))
     print_table(f"pipeline {cfg.name}: finished", rows)
     _write_summary(home / "last-run.json", {
-        "config": config_path, "overrides": list(overrides), "seed": cfg.seed, "gold": gold,
+        "config": config_path, "seed": cfg.seed, "gold": gold,
         "steps": {name: {"ref": artifact.ref, "how": timings[name][0], "seconds": round(timings[name][1], 1)}
                   for name, artifact in done.items()}})
     return done
@@ -123,10 +125,10 @@ def _stage(module, stage: str, step: PipelineStepConfig, pipeline: str, home: Pa
         raise AlignError(f"{stage}: disabled")
     # The step's own overrides come after what the pipeline wires in, so they win (a reward model on another
     # backbone than the SFT model: `model.path=...` among the reward step's overrides).
+    if seed is not None and stage != "eval":
+        wired = {"seed": seed, **wired}
     overrides = [f"{key}={value}" for key, value in wired.items()] + list(step.overrides) + \
         [f"output.name={pipeline}-{stage}"]
-    if seed is not None and stage != "eval":
-        overrides.append(f"seed={seed}")
     resolved = module.load(step.config, overrides)
     digest = hashlib.sha256(json.dumps(redact_secrets(to_dict(resolved)), sort_keys=True, default=str)
                             .encode()).hexdigest()[:10]
@@ -158,7 +160,13 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
     from labeling import rankings, server
 
     label = cfg.label
-    dataset = f"{cfg.name}-rankings-{sft.stage}{sft.version}"
+    # A dataset per SFT model and per labeling setup: rankings under another gold, tie margin or K are new records,
+    # never mixed into (or reused from) an earlier dataset.
+    setup = {k: v for k, v in to_dict(label).items()
+             if k not in ("prompts", "max_prompts", "wait_timeout_s", "batch_size")}  # prompts: counted below
+    setup["seed"] = cfg.seed
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    dataset = f"{cfg.name}-rankings-{sft.stage}{sft.version}-{digest}"
     # Distinct prompts: push makes one record per prompt, and "finished" compares ranked records with this count.
     prompts = list(dict.fromkeys(read_prompts(_package_path(label.prompts), option="label.prompts")))
     prompts = prompts[:label.max_prompts]
@@ -177,7 +185,8 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
     rankings.push_command(model=sft.ref, prompts_path=str(prompt_file), k=label.k, dataset=dataset,
                           sampling=sampling)
     if label.annotators == "simulated":
-        rankings.simulate_command(dataset, label.simulate_annotators, label.gold, noise=label.simulate_noise)
+        rankings.simulate_command(dataset, label.simulate_annotators, label.gold, noise=label.simulate_noise,
+                                  seed=cfg.seed or 0, tie_margin=label.gold_tie_margin)
     else:
         _wait_for_rankings(dataset, len(prompts), label.wait_timeout_s)
     result = rankings.pull_command(dataset, str(home / f"{dataset}.jsonl"))

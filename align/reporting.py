@@ -36,14 +36,20 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-def plot_reliability(bins: list[tuple[float, float, int]], ece: float, folder: Path) -> list[str]:
-    """plots/calibration.png: a reward model's reliability diagram, P(preferred) = sigmoid(score margin) against how
-    often the response was preferred, per bin of (predicted, observed, pairs)."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display here or on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_reliability(bins: list[tuple[float, float, int]], ece: float, folder: Path) -> list[str]:
+    """plots/calibration.png: a reward model's reliability diagram, P(preferred) = sigmoid(score margin) against how
+    often the response was preferred, per bin of (predicted, observed, pairs)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.8))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
     predicted, observed, _ = zip(*bins)

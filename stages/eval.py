@@ -365,7 +365,7 @@ def _statistics(results: dict[str, ModelResult], names: list[str], prompts: list
         stats["models"][name] = entry
     pairs = _gold_pairs(results, names, prompts, cfg.gold.tie_margin)
     if pairs and all(results[n].rewards is not None for n in names):
-        stats["judge_vs_gold"] = _judge_vs_gold(pairs, results)
+        stats["judge_vs_gold"] = _judge_vs_gold(pairs, results, cfg.judge.tie_margin)
     return stats
 
 
@@ -379,17 +379,19 @@ def _gold_pairs(results: dict[str, ModelResult], names: list[str], prompts: list
         for a, name_a in enumerate(names):
             for name_b in names[a + 1:]:
                 gold_a, gold_b = results[name_a].gold_scores[i], results[name_b].gold_scores[i]
-                if abs(gold_a - gold_b) > tie_margin and results[name_a].responses[i] != results[name_b].responses[i]:
+                text_a, text_b = results[name_a].responses[i], results[name_b].responses[i]
+                if abs(gold_a - gold_b) > tie_margin and text_a != text_b and text_a.strip() and text_b.strip():
                     pairs.append((i, name_a, name_b) if gold_a > gold_b else (i, name_b, name_a))
     return pairs
 
 
-def _judge_vs_gold(pairs: list, results: dict[str, ModelResult]) -> dict:
+def _judge_vs_gold(pairs: list, results: dict[str, ModelResult], tie_margin: float) -> dict:
     """The judge (a reward model: the proxy) on gold-ranked pairs of the evaluated responses: its accuracy with a 95%
     CI, beside what "the longer response wins" scores on the same pairs, and its calibration."""
     metrics = reward_model_metrics(
         [results[c].rewards[i] for i, c, _ in pairs], [results[r].rewards[i] for i, _, r in pairs],
-        [len(results[c].responses[i]) for i, c, _ in pairs], [len(results[r].responses[i]) for i, _, r in pairs])
+        [len(results[c].responses[i]) for i, c, _ in pairs], [len(results[r].responses[i]) for i, _, r in pairs],
+        tie_margin=tie_margin)
     return {"pairs": metrics.pairs, "accuracy": vars(metrics.accuracy.win_rate),
             "longer_wins": vars(metrics.length.longer_wins), "advantage_over_longer": vars(metrics.length.advantage),
             "ece": vars(metrics.ece)}
@@ -400,6 +402,9 @@ def _win_rates(scores: list[float], baseline_scores: list[float], tie_margin: fl
     """Win / tie / loss against the baseline's response to the same prompt, with 95% CIs, and the length-controlled
     win rate, for one scorer (the judge or the gold)."""
     judgments = judgments_from_rewards(scores, baseline_scores, tie_margin)
+    # The same text is a tie whatever a scorer's batching noise says (greedy decoding often repeats the baseline).
+    judgments = ["tie" if mine == theirs else j for j, mine, theirs in zip(judgments, result.responses,
+                                                                          baseline.responses)]
     pairwise = pairwise_stats(judgments)
     lc = length_controlled_win_rate(preference_scores(judgments), result.response_tokens, baseline.response_tokens)
     return {"n": pairwise.n, "wins": pairwise.wins, "ties": pairwise.ties, "losses": pairwise.losses,
@@ -576,10 +581,11 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
                   f"is optimistic (reward hacking). Confirm with human A/B (`align eval human push`).", ""]
     if gold_compared:
         lines += [f"## Helpfulness under the gold preference `{stats['gold']}`", "",
-                  "The gold is the preference the simulated annotators ranked by. The reward model learned it only "
-                  "from their rankings, and no policy was trained on it: this is the honest measure (AlpacaFarm; Gao "
-                  "et al. 2022). The judge's numbers below come from a reward model, a *proxy* of the gold; where "
-                  "the two disagree, the policy learned the proxy's mistakes.", ""]
+                  "A gold preference is one no model here was trained on (in `align pipeline` with simulated "
+                  "annotators: the one they ranked by, which the reward model learned only from their rankings): "
+                  "the honest measure (AlpacaFarm; Gao et al. 2022). The judge's numbers below come from a reward "
+                  "model, a *proxy*; where the two disagree, a policy optimized against the judge learned its "
+                  "mistakes.", ""]
         lines += _win_rate_table(stats, gold_compared, "gold_win_rate")
     compared = [n for n in names[1:] if "win_rate" in stats["models"][n]]
     if compared:

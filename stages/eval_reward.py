@@ -23,9 +23,10 @@ from pathlib import Path
 from align.artifacts import RunDir
 from align.data import Preferences, read_preferences, read_records
 from align.errors import AlignError
-from align.evaluation import CALIBRATION_BINS, Interval, PairwiseStats, RewardModelMetrics, reward_model_metrics
+from align.evaluation import (CALIBRATION_BINS, Interval, PairwiseStats, RewardModelMetrics, reward_model_metrics,
+                              sigmoid)
 from align.registry import Artifact, Registry, resolve_path
-from align.reporting import console, plot_reliability, print_table
+from align.reporting import console, plot_reliability, print_table, pyplot
 
 STAGE = "eval"
 LENGTH_UNIT = "characters"  # of the response text (a message list: as align.scoring.as_text writes it)
@@ -120,7 +121,7 @@ def run(model: str, data: list[str], out: str | None = None, batch_size: int = 1
                 handle.write(json.dumps({
                     "data": s.label, "where": where, "subset": subsets[i], "prompt": pair["prompt"],
                     "chosen": pair["chosen"], "rejected": pair["rejected"], "score_chosen": chosen[i],
-                    "score_rejected": rejected[i], "margin": margin, "p_chosen": _sigmoid(margin),
+                    "score_rejected": rejected[i], "margin": margin, "p_chosen": sigmoid(margin),
                     "result": RESULTS[metrics.judgments[i]], f"chosen_{LENGTH_UNIT}": chosen_lengths[i],
                     f"rejected_{LENGTH_UNIT}": rejected_lengths[i]}, ensure_ascii=False) + "\n")
         plots = _plot_accuracy(metrics, work) + plot_reliability(metrics.calibration.bins, metrics.ece.estimate, work)
@@ -194,10 +195,6 @@ def _score(scorer, items: list[tuple], batch_size: int) -> list[float]:
             rewards += scorer.score([p for p, _ in chunk], [r for _, r in chunk], batch_size, normalized=False)
             progress.advance(task, len(chunk))
     return rewards
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,18 +356,9 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_accuracy(metrics: RewardModelMetrics, folder: Path) -> list[str]:
     """plots/accuracy.png: accuracy with its 95% CI, overall and per subset, beside "the longer response wins"."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [(f"all pairs ({metrics.pairs})", metrics.accuracy.win_rate, metrics.length.longer_wins)]
     if len(metrics.subsets) > 1:
         rows += [(f"{name} ({sub.pairs})", sub.accuracy.win_rate, sub.longer_wins)

@@ -33,7 +33,7 @@ from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_mod
                             merge_adapter, prepare_tokenizer, resolve_model, torch_dtype, trainer_defaults,
                             training_config)
 from align.registry import Artifact, Registry, resolve_path
-from align.reporting import human_bytes, plot_reliability, plot_training_curves, print_table
+from align.reporting import human_bytes, plot_reliability, plot_training_curves, print_table, pyplot
 from align.scoring import Normalization, RewardScorer, as_text, encode_pair, load_sequence_classifier
 
 STAGE = "reward"
@@ -536,18 +536,9 @@ def _pearson(xs: list[float], ys: list[float]) -> float | None:
 # --------------------------------------------------------------------------------------------------
 # Plots and the model card
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_accuracy(history: list[dict], folder: Path) -> list[str]:
     """plots/accuracy.png: training-batch and held-out pairwise accuracy by step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
     drawn = False
     for label, key in (("train (batches)", "accuracy"), ("held-out", "eval_accuracy")):
@@ -574,7 +565,7 @@ def _plot_accuracy(history: list[dict], folder: Path) -> list[str]:
 
 def _plot_rewards(heldout: Heldout, normalization: Normalization | None, folder: Path) -> list[str]:
     """plots/reward_histogram.png: rewards of held-out chosen vs rejected responses."""
-    plt = _pyplot()
+    plt = pyplot()
     shift = normalization.apply if normalization else (lambda r: r)
     chosen, rejected = [shift(r) for r in heldout.chosen], [shift(r) for r in heldout.rejected]
     low, high = min(chosen + rejected), max(chosen + rejected)

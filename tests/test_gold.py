@@ -102,8 +102,8 @@ def test_gold_and_proxy_win_rates_from_constructed_scores():
 
     from stages.eval import _win_rates
 
-    model = SimpleNamespace(response_tokens=[10] * 5)
-    baseline = SimpleNamespace(response_tokens=[10] * 5)
+    model = SimpleNamespace(response_tokens=[10] * 5, responses=["a", "b", "c", "d", "e"])
+    baseline = SimpleNamespace(response_tokens=[10] * 5, responses=["v", "w", "x", "y", "z"])
     gold = _win_rates([0.9, 0.5, 0.0, -0.2, 0.4], [0.1, 0.5, 0.3, -0.5, 0.2], 0.0, model, baseline)
     assert (gold["wins"], gold["ties"], gold["losses"]) == (3, 1, 1)
     assert gold["win_rate"]["estimate"] == pytest.approx(3.5 / 5)
@@ -111,3 +111,7 @@ def test_gold_and_proxy_win_rates_from_constructed_scores():
     assert (proxy["wins"], proxy["ties"], proxy["losses"]) == (4, 0, 1)
     assert proxy["win_rate"]["estimate"] == pytest.approx(0.8)
     assert proxy["win_rate"]["low"] < 0.8 < proxy["win_rate"]["high"]
+    # The same text as the baseline's is a tie, whatever the scores say.
+    same = SimpleNamespace(response_tokens=[10] * 5, responses=["a", "w", "c", "d", "e"])
+    tied = _win_rates([2.0, 1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0, 3.0], 0.0, same, baseline)
+    assert (tied["wins"], tied["ties"], tied["losses"]) == (3, 1, 1)

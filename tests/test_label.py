@@ -355,7 +355,10 @@ def test_simulate_reuses_its_annotators_and_keeps_their_passwords_private(pushed
 
     before = json.loads(rankings.simulated_users_file().read_text())
     # sim-annotator-1 has ranked everything; sim-annotator-2 is new; both find an empty queue (records complete).
-    assert rankings.simulate(DATASET, 2, "random", noise=0.5) == {"sim-annotator-1": 0, "sim-annotator-2": 0}
+    assert rankings.simulate(DATASET, 2, "longer", noise=0.5) == {"sim-annotator-1": 0, "sim-annotator-2": 0}
+    # Another gold for the same annotator on the same dataset would mix two preferences under one name.
+    with pytest.raises(AlignError, match="sim-annotator-1 already ranked dataset .* by the gold longer"):
+        rankings.simulate(DATASET, 1, "shorter")
     stored = json.loads(rankings.simulated_users_file().read_text())
     url = _api().url
     assert stored[url]["sim-annotator-1"] == before[url]["sim-annotator-1"] and "sim-annotator-2" in stored[url]
