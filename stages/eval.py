@@ -64,7 +64,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
         names.append(name)
         artifacts[name] = source.artifact
     judge_artifact = _source(cfg.judge.path, registry).artifact if cfg.judge.path else None
-    gold = _load_gold(cfg, registry)
+    gold = _load_gold(cfg, registry, artifacts)
     run_name = cfg.output.name or "-vs-".join(_short(n) for n in names[1:] + names[:1])[:80]
     run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / run_name, cfg.output.overwrite)
     run_dir.open(resume=False)
@@ -222,16 +222,23 @@ def _optimized_against(judge, artifacts: dict, registry: Registry) -> list[str]:
             and any(a.id == judge.id for _, a in registry.lineage(artifact.id))]
 
 
-def _load_gold(cfg: EvalRunConfig, registry: Registry) -> Gold | None:
-    """The gold preference, checked now (before any model loads); a gold that is the judge itself is refused."""
+def _load_gold(cfg: EvalRunConfig, registry: Registry, artifacts: dict) -> Gold | None:
+    """The gold preference, checked now (before any model loads). Refused: the judge itself, or a reward model a
+    compared model was optimized against (its win rate under that "gold" would be optimistic, not honest)."""
     if not cfg.gold.preference:
         return None
     gold = load_gold(cfg.gold.preference, option="gold.preference")
-    if gold.kind == "reward_model" and cfg.judge.path and \
-            Path(gold.reward_model_path).resolve() == Path(_source(cfg.judge.path, registry).path).resolve():
-        raise AlignError(f"gold.preference {cfg.gold.preference} is the judge itself (judge.path {cfg.judge.path}): "
-                         f"a gold must be a preference the judge did not learn; give another gold or unset "
-                         f"gold.preference")
+    if gold.kind == "reward_model":
+        if cfg.judge.path and \
+                Path(gold.reward_model_path).resolve() == Path(_source(cfg.judge.path, registry).path).resolve():
+            raise AlignError(f"gold.preference {cfg.gold.preference} is the judge itself (judge.path "
+                             f"{cfg.judge.path}): a gold must be a preference the judge did not learn; give another "
+                             f"gold or unset gold.preference")
+        trained_on = _optimized_against(_source(cfg.gold.preference, registry).artifact, artifacts, registry)
+        if trained_on:
+            raise AlignError(f"gold.preference {cfg.gold.preference}: {', '.join(trained_on)} was optimized against "
+                             f"it, so its win rate under it is not an honest measure; give a gold no compared model "
+                             f"was trained on")
     return gold
 
 

@@ -438,6 +438,26 @@ def test_eval_unknown_benchmark_format_fails_before_anything_is_written(zoo, mon
     assert len(Registry().list()) == rows_before
 
 
+@pytest.mark.parametrize("gold, judge, message", [
+    ("reward:1", "reward:1", "gold.preference reward:1 is the judge itself (judge.path reward:1)"),
+    ("reward:1", None, "gold.preference reward:1: ppo:1 was optimized against it"),
+    ("no_such_gold_module:score", "reward:1", "gold.preference: cannot import 'no_such_gold_module'"),
+])
+def test_eval_refuses_a_gold_that_is_not_independent_before_any_model_loads(zoo, monkeypatch, capsys, gold, judge,
+                                                                            message):
+    from align.registry import Registry
+
+    _in_zoo(monkeypatch, zoo)
+    config = _eval_config(zoo, "bad-gold", gold={"preference": gold}, judge={"path": judge})
+    rows_before = len(Registry().list())
+    capsys.readouterr()
+    assert _main("eval", "compare", "ppo:1", "--config", config) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert message in err, err
+    assert not list((zoo.home / "runs" / "eval").glob("bad-gold*"))
+    assert len(Registry().list()) == rows_before
+
+
 def test_eval_few_prompts_other_tokenizer_and_a_model_named_twice(zoo, tiny_llama_no_pad, monkeypatch, capsys):
     from align.registry import Registry
 
