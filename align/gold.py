@@ -165,15 +165,25 @@ def _number(function, spec: str, option: str, prompt: str, response: str) -> flo
 
 
 def _reward_model(spec: str, option: str) -> Gold:
+    import gc
+
     from align.scoring import RewardScorer
 
     try:
         scorer = RewardScorer.load(spec)
     except AlignError as e:
         raise AlignError(f"{option}: {e}") from None
-    return Gold(spec, "reward_model", f"the reward model {spec}",
-                lambda prompts, responses: scorer.score(list(prompts), list(responses)),
-                reward_model_path=scorer.source)
+    folder = scorer.source
+    del scorer  # checked now; loaded again for its first scores, so it holds no memory while other models run
+    gc.collect()
+    loaded: dict[str, RewardScorer] = {}
+
+    def score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        if "scorer" not in loaded:
+            loaded["scorer"] = RewardScorer.load(folder)
+        return loaded["scorer"].score(list(prompts), list(responses))
+
+    return Gold(spec, "reward_model", f"the reward model {spec}", score, reward_model_path=folder)
 
 
 def _clip(text: str, limit: int = 60) -> str:
