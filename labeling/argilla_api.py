@@ -141,37 +141,40 @@ def owner_users(api: Api) -> dict[str, dict]:
 
 def remember_password(url: str, name: str, password: str) -> None:
     """Simulated users' passwords (to look at their work in the UI), 0600 under the align home."""
-    path = simulated_users_file()
-    server._make_private_dir(path.parent)
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    known.setdefault(url, {})[name] = password
-    server._write_private(path, json.dumps(known, indent=2))
+    _remember(simulated_users_file(), [url, name], password)
 
 
 def remember_simulated_gold(url: str, dataset_id: str, name: str, gold: str) -> None:
     """Which gold preference a simulated annotator ranked a dataset by (`pull` writes it into the pairs and the
     registry), kept beside their passwords."""
-    path = simulated_users_file().with_name("simulated_golds.json")
-    server._make_private_dir(path.parent)
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    known.setdefault(url, {}).setdefault(str(dataset_id), {})[name] = gold
-    server._write_private(path, json.dumps(known, indent=2))
+    _remember(simulated_golds_file(), [url, str(dataset_id), name], gold)
 
 
 def simulated_golds(url: str, dataset_id: str) -> dict[str, str]:
     """``{simulated annotator name: gold spec}`` for one dataset (empty when none was remembered)."""
     try:
-        return json.loads(simulated_users_file().with_name("simulated_golds.json").read_text()).get(url, {}).get(
-            str(dataset_id), {})
+        return json.loads(simulated_golds_file().read_text()).get(url, {}).get(str(dataset_id), {})
     except (OSError, ValueError):
         return {}
 
 
+def _remember(path: Path, keys: list[str], value: str) -> None:
+    """Set one value at `keys` in a private (0600) JSON file of nested objects, keeping everything else in it."""
+    server._make_private_dir(path.parent)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    node = known
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    server._write_private(path, json.dumps(known, indent=2))
+
+
 def simulated_users_file() -> Path:
     return server.argilla_home() / "simulated_users.json"
+
+
+def simulated_golds_file() -> Path:
+    return server.argilla_home() / "simulated_golds.json"

@@ -107,7 +107,8 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     if gold is not None:
         for name in names:
             results[name].gold_scores = gold.score(prompts, results[name].responses)
-    stats = _statistics(results, names, prompts, cfg, hacked, dict(benchmarks))
+    gold_pairs = _gold_pairs(results, names, prompts, cfg.gold.tie_margin)
+    stats = _statistics(results, names, gold_pairs, cfg, hacked, dict(benchmarks))
 
     # 5. Report and registry row.
     run_dir.create()
@@ -115,8 +116,7 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     save_run_config(to_dict(cfg), work)
     _write_generations(results, names, prompts, work / "generations.jsonl")
     if "judge_vs_gold" in stats:  # `align eval reward --data` reads it: any reward model against the same gold
-        _write_gold_pairs(_gold_pairs(results, names, prompts, cfg.gold.tie_margin), results, prompts,
-                          work / "gold_pairs.jsonl")
+        _write_gold_pairs(gold_pairs, results, prompts, work / "gold_pairs.jsonl")
     (work / "results.json").write_text(json.dumps(stats, indent=2, default=_json_safe) + "\n")
     plots = _plots(results, stats, names, work)
     training = _training_rows(artifacts, names, judge_artifact)
@@ -329,7 +329,7 @@ def _judge(results: dict[str, ModelResult], names: list[str], prompts: list[str]
 # --------------------------------------------------------------------------------------------------
 # Statistics
 
-def _statistics(results: dict[str, ModelResult], names: list[str], prompts: list[str], cfg: EvalRunConfig,
+def _statistics(results: dict[str, ModelResult], names: list[str], gold_pairs: list, cfg: EvalRunConfig,
                 hacked: list[str], benchmarks: dict[str, Benchmark]) -> dict:
     baseline = results[names[0]]
     stats = {"baseline": names[0], "prompts": len(baseline.responses), "judge": cfg.judge.path,
@@ -370,9 +370,8 @@ def _statistics(results: dict[str, ModelResult], names: list[str], prompts: list
                 entry["tax"][bench] = {"acc": vars(alignment_tax(base_mc.correct, mc.correct)),
                                        "acc_norm": vars(alignment_tax(base_mc.correct_norm, mc.correct_norm))}
         stats["models"][name] = entry
-    pairs = _gold_pairs(results, names, prompts, cfg.gold.tie_margin)
-    if pairs and all(results[n].rewards is not None for n in names):
-        stats["judge_vs_gold"] = _judge_vs_gold(pairs, results, cfg.judge.tie_margin)
+    if gold_pairs and all(results[n].rewards is not None for n in names):
+        stats["judge_vs_gold"] = _judge_vs_gold(gold_pairs, results, cfg.judge.tie_margin)
     return stats
 
 
