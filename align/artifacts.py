@@ -1,8 +1,9 @@
 """Output folders that appear atomically, and what goes in them besides weights (config, card, log).
 
 A run works in `<dir>.incomplete/` (checkpoints included, so `--resume` finds them after a kill) and
-is renamed to `<dir>` only when everything is written; the registry row is added after the rename.
-A folder named `<dir>` is therefore always a finished artifact.
+is renamed to `<dir>` only when everything is written, in the same step as its registry row is added
+(`RunDir.publish`, see align/registry.py). A folder named `<dir>` is therefore always a finished,
+registered artifact.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
 from align.errors import AlignError
-from align.registry import redact_secrets
+from align.registry import Artifact, Registry, folder_write_problem, redact_secrets
 
 CHECKPOINTS = "checkpoints"
+_UNFINISHED: list[RunDir] = []  # created in this process and not yet published (see discard_unfinished_outputs)
 
 
 class RunDir:
@@ -32,8 +35,14 @@ class RunDir:
         """Check the destination and return the checkpoint to resume from (or None). Call before loading models.
 
         Only the main process checks for an unfinished run: in distributed runs the others may look after
-        it has already created the working folder.
+        it has already created the working folder. The registry and the output's folder must be writable
+        now, not after training.
         """
+        if is_main:
+            Registry().check_writable()
+            if problem := folder_write_problem(self.final.parent):
+                raise AlignError(f"output: cannot write {self.final} ({problem}); choose a writable output folder "
+                                 f"(output.dir, --out) or fix its permissions")
         if self.final.exists() and not self.overwrite:
             raise AlignError(f"output: {self.final} already exists (a finished run). Set output.overwrite=true to "
                              f"replace it, or choose another output.dir / output.name")
@@ -52,29 +61,85 @@ class RunDir:
 
     def create(self) -> None:
         (self.work / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        _UNFINISHED.append(self)
+
+    def discard_partial_output(self) -> None:
+        """Delete what a failed run wrote besides its complete checkpoints (all of it when there is none)."""
+        last = self.last_checkpoint()
+        if last is None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            return
+        for item in self.work.iterdir():
+            if item.name == CHECKPOINTS:
+                continue
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+        for checkpoint in (self.work / CHECKPOINTS).iterdir():
+            if str(checkpoint) != last:
+                shutil.rmtree(checkpoint, ignore_errors=True)
 
     def last_checkpoint(self) -> str | None:
         folder = self.work / CHECKPOINTS
         checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] \
             if folder.is_dir() else []
         # A checkpoint is complete once the trainer wrote its state file (written last), in full: a kill
-        # during that write leaves a truncated file that would make the resumed run fail.
-        complete = [p for p in checkpoints if _readable_json(p / "trainer_state.json")]
-        return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+        # during that write leaves a truncated file that would make the resumed run fail. The checkpoint of the
+        # last step is passed over: transformers' Trainer resumed there takes one step more than the run asked for.
+        states = {p: read_json(p / "trainer_state.json") for p in checkpoints}
+        usable = [p for p, state in states.items()
+                  if state is not None and not 0 < state.get("max_steps", 0) <= state.get("global_step", 0)]
+        return str(max(usable, key=lambda p: int(p.name.split("-")[-1]))) if usable else None
 
-    def finish(self, keep_checkpoints: bool = False) -> Path:
-        """Rename the working folder to its final name; the previous artifact is replaced only now."""
+    def publish(self, registry: Registry, keep_checkpoints: bool = False, **row) -> Artifact:
+        """Rename the working folder to its final name and add its registry row (`Registry.add`'s fields), as one
+        step; the previous artifact at that name is replaced only now."""
         if not keep_checkpoints:
             shutil.rmtree(self.work / CHECKPOINTS, ignore_errors=True)
-        if self.final.exists():
-            trash = self.final.with_name(self.final.name + ".replaced")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.final, trash)
-            os.replace(self.work, self.final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.work, self.final)
-        return self.final
+        artifact = registry.add(path=self.final, staged=self.work, **row)
+        if self in _UNFINISHED:
+            _UNFINISHED.remove(self)
+        return artifact
+
+
+def discard_unfinished_outputs() -> list[Path]:
+    """After a failure that leaves files useless (a full disk): clear the unfinished runs of this process down to
+    their last complete checkpoint, freeing the space; the working folders that remain (to --resume from)."""
+    kept = []
+    while _UNFINISHED:
+        run_dir = _UNFINISHED.pop()
+        run_dir.discard_partial_output()
+        if run_dir.work.exists():
+            kept.append(run_dir.work)
+    return kept
+
+
+def stage_jsonl(target: Path, rows: Iterable[dict], key: str = "--out") -> Path:
+    """Write `rows` as JSON lines to a hidden file beside `target` and return it, for the caller to move into place
+    (`os.replace`, or `Registry.add(staged=...)` to record it in the same step). A failed write leaves nothing
+    behind; an OSError (disk full, no permission) is one line naming `key`."""
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staging.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the rename makes it visible
+    except OSError as e:
+        staging.unlink(missing_ok=True)
+        raise AlignError(f"{key}: cannot write {target}: {e.strerror or e}") from None
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return staging
+
+
+def write_jsonl(target: Path, rows: Iterable[dict], key: str = "--out") -> None:
+    """`rows` as JSON lines in `target`, which appears complete or not at all."""
+    os.replace(stage_jsonl(target, rows, key), target)
 
 
 EVAL_BEFORE_FILE = "eval_before.json"
@@ -101,12 +166,24 @@ def evaluate_at_end(trainer) -> dict:
     return trainer.evaluate()
 
 
-def _readable_json(path: Path) -> bool:
+def read_json(path: Path) -> dict | None:
+    """The JSON in `path`, or None when it is missing or not (yet) complete JSON."""
     try:
-        json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return True
+        return None
+
+
+def mean_train_loss(log_history: list[dict]) -> float | None:
+    """The training loss averaged over every logged step of the run. Unlike `TrainOutput.training_loss`, which
+    averages only the steps since the last resume, it is the same whether the run was interrupted or not."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else None
 
 
 def save_run_config(config: dict, folder: Path) -> None:

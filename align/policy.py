@@ -213,16 +213,14 @@ def encode_prompts(tokenizer, prompts: list[str], template: TemplateConfig,
 
 
 def load_policy(base_path: str, cfg: PPORunConfig, tokenizer):
-    """The SFT policy to optimize, with new LoRA / QLoRA adapters (seeded) or full weights; decoder-only."""
+    """The SFT policy to optimize, with new LoRA / QLoRA adapters (seeded) or full weights; decoder-only (the stages
+    check its kind with `require_model_kind` before anything loads)."""
     from transformers import set_seed
 
     from align.modeling import apply_tuning, load_model, match_model_to_tokenizer
 
     set_seed(cfg.seed)  # the new adapter (and value-head) weights
     model = load_model(base_path, cfg.model, cfg.quantization)
-    if model.config.is_encoder_decoder:
-        raise AlignError(f"model.path: {cfg.model.path} is an encoder-decoder model; align ppo trains decoder-only "
-                         f"policies")
     match_model_to_tokenizer(model, tokenizer)
     quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
     return apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing=False)
@@ -238,10 +236,9 @@ def register_policy(run_dir: RunDir, registry: Registry, cfg: PPORunConfig, name
     write_model_card(run_dir.work, final_path=run_dir.final, title=name, stage="ppo", base_model=base_model,
                      model_source=cfg.model.path, adapter=cfg.lora.enabled, data_source=cfg.data.path,
                      data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots)
-    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
-    return registry.add(stage="ppo", name=name, path=str(final), base_model=base_model,
-                        parents=[a.id for a in parents if a], config=config, data_fingerprint=data_fingerprint,
-                        metrics=metrics)
+    return run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage="ppo", name=name,
+                           base_model=base_model, parents=[a.id for a in parents if a], config=config,
+                           data_fingerprint=data_fingerprint, metrics=metrics)
 
 
 def print_samples(samples: list[dict], iteration: int, target) -> None:

@@ -4,6 +4,12 @@ Rows live in SQLite at ``<ALIGN_HOME or ./.align>/registry.db``. Several trainin
 finish at once, so the database runs in WAL mode with a busy timeout, and writes are short
 ``BEGIN IMMEDIATE`` transactions: the per-stage version number is read and inserted under the
 write lock, so two writers never get the same version.
+
+An output moves into place and gets its row as one step (``add(..., staged=...)``): the move is first
+written down in a ``publishing`` table, then done, then the row is inserted and the note removed in one
+transaction. A process killed anywhere in between leaves a note that the next registry access settles:
+the folder is in place, so the row is added; or it is not, so the note is dropped. A finished output
+without its row, or a row without its output, is never left behind.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +35,7 @@ from rich.tree import Tree
 from align import __version__
 from align.errors import AlignError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the publishing table
 KINDS = ("model", "dataset", "evaluation")
 REDACTED = "<redacted>"
 
@@ -59,6 +66,13 @@ _SCHEMA = (
         UNIQUE (stage, version)
     )""",
     "CREATE INDEX IF NOT EXISTS artifacts_name ON artifacts (name)",
+    # Moves into place that started but whose row is not written yet (see the module docstring).
+    """CREATE TABLE IF NOT EXISTS publishing (
+        path TEXT PRIMARY KEY,
+        staged TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        row TEXT NOT NULL
+    )""",
 )
 
 # Substrings that make any key a secret (``openai_api_key``, ``db_password``, ``client_secret``).
@@ -145,8 +159,13 @@ class Registry:
         config: dict[str, Any] | None = None,
         data_fingerprint: str | None = None,
         metrics: dict[str, Any] | None = None,
+        staged: str | Path | None = None,
     ) -> Artifact:
-        """Record a finished run as the next version of ``stage`` (``config`` secrets redacted)."""
+        """Record a finished run as the next version of ``stage`` (``config`` secrets redacted).
+
+        With ``staged``, the output is still there (a folder or file) and is moved to ``path`` as part of
+        recording it: both happen, or neither (an output already at ``path`` is replaced only then).
+        """
         if not re.fullmatch(_STAGE, stage):
             raise ValueError(f"stage {stage!r} must be a word (letters, digits, '_', '.', '-')")
         if kind not in KINDS:
@@ -167,20 +186,45 @@ class Registry:
             "git_commit": _git_commit(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if staged is None:
+            with self._transaction() as conn:
+                artifact_id = _insert(conn, values, parent_ids, self.db_path)
+            return self.get(artifact_id)
+        final, staged = Path(values["path"]), Path(staged).absolute()
         with self._transaction() as conn:
-            marks = ",".join("?" * len(parent_ids))
-            rows = conn.execute(f"SELECT id FROM artifacts WHERE id IN ({marks})", parent_ids)
-            if missing := sorted(set(parent_ids) - {r[0] for r in rows}):
-                raise ValueError(f"parent ids {missing} are not in the registry at {self.db_path}")
-            values["version"] = conn.execute(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM artifacts WHERE stage = ?", (stage,)
-            ).fetchone()[0]
-            columns, marks = ", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))
-            cursor = conn.execute(
-                f"INSERT INTO artifacts ({columns}) VALUES ({marks})", [values[c] for c in _COLUMNS]
-            )
-            artifact_id = cursor.lastrowid
+            _check_parents(conn, parent_ids, self.db_path)  # before anything moves
+            conn.execute("INSERT OR REPLACE INTO publishing (path, staged, pid, row) VALUES (?, ?, ?, ?)",
+                         (str(final), str(staged), os.getpid(), json.dumps({**values, "parents": parent_ids})))
+        try:
+            replaced = _move_into_place(staged, final)
+        except BaseException:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM publishing WHERE path = ?", (str(final),))
+            raise
+        try:
+            with self._transaction() as conn:
+                artifact_id = _finish_publishing(conn, str(final), self.db_path)
+        except BaseException:
+            # The row could not be written: put the output back where it was, so neither exists.
+            os.replace(final, staged)
+            if replaced is not None:
+                os.replace(replaced, final)
+            raise
+        if replaced is not None:
+            _remove(replaced)
         return self.get(artifact_id)
+
+    def check_writable(self) -> None:
+        """Fail now, with one line, if a finished run could not be recorded (call before any work). Creates nothing:
+        a run that fails its later checks leaves no trace."""
+        if self.db_path.exists():
+            with self._transaction() as conn:  # a real write: SQLite checks permissions and space only then
+                conn.execute("INSERT INTO publishing (path, staged, pid, row) VALUES ('', '', 0, '{}')")
+                conn.execute("DELETE FROM publishing WHERE path = ''")
+            return
+        if problem := folder_write_problem(self.home):
+            raise AlignError(f"registry: cannot create the registry in {self.home} ({problem}); set ALIGN_HOME to a "
+                             f"writable folder")
 
     def get(self, artifact_id: int) -> Artifact:
         """The artifact with this id; AlignError if there is none."""
@@ -269,16 +313,41 @@ class Registry:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AlignError(f"registry: cannot create the registry folder {self.home} ({e.strerror or e}); set "
+                             f"ALIGN_HOME to a writable folder") from None
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; timeout is SQLite's busy_timeout.
         conn = sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
             if not self._schema_ready:
                 self._ensure_schema(conn)
+                self._settle_publishing(conn)
             yield conn
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise AlignError(_database_problem(self.db_path, e)) from None
         finally:
             conn.close()
+
+    def _settle_publishing(self, conn: sqlite3.Connection) -> None:
+        """Finish or forget the moves into place that a killed process left half done."""
+        for path, staged, pid in conn.execute("SELECT path, staged, pid FROM publishing").fetchall():
+            if _alive(pid):
+                continue  # still publishing it
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if Path(path).exists() and not Path(staged).exists():
+                    _finish_publishing(conn, path, self.db_path)
+                else:
+                    conn.execute("DELETE FROM publishing WHERE path = ?", (path,))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         found = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -347,6 +416,104 @@ class Registry:
             "GROUP BY stage ORDER BY MIN(id)"
         )
         return "existing: " + ", ".join(f"{stage}:{_span(low, high)}" for stage, low, high in rows)
+
+
+def _check_parents(conn: sqlite3.Connection, parent_ids: list[int], db_path: Path) -> None:
+    marks = ",".join("?" * len(parent_ids))
+    rows = conn.execute(f"SELECT id FROM artifacts WHERE id IN ({marks})", parent_ids)
+    if missing := sorted(set(parent_ids) - {r[0] for r in rows}):
+        raise ValueError(f"parent ids {missing} are not in the registry at {db_path}")
+
+
+def _insert(conn: sqlite3.Connection, values: dict[str, Any], parent_ids: list[int], db_path: Path) -> int:
+    """Insert one artifact row as the next version of its stage (inside a write transaction); its id."""
+    _check_parents(conn, parent_ids, db_path)
+    values = {**values, "parents": json.dumps(parent_ids)}
+    values["version"] = conn.execute(
+        "SELECT COALESCE(MAX(version), 0) + 1 FROM artifacts WHERE stage = ?", (values["stage"],)
+    ).fetchone()[0]
+    columns, marks = ", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))
+    return conn.execute(f"INSERT INTO artifacts ({columns}) VALUES ({marks})", [values[c] for c in _COLUMNS]).lastrowid
+
+
+def _finish_publishing(conn: sqlite3.Connection, path: str, db_path: Path) -> int:
+    """The row of a moved output, from its publishing note (inside a write transaction); its id.
+
+    Another process may have settled the same note first: then its row is the one.
+    """
+    note = conn.execute("SELECT row FROM publishing WHERE path = ?", (path,)).fetchone()
+    if note is None:
+        return conn.execute("SELECT MAX(id) FROM artifacts WHERE path = ?", (path,)).fetchone()[0]
+    conn.execute("DELETE FROM publishing WHERE path = ?", (path,))
+    values = json.loads(note[0])
+    return _insert(conn, values, values["parents"], db_path)
+
+
+def folder_write_problem(folder: Path) -> str | None:
+    """Why no file could be created in `folder` (or, when it does not exist yet, in its nearest existing parent);
+    None when one can. Tried with a probe file, the only test that also holds for root and read-only mounts."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    probe = folder / f".align-write-check-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{folder}: {e.strerror or e}"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _move_into_place(staged: Path, final: Path) -> Path | None:
+    """Rename ``staged`` to ``final``; an existing ``final`` is set aside and returned (the caller removes it)."""
+    if not final.exists():
+        os.replace(staged, final)
+        return None
+    replaced = final.with_name(final.name + ".replaced")
+    _remove(replaced)
+    os.replace(final, replaced)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        os.replace(replaced, final)
+        raise
+    return replaced
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _database_problem(db_path: Path, error: sqlite3.DatabaseError) -> str:
+    """One line for what SQLite said about the registry file, with what to do."""
+    text = str(error)
+    if "not a database" in text or "malformed" in text:
+        return (f"registry: {db_path} is damaged or not an SQLite database ({text}); move it aside (mv {db_path} "
+                f"{db_path}.damaged) to start an empty registry, or restore it from a backup")
+    if "readonly" in text or "unable to open" in text or "access permission" in text:
+        return f"registry: cannot write {db_path} ({text}); make it writable or set ALIGN_HOME to a writable folder"
+    if "disk is full" in text:
+        return f"registry: the disk holding {db_path} is full; free some space and run the command again"
+    if "locked" in text:
+        return (f"registry: {db_path} stayed locked by another process for {_BUSY_TIMEOUT_S:.0f} s; wait for it "
+                f"to finish and run the command again")
+    return f"registry: {db_path}: {text}"
 
 
 def looks_like_ref(text: str) -> bool:

@@ -126,19 +126,18 @@ def run(model: str, data: list[str], out: str | None = None, batch_size: int = 1
                     f"rejected_{LENGTH_UNIT}": rejected_lengths[i]}, ensure_ascii=False) + "\n")
         plots = _plot_accuracy(metrics, work) + plot_reliability(metrics.calibration.bins, metrics.ece.estimate, work)
         (work / "report.md").write_text(_markdown(results, metrics, sources, plots))
-        final = run_dir.finish()
+
+        # 5. Into place with its registry row (parents: the reward model and registered datasets); the summary.
+        parents = [a.id for a in [model_artifact] + [s.artifact for s in sources] if a is not None]
+        config = {"evaluation": "reward", "model": model_ref, "data": [s.label for s in sources],
+                  "batch_size": batch_size, "tie_margin": tie_margin, "length_unit": LENGTH_UNIT}
+        artifact = run_dir.publish(registry, stage=STAGE, name=run_name, kind="evaluation",
+                                   parents=list(dict.fromkeys(parents)), config=config,
+                                   metrics=registry_metrics(metrics, results["label_ties"]))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # nothing half-written stays behind
         raise
-
-    # 5. Registry row (parents: the reward model and registered datasets) and the summary.
-    parents = [a.id for a in [model_artifact] + [s.artifact for s in sources] if a is not None]
-    config = {"evaluation": "reward", "model": model_ref, "data": [s.label for s in sources],
-              "batch_size": batch_size, "tie_margin": tie_margin, "length_unit": LENGTH_UNIT}
-    artifact = registry.add(stage=STAGE, name=run_name, kind="evaluation", path=str(final),
-                            parents=list(dict.fromkeys(parents)), config=config,
-                            metrics=registry_metrics(metrics, results["label_ties"]))
-    _print_summary(metrics, final, artifact)
+    _print_summary(metrics, run_dir.final, artifact)
     return artifact
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from align import __version__
 from align.errors import AlignError
 from align.registry import (
+    SCHEMA_VERSION,
     Registry,
     looks_like_ref,
     print_lineage,
@@ -62,7 +63,7 @@ def test_db_created_on_first_write_with_wal_and_schema_version(reg):
     assert reg.db_path.exists()
     with sqlite3.connect(reg.db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_newer_schema_is_refused(reg):
