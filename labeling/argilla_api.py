@@ -3,12 +3,15 @@
 `align label` (labeling/rankings.py, K-way rankings) and `align eval human` (labeling/pairwise.py, blind A/B
 comparisons) both create datasets, log records, read submitted responses and run simulated annotators through
 these calls. The connection (URL + API key) comes from :func:`labeling.server.connect`; every failure is one
-:class:`align.errors.AlignError` naming the server.
+:class:`align.errors.AlignError` naming the server, raised at one place (:meth:`Api.call`):
+:class:`labeling.server.ServerDown` when the server does not answer (retried first while it may come back), so
+that commands can say how far they got, and :class:`HttpError` for an unexpected status.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,25 @@ from labeling import server
 SIM_PREFIX = "sim-annotator-"  # simulated annotators' user names; everything they submit is marked simulated
 
 
+# How long one call keeps retrying a server that stopped answering (a remote deployment restarting behind its
+# proxy, a moment of overload) before the command gives up with one line; doubling pauses from _FIRST_PAUSE_S.
+RETRY_WINDOW_S = 15.0
+_FIRST_PAUSE_S = 0.25
+_PROXY_DOWN = (502, 503, 504)  # a proxy or load balancer whose Argilla behind it is down or (re)starting
+_REPEATABLE = ("GET", "HEAD", "PUT", "DELETE")  # HTTP's idempotent methods: a repeat changes nothing
+
+
+class HttpError(AlignError):
+    """The server answered a call with a status it was not expected to give."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class Api:
-    """Argilla's REST API with one user's API key; every failure is one AlignError naming the server."""
+    """Argilla's REST API with one user's API key; every failure is one AlignError naming the server: ServerDown
+    when it does not answer, HttpError for an unexpected status."""
 
     def __init__(self, url: str, api_key: str):
         import httpx
@@ -28,8 +48,8 @@ class Api:
         self.api_key = api_key
         local = (httpx.URL(self.url).host or "") in ("127.0.0.1", "localhost", "::1")
         # trust_env=False on the loopback: never send our key through an HTTP proxy.
-        self._client = httpx.Client(base_url=self.url, headers={"X-Argilla-Api-Key": api_key}, timeout=120.0,
-                                    trust_env=not local)
+        self._client = httpx.Client(base_url=self.url, headers={"X-Argilla-Api-Key": api_key},
+                                    timeout=httpx.Timeout(120.0, connect=10.0), trust_env=not local)
 
     @classmethod
     def connect(cls) -> Api:
@@ -38,18 +58,42 @@ class Api:
 
     def call(self, method: str, path: str, doing: str, json_body: Any = None, params: dict | None = None,
              expect: tuple[int, ...] = (200,)) -> Any:
+        response = self._answer(method, path, doing, json_body, params, expect)
+        if response.status_code == 401:
+            raise HttpError(f"the Argilla server at {self.url} rejected the API key while {doing}", 401)
+        if response.status_code not in expect:
+            raise HttpError(f"{doing} on {self.url} failed: HTTP {response.status_code}{detail(response)}",
+                            response.status_code)
+        return response.json() if response.content else None
+
+    def _answer(self, method: str, path: str, doing: str, json_body: Any, params: dict | None,
+                expect: tuple[int, ...]):
+        """The server's response, retried while the server may come back; ServerDown when it does not.
+
+        A request that may have reached the server (the connection dropped after sending, a proxy's 502-504) is
+        repeated only for idempotent methods: a repeated POST could create something twice.
+        """
         import httpx
 
-        try:
-            response = self._client.request(method, path, json=json_body, params=params)
-        except httpx.TransportError as e:
-            raise AlignError(f"cannot reach the Argilla server at {self.url} while {doing} ({type(e).__name__}: "
-                             f"{e or 'no answer'}); is it running? (`align label serve status`)") from None
-        if response.status_code == 401:
-            raise AlignError(f"the Argilla server at {self.url} rejected the API key while {doing}")
-        if response.status_code not in expect:
-            raise AlignError(f"{doing} on {self.url} failed: HTTP {response.status_code}{detail(response)}")
-        return response.json() if response.content else None
+        started, pause = time.monotonic(), _FIRST_PAUSE_S
+        while True:
+            try:
+                response = self._client.request(method, path, json=json_body, params=params)
+            except httpx.TransportError as e:
+                failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                unsent = isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+            else:
+                if response.status_code not in _PROXY_DOWN or response.status_code in expect:
+                    return response
+                failure, unsent = f"HTTP {response.status_code}{detail(response)}", False
+            if ((not unsent and method.upper() not in _REPEATABLE)
+                    or time.monotonic() - started + pause > RETRY_WINDOW_S or not server.may_answer_again(self.url)):
+                cause = f"while {doing} ({failure})"
+                raise server.ServerDown(self.url, f"the Argilla server at {self.url} stopped responding {cause}; "
+                                                  f"{server.restart_hint(self.url)} and re-run the same command",
+                                        cause) from None
+            time.sleep(pause)
+            pause *= 2
 
     def close(self) -> None:
         self._client.close()
@@ -123,7 +167,7 @@ def usernames(api: Api) -> dict[str, str]:
     """``{user id: user name}``; empty when this key may not list users."""
     try:
         users = api.call("GET", "/api/v1/users", "listing users")["items"]
-    except AlignError:
+    except HttpError:  # not ServerDown: a server gone mid-pull must not leave simulated rankings unmarked
         return {}  # an admin key may not list users: annotators are then not marked simulated
     return {str(u["id"]): u["username"] for u in users}
 
@@ -134,7 +178,7 @@ def owner_users(api: Api) -> dict[str, dict]:
     """``{user name: user}`` with their API keys (an owner's key sees them)."""
     try:
         users = api.call("GET", "/api/v1/users", "listing users")["items"]
-    except AlignError as e:
+    except HttpError as e:
         raise AlignError(f"simulate creates annotator users and needs an owner's API key: {e}") from None
     return {u["username"]: u for u in users}
 

@@ -45,7 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.artifacts import stage_jsonl, write_jsonl
 from align.errors import AlignError
+from align.registry import Registry
 from labeling import argilla_api, server
 from labeling.argilla_api import SIM_PREFIX, Api, annotation_url
 
@@ -282,7 +284,7 @@ class PushResult:
 
 def _artifact_id(name: str) -> int | None:
     """The registry artifact a model name refers to (a ref, an artifact name, or a registered model's folder)."""
-    from align.registry import Registry, looks_like_ref
+    from align.registry import looks_like_ref
 
     registry = Registry()
     try:
@@ -360,6 +362,8 @@ def push(generations: str, model: str, baseline: str, dataset: str, *, workspace
                                    "baseline": baseline_name}})
     try:
         argilla_api.upsert_records(api, found["id"], items)
+    except server.ServerDown:
+        raise  # it already says to re-run the command
     except AlignError as e:
         raise AlignError(f"{e}. Run the same push again: it adds what is missing") from None
     if changed:
@@ -459,7 +463,7 @@ def status(dataset: str, workspace: str = WORKSPACE) -> dict:
     try:
         users = api.call("GET", f"/api/v1/workspaces/{found['workspace_id']}/users", "listing workspace users")
         members = [u["username"] for u in users["items"] if u.get("role") == "annotator"]
-    except AlignError:
+    except argilla_api.HttpError:  # a server gone away (ServerDown) is an error, not "no members"
         pass  # an admin key may not list them: annotators who answered nothing are then not shown
     counts: dict[str, Counter] = {name: Counter() for name in members}
     open_records = [r for r in records if r.get("status") == "pending"]
@@ -539,10 +543,12 @@ def pull(dataset: str, out: str, aggregate: str = "majority", workspace: str = W
     atomically to ``out`` and registered (stage ``eval``)."""
     from align.evaluation import pairwise_stats
     from labeling.preferences import pairwise_agreement
-    from labeling.rankings import _write_jsonl, annotator_id
+    from labeling.rankings import annotator_id
 
     if aggregate not in AGGREGATES:
         raise AlignError(f"--aggregate {aggregate}: choose one of {', '.join(AGGREGATES)}")
+    if register:
+        Registry().check_writable()
     api = Api.connect()
     found = _require_dataset(api, dataset, workspace)
     info = found["metadata"][METADATA_KEY]
@@ -625,17 +631,22 @@ def pull(dataset: str, out: str, aggregate: str = "majority", workspace: str = W
         if counts[key]:
             metrics[key] = counts[key]
     target = Path(out)
-    _write_jsonl(target, rows)
     result = PullResult(out=target, rows=rows, stats=stats, metrics=metrics)
-    if register:
-        result.artifact, result.notes = _register(dataset, target, rows, metrics, info, found, aggregate, api.url)
+    if not register:
+        write_jsonl(target, rows)
+        return result
+    staging = stage_jsonl(target, rows)
+    try:  # the file appears together with its registry row, or neither does
+        result.artifact, result.notes = _register(dataset, target, staging, rows, metrics, info, found, aggregate,
+                                                  api.url)
+    finally:
+        staging.unlink(missing_ok=True)
     return result
 
 
-def _register(dataset: str, target: Path, rows: list[dict], metrics: dict, info: dict, found: dict, aggregate: str,
-              api_url: str):
+def _register(dataset: str, target: Path, staging: Path, rows: list[dict], metrics: dict, info: dict, found: dict,
+              aggregate: str, api_url: str):
     from align.data import fingerprint
-    from align.registry import Registry
 
     registry = Registry()
     parents, notes = [], []
@@ -655,7 +666,8 @@ def _register(dataset: str, target: Path, rows: list[dict], metrics: dict, info:
         if parent.id not in parents:
             parents.append(parent.id)
     artifact = registry.add(
-        stage=STAGE, name=dataset, kind=KIND, path=target, parents=parents, data_fingerprint=fingerprint(rows),
+        stage=STAGE, name=dataset, kind=KIND, path=target, staged=staging, parents=parents,
+        data_fingerprint=fingerprint(rows),
         metrics=metrics,
         config={"type": EVAL_TYPE, "dataset": dataset, "dataset_id": found["id"], "api_url": api_url,
                 "aggregate": aggregate, "model": info.get("model"), "baseline": info.get("baseline"),

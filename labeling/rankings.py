@@ -33,8 +33,6 @@ connection comes from :func:`labeling.server.connect`.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import random
 import re
 from collections import Counter
@@ -42,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from align.artifacts import stage_jsonl, write_jsonl
 from align.errors import AlignError
+from align.registry import Registry
 from align.gold import Gold, load_gold, rank
 from labeling import argilla_api, server
 from labeling.argilla_api import SIM_PREFIX, annotation_url, simulated_users_file
@@ -234,7 +234,6 @@ def model_label(ref: str) -> str:
     """How a pushed dataset names its model: the registry ref (``sft:3``) when it is an artifact, else the path or
     hub id (so `pull` can find the parent artifact)."""
     from align.modeling import resolve_model
-    from align.registry import Registry
 
     source = resolve_model(ref)
     if source.artifact is not None:
@@ -255,9 +254,12 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
     """
     from align.data import read_prompts
     from align.generation import SamplingConfig
+    from align.modeling import GENERATION_HINT, require_model_kind, resolve_model
 
     sampling = sampling or SamplingConfig(temperature=1.0)
     _check_push_args(k, annotators_per_record, sampling, log_every, dataset)
+    # Before the server is reached (and an existing dataset's settings updated): not a model that generates text.
+    require_model_kind(resolve_model(model), "--model", model, "align label push", hint=GENERATION_HINT)
     prompts = read_prompts(prompts_path)
     unique = list(dict.fromkeys(prompts))
     guidelines = _guidelines(guidelines_file, k)
@@ -284,7 +286,7 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
     if todo or existing_dataset is None:
         from align.modeling import load_for_inference
 
-        loaded = load_for_inference(model)
+        loaded = load_for_inference(model, option="--model")
         form = _prompt_form(loaded)
         if existing_dataset is None:
             info = {**wanted_info, "conversational": form["conversational"], "system": form["system"],
@@ -428,6 +430,11 @@ def _generate_and_log(api: _Api, dataset_id: str, loaded, form: dict, todo: list
                 duplicates += kept
             try:
                 _upsert_records(api, dataset_id, items)
+            except server.ServerDown as e:  # every record is whole (all K completions): what is logged is kept
+                raise server.ServerDown(e.url, f"the Argilla server at {e.url} stopped responding during push after "
+                                        f"{total - len(todo) + logged} of {total} prompts were logged; nothing lost; "
+                                        f"{server.restart_hint(e.url)} and re-run the same command to continue",
+                                        e.cause) from None
             except AlignError as e:
                 raise AlignError(f"{e}. {total - len(todo) + logged} of {total} prompts are in the dataset; run the "
                                  "same push again to add the rest (it skips what is there)") from None
@@ -537,12 +544,19 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
         raise AlignError(f"--ties {ties}: choose one of {', '.join(TIES)}")
     if aggregate not in AGGREGATES:
         raise AlignError(f"--aggregate {aggregate}: choose one of {', '.join(AGGREGATES)}")
+    if register:
+        Registry().check_writable()
     api = _Api.connect()
-    found = _require_dataset(api, dataset, workspace)
+    try:  # everything is read before anything is written
+        found = _require_dataset(api, dataset, workspace)
+        records = _records(api, found["id"], responses=True)
+        usernames = _usernames(api)
+    except server.ServerDown as e:
+        raise server.ServerDown(e.url, f"the Argilla server at {e.url} stopped responding during pull {e.cause}; "
+                                "nothing was written or registered; "
+                                f"{server.restart_hint(e.url)} and re-run the same command", e.cause) from None
     info = found["metadata"][METADATA_KEY]
     k = int(info["k"])
-    records = _records(api, found["id"], responses=True)
-    usernames = _usernames(api)
     golds = argilla_api.simulated_golds(api.url, found["id"])  # simulated annotator name -> the gold they used
     api.close()
 
@@ -642,14 +656,19 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
         if counts[key]:
             metrics[key] = counts[key]
     target = Path(out)
-    _write_jsonl(target, rows)
     result = PullResult(out=target, rows=rows, metrics=metrics,
                         gold=", ".join(sorted({r.gold for r in rankings if r.gold})) or None)
-    if register:
-        result.artifact, note = _register(dataset, target, rows, metrics, info, found, ties, aggregate, api.url,
-                                          result.gold)
-        if note:
-            result.notes.append(note)
+    if not register:
+        write_jsonl(target, rows)
+        return result
+    staging = stage_jsonl(target, rows)
+    try:  # the file appears together with its registry row, or neither does
+        result.artifact, note = _register(dataset, target, staging, rows, metrics, info, found, ties, aggregate,
+                                          api.url, result.gold)
+    finally:
+        staging.unlink(missing_ok=True)
+    if note:
+        result.notes.append(note)
     return result
 
 
@@ -681,28 +700,10 @@ def _chosen_rejected(chosen: str, rejected: str, conversational: bool) -> dict:
     return {"chosen": chosen, "rejected": rejected}
 
 
-def _write_jsonl(target: Path, rows: list[dict]) -> None:
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with staging.open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, target)
-    except OSError as e:
-        staging.unlink(missing_ok=True)
-        raise AlignError(f"--out: cannot write {target}: {e.strerror or e}") from None
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-
-
-def _register(dataset: str, target: Path, rows: list[dict], metrics: dict, info: dict, found: dict, ties: str,
-              aggregate: str, api_url: str, gold: str | None):
+def _register(dataset: str, target: Path, staging: Path, rows: list[dict], metrics: dict, info: dict, found: dict,
+              ties: str, aggregate: str, api_url: str, gold: str | None):
     from align.data import fingerprint
-    from align.registry import Registry, looks_like_ref
+    from align.registry import looks_like_ref
 
     registry = Registry()
     parent, note = None, None
@@ -717,7 +718,7 @@ def _register(dataset: str, target: Path, rows: list[dict], metrics: dict, info:
         if parent is None:
             note = f"model {label} is not a registry artifact: no parent recorded"
     artifact = registry.add(
-        stage="label", name=dataset, kind="dataset", path=target, parents=[parent.id] if parent else [],
+        stage="label", name=dataset, kind="dataset", path=target, staged=staging, parents=[parent.id] if parent else [],
         data_fingerprint=fingerprint(rows), metrics=metrics,
         config={"dataset": dataset, "dataset_id": found["id"], "api_url": api_url, "ties": ties,
                 "aggregate": aggregate, "k": info.get("k"), "model": label, "sampling": info.get("sampling"),

@@ -300,7 +300,8 @@ def status() -> ServerStatus:
     info = _info_from_state(state, already_running=True)
     if not _alive(state.get("pid"), "argilla_launcher.py"):
         return ServerStatus(running=False, healthy=False, home=home, info=info,
-                            detail=f"stopped unexpectedly; see {info.log_file}")
+                            detail=f"stopped unexpectedly (see {info.log_file}); start it again with "
+                                   "`align label serve`")
     if not _healthy(state):
         return ServerStatus(running=True, healthy=False, home=home, info=info,
                             detail=f"not answering at {info.url}; see {info.log_file}")
@@ -349,6 +350,32 @@ def connect(check: bool = True) -> Connection:
             raise AlignError(f"{url} does not look like an Argilla server (GET /api/v1/me answered "
                              f"without a user)")
     return connection
+
+
+class ServerDown(AlignError):
+    """Argilla did not answer (connection refused or dropped, a timeout, a proxy's 502-504): nothing in the user's
+    input to fix; commands catch it to say how far they got and that re-running the same command continues."""
+
+    def __init__(self, url: str, message: str, cause: str = ""):
+        super().__init__(message)
+        self.url = url
+        self.cause = cause  # what was being done and how it failed, for a command's own wording
+
+
+def restart_hint(url: str) -> str:
+    """What brings the server at ``url`` back: the embedded one is started by `align label serve`."""
+    return f"wait until {url} answers again" if _external() else "start it again with `align label serve`"
+
+
+def may_answer_again(url: str) -> bool:
+    """False when ``url`` is the embedded server and its process is gone: retrying cannot help until someone
+    starts it. A deployment named by ``$ARGILLA_API_URL`` may be restarting behind a proxy: worth retrying."""
+    return _external() or server_url() == url.rstrip("/")
+
+
+def _external() -> bool:
+    """Whether align talks to a deployment named by ``$ARGILLA_API_URL`` (as :func:`connect` decides)."""
+    return bool(os.environ.get(URL_ENV, "").strip() or os.environ.get(KEY_ENV, "").strip())
 
 
 def add_user(name: str, role: str = "annotator", workspace: str = WORKSPACE) -> str:
@@ -807,8 +834,8 @@ def _request(connection: Connection, method: str, path: str, body: Any = None) -
         code, raw = e.code, e.read()
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise AlignError(f"cannot reach the Argilla server at {connection.api_url} ({reason}); is it running? "
-                         "(`align label serve status`)") from None
+        raise ServerDown(connection.api_url, f"cannot reach the Argilla server at {connection.api_url} ({reason}); "
+                         "is it running? (`align label serve status`)", f"while {method} {path} ({reason})") from None
     try:
         return code, json.loads(raw) if raw else None
     except ValueError:
