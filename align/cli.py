@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -26,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         args.items += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
+    if not getattr(args, "handler", None):  # `align` alone (or only --debug): a usage error like any other
+        parser.error("a command is required")
     _quiet_libraries()
     try:
         args.handler(args)
@@ -40,7 +40,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A full disk surfaces from any writer (safetensors, torch.save, json, SQLite) in its own words: one line,
+        # and the unusable partial output goes, freeing the space; complete checkpoints stay for --resume.
+        if args.debug or not _out_of_space(e):
+            raise
+        from align.artifacts import discard_unfinished_outputs
+
+        kept = discard_unfinished_outputs()
+        print(f"error: out of disk space while writing{_written_file(e)}: {_first_line(e)}; free some space and run "
+              f"the command again" + (f" with --resume (the last checkpoint is kept in {kept[0]})" if kept else ""),
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """True when `error`, or an error it came from, says the disk (or the file size limit) is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if any(marker in str(error) for marker in ("No space left", "StorageFull", "disk is full", "File too large",
+                                                   "Disk quota exceeded", "file write failed")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _written_file(error: BaseException) -> str:
+    filename = getattr(error, "filename", None)
+    return f" {filename}" if filename else ""
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +82,27 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
         sys.exit(2)
+
+
+def _sampling(name: str):
+    """argparse type of the option for SamplingConfig's `name`: checked by the rule SamplingConfig itself applies, so a
+    bad value is a usage error naming the option, before any model loads. Imported when an option is given: building
+    the parser stays free of torch."""
+
+    def parse(text: str):
+        from align.generation import SAMPLING_RULES, sampling_problem
+
+        whole = SAMPLING_RULES[name][0]
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if whole else 'a number'}, got {text!r}")
+        problem = sampling_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,13 +224,13 @@ def _parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--prompts", help="file: .txt (one per line) or .jsonl/.json/.csv with a prompt field")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--max-new-tokens", type=_sampling("max_new_tokens"), default=128)
+    gen.add_argument("--temperature", type=_sampling("temperature"), default=0.7, help="0 for greedy decoding")
+    gen.add_argument("--top-p", type=_sampling("top_p"), default=0.95)
+    gen.add_argument("--top-k", type=_sampling("top_k"), default=0)
+    gen.add_argument("--repetition-penalty", type=_sampling("repetition_penalty"), default=1.0)
+    gen.add_argument("--seed", type=_sampling("seed"), default=0)
+    gen.add_argument("--batch-size", type=_sampling("batch_size"), default=16)
     gen.add_argument("--no-chat-template", action="store_true",
                      help="feed prompts as raw text (default: the template the model was trained with)")
     gen.add_argument("--out", help="write {prompt, completion} lines to this .jsonl file")
@@ -213,12 +267,12 @@ def _parser() -> argparse.ArgumentParser:
                            "it updates the dataset)")
     push.add_argument("--workspace", default="align")
     push.add_argument("--guidelines", help="markdown file shown to annotators (default: align's InstructGPT-style)")
-    push.add_argument("--max-new-tokens", type=int, default=128)
-    push.add_argument("--temperature", type=float, default=1.0)
-    push.add_argument("--top-p", type=float, default=0.95)
-    push.add_argument("--top-k", type=int, default=0)
-    push.add_argument("--seed", type=int, default=0)
-    push.add_argument("--batch-size", type=int, default=16, help="generations per forward pass")
+    push.add_argument("--max-new-tokens", type=_sampling("max_new_tokens"), default=128)
+    push.add_argument("--temperature", type=_sampling("temperature"), default=1.0)
+    push.add_argument("--top-p", type=_sampling("top_p"), default=0.95)
+    push.add_argument("--top-k", type=_sampling("top_k"), default=0)
+    push.add_argument("--seed", type=_sampling("seed"), default=0)
+    push.add_argument("--batch-size", type=_sampling("batch_size"), default=16, help="generations per forward pass")
     push.add_argument("--log-every", type=int, default=32,
                       help="prompts generated and logged at a time (a crash loses at most these)")
     push.set_defaults(handler=_label_push)
@@ -272,15 +326,26 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # "Loading weights" bars would land between a stage's table and its one-line errors; stages show their own.
-    from transformers.utils import logging as hf_logging
+    # Set through the environment (read when transformers imports), so commands that never load a model don't pay
+    # for importing transformers here; directly when it is imported already (align called from Python).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
     # Deprecation notices about arguments align passes on the user's behalf are not theirs to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\b")
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found")
 
 
+# Stage handlers validate the config with align's checks first (TRL's `training:` fields read from its source): a
+# mistake in it is reported in a second, not after torch, transformers and TRL have imported. The stage then checks
+# it again in full (TRL's own config object built), still before any model or data loads.
+
 def _run_sft(args) -> None:
+    from align.config import SFTRunConfig, load_config
+
+    load_config(args.config, args.overrides, SFTRunConfig)
     from stages import sft
 
     sft.run(args.config, args.overrides, resume=args.resume)
@@ -289,6 +354,9 @@ def _run_sft(args) -> None:
 # --- reward model handlers ---
 
 def _run_reward(args) -> None:
+    from align.config import RewardRunConfig, load_config
+
+    load_config(args.config, args.overrides, RewardRunConfig)
     from stages import reward
 
     reward.run(args.config, args.overrides, resume=args.resume)
@@ -346,11 +414,16 @@ def _run_pipeline(args) -> None:
 
 
 def _run_eval_compare(args) -> None:
-    from stages import eval as evaluation
+    from align.config import EvalRunConfig, load_config
 
     overrides = [item for item in args.items if "=" in item]
     models = [item for item in args.items if "=" not in item]
-    evaluation.run(args.config, overrides, models=models or None)
+    if models:  # they replace the config's `models:`
+        overrides.append(f"models={json.dumps(models)}")
+    load_config(args.config, overrides, EvalRunConfig)
+    from stages import eval as evaluation
+
+    evaluation.run(args.config, overrides)
 
 
 def _run_eval_reward(args) -> None:
@@ -360,6 +433,9 @@ def _run_eval_reward(args) -> None:
 
 
 def _run_dpo(args) -> None:
+    from align.config import DPORunConfig, load_config
+
+    load_config(args.config, args.overrides, DPORunConfig)
     from stages import dpo
 
     dpo.run(args.config, args.overrides, resume=args.resume)
@@ -373,7 +449,7 @@ def _run_generate(args) -> None:
     from align.reporting import console
 
     prompts = args.prompt or read_prompts(args.prompts)
-    loaded = load_for_inference(args.model)
+    loaded = load_for_inference(args.model, option="--model")
     template = TemplateConfig(name="plain") if args.no_chat_template else loaded.template
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -386,13 +462,10 @@ def _run_generate(args) -> None:
         completions = generate(loaded.model, loaded.tokenizer, prompts, sampling, template=template,
                                progress=lambda n: progress.advance(task, n))
     if args.out:
+        from align.artifacts import write_jsonl
+
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.with_name(out.name + ".tmp")
-        with staging.open("w") as handle:
-            for prompt, completion in zip(prompts, completions):
-                handle.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
-        os.replace(staging, out)
+        write_jsonl(out, ({"prompt": p, "completion": c} for p, c in zip(prompts, completions)))
         console.print(f"{len(completions)} completions written to {out}")
     else:
         for prompt, completion in zip(prompts, completions):

@@ -11,10 +11,12 @@ Errors name the file and line, the dotted key, and the nearest valid key:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import importlib.util
 import difflib
 import enum
+import functools
+import importlib.util
 import re
 import string
 import types
@@ -136,6 +138,76 @@ class OutputConfig:
                 "they are deleted once the final weights are saved."})
 
 
+# --------------------------------------------------------------------------------------------------
+# `training:` sections: the fields of TRL's config class, and align's checks of values TRL takes and fails on late
+
+def _report_to_problem(report_to: Any) -> str | None:
+    """A tracker transformers does not know: the trainer fails on it only when it starts, after the model loads."""
+    known = _reporting_integrations()
+    for name in [report_to] if isinstance(report_to, str) else list(report_to or []):
+        if name not in known and name not in ("all", "none"):
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"{name!r} is not a tracker transformers supports{hint}; one of {', '.join(known)}, all, none"
+    return None
+
+
+def check_report_to(report_to) -> None:
+    """Fail before training when `training.report_to` names a tracker that is not installed (where the config is
+    loaded to run, not wherever it is read: the config is valid where the tracker is installed)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    modules = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
+    for name in names:
+        if name in modules and importlib.util.find_spec(modules[name]) is None:
+            raise AlignError(f"training.report_to: '{name}' is not installed (pip install {modules[name]}), or "
+                             f"remove it from report_to")
+
+
+# The losses TRL 1.16's DPOTrainer implements (DPOConfig declares them as plain strings): a typo fails with the config,
+# not at the first training step.
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+
+
+def _loss_type_problem(losses: Any) -> str | None:
+    """A loss in a list of DPO losses that TRL does not implement (a single loss is checked by its type)."""
+    for loss in [losses] if isinstance(losses, str) else losses:
+        if loss not in typing.get_args(LossType):
+            close = difflib.get_close_matches(str(loss), typing.get_args(LossType), n=1)
+            return (f"{loss!r} is not a loss TRL implements{f' (did you mean {close[0]!r}?)' if close else ''}; one "
+                    f"of {', '.join(typing.get_args(LossType))}")
+    return None
+
+
+# align's checks of `training:` fields, on top of their types: `range` (inclusive), `above` (exclusive lower bound),
+# `check` (value -> a problem, or None), `type` (narrower than TRL's). Each is a value TRL and transformers accept and
+# then fail on after the model has loaded, or train on without a word.
+TRAINING_FIELDS: dict[str, dict] = {
+    "learning_rate": {"above": 0},
+    "num_train_epochs": {"range": (0, None)},
+    "max_steps": {"range": (-1, None)},  # -1: unset, the epochs decide
+    "per_device_train_batch_size": {"range": (1, None)},
+    "per_device_eval_batch_size": {"range": (1, None)},
+    "gradient_accumulation_steps": {"range": (1, None)},
+    "warmup_steps": {"range": (0, None)},
+    "max_grad_norm": {"range": (0, None)},
+    "weight_decay": {"range": (0, None)},
+    "logging_steps": {"above": 0},  # below 1: a share of the training steps
+    "eval_steps": {"above": 0},
+    "save_steps": {"above": 0},
+    "max_length": {"range": (1, None)},
+    "dataloader_num_workers": {"range": (0, None)},
+    "report_to": {"check": _report_to_problem},
+}
+DPO_TRAINING_FIELDS: dict[str, dict] = TRAINING_FIELDS | {
+    "beta": {"above": 0},  # at 0 the DPO loss is a constant: nothing trains
+    "label_smoothing": {"range": (0, 0.5)},
+    "loss_type": {"type": LossType | list[str], "check": _loss_type_problem},
+    "f_divergence_type": {"type": FDivergence},
+}
+
+
 @dataclass
 class SFTRunConfig:
     """`align sft`: supervised fine-tuning (InstructGPT stage 1)."""
@@ -149,7 +221,7 @@ class SFTRunConfig:
     training: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Fields of TRL's SFTConfig (transformers TrainingArguments + SFT options: max_length, packing, "
                 "completion_only_loss, ...). align sets CPU-safe defaults: bf16 only on a supporting GPU, "
-                "gradient_checkpointing off, report_to none."})
+                "gradient_checkpointing off, report_to none.", "trl": "SFTConfig", "fields": TRAINING_FIELDS})
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop after this many evaluations without improvement of `training.metric_for_best_model` "
                 "(eval_loss by default). Needs training.load_best_model_at_end and an eval/save strategy.",
@@ -182,37 +254,29 @@ class Source:
         return self.file
 
 
-def load_config(path: str | Path, overrides: list[str], schema: type, extra_sections: dict[str, type] | None = None):
+def load_config(path: str | Path, overrides: list[str], schema: type, extra_sections: dict[str, type] | None = None,
+                check: typing.Callable[[Any], None] | None = None):
     """Read a YAML config, apply `dotted.key=value` overrides, validate against `schema`.
 
-    `extra_sections` maps a free-form dict section (like `training`) to the class whose dataclass fields are
-    its valid keys (TRL's SFTConfig), so typos there are caught before any model loads.
+    A `training:` section (a field with `trl` metadata) takes the fields of TRL's config class of that name. Without
+    `extra_sections` they are read from TRL's source, with their plain types, so a typo is reported without importing
+    torch, transformers and TRL (seconds); `extra_sections` maps the section to TRL's class itself, whose types are
+    then checked in full. `check(config)` runs last, e.g. building TRL's config object from the section; a
+    `ConfigError` it raises is reported at the file:line of its key.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise AlignError(f"config: {path}: file not found (check the --config path; relative paths start in "
-                         f"{Path.cwd()})") from None
-    except IsADirectoryError:
-        raise AlignError(f"config: {path} is a folder; --config takes a YAML file") from None
-    except UnicodeDecodeError as e:
-        raise AlignError(f"config: {path}: not UTF-8 text ({e.reason} at byte {e.start}); is it a YAML file?") from None
-    except OSError as e:
-        raise AlignError(f"config: cannot read {path}: {e.strerror or e}") from None
+    text = read_text(path, "config", hint="check the --config path")
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise AlignError(f"{path}{line}: invalid YAML: {problem} (check indentation, colons and quotes)") from None
-    if data is None:
-        data = {}
+        raise AlignError(f"{path}{_yaml_problem(e)}; check indentation, colons and quotes") from None
+    needed = ", ".join(f"{f.name}:" for f in dataclasses.fields(schema) if _required(f))
+    if data is None:  # an empty file, or only comments: most likely the wrong file, or one not saved yet
+        raise AlignError(f"{path}: the config is empty; it needs at least {needed} (see configs/ for examples)")
     if not isinstance(data, dict):
-        raise AlignError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...), got "
-                         f"{_describe(data)}")
+        raise AlignError(f"{path}:1: the config must be a mapping of sections ({needed} ...), got {_describe(data)} "
+                         f"(see configs/ for examples)")
     source = Source(str(path))
     source.lines = _key_lines(node, str(path), "", source.raw)
     for item in overrides:
@@ -223,7 +287,79 @@ def load_config(path: str | Path, overrides: list[str], schema: type, extra_sect
     validator = _Validator(schema, source, extra_sections or {})
     config = validator.build(schema, data, "")
     _cross_check(config, source)
+    if check is not None:
+        try:
+            check(config)
+        except ConfigError as e:
+            raise AlignError(_located(e, source)) from None
     return config
+
+
+class ConfigError(AlignError):
+    """A value of config key `key` refused by a check made on the loaded config (TRL's config class built from the
+    `training:` section, say). `load_config` reports it at that key's file:line, or, for a section, at its key that
+    the message names first."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def _located(error: ConfigError, source: Source) -> str:
+    """`file:line: key: message`. An error about a whole section is put at the key of it that the message names
+    (TRL's "--load_best_model_at_end requires ..."), else at the one whose value it quotes ("foo is not a valid
+    SchedulerType"), else at the section."""
+    section = error.key
+    given = [key for key in dict.fromkeys([*source.lines, *source.overrides])
+             if key.startswith(section + ".") and key.count(".") == section.count(".") + 1]
+    for text_of in (lambda key: key.rsplit(".", 1)[-1], lambda key: source.raw.get(key, "")):
+        found = []
+        for key in given:
+            text = text_of(key)
+            match = re.search(rf"\b{re.escape(text)}\b", error.message) if re.search("[A-Za-z]", text) else None
+            if match:
+                found.append((match.start(), key))
+        if found:
+            return f"{source.where(min(found)[1])}: {min(found)[1]}: {error.message}"
+    return f"{source.where(section)}: {section}: {error.message}"
+
+
+def read_text(path: str | Path, key: str, hint: str = "") -> str:
+    """The text of a UTF-8 file (a byte-order mark dropped). Errors start with `key`, the config key or option that
+    named the file (`prompts.path: p.txt: file not found`), and a byte that is not UTF-8 is reported with its line."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except FileNotFoundError:
+        raise file_not_found(path, key, hint) from None
+    except IsADirectoryError:
+        raise AlignError(f"{key}: {path} is a folder, not a file" + (f" ({hint})" if hint else "")) from None
+    except OSError as e:
+        raise AlignError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise AlignError(f"{key}: {path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}: {e.reason}); re-save "
+                         f"it as UTF-8") from None
+
+
+def file_not_found(path: str | Path, key: str, hint: str = "") -> AlignError:
+    """`prompts.path: p.txt: file not found (relative paths start in /home/me)`."""
+    notes = [hint] if hint else []
+    if not Path(path).expanduser().is_absolute():
+        notes.append(f"relative paths start in {Path.cwd()}")
+    return AlignError(f"{key}: {path}: file not found" + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """`:5: invalid YAML: found unexpected end of stream (while scanning a quoted scalar from line 4)`: the line
+    where PyYAML noticed the problem, and the line of what it was reading when that started somewhere else."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    started = (f" ({context} from line {context_mark.line + 1})"
+               if context and context_mark and mark and context_mark.line != mark.line else "")
+    return f"{f':{mark.line + 1}' if mark else ''}: invalid YAML: {problem}{started}"
 
 
 class _Loader(yaml.SafeLoader):
@@ -307,7 +443,7 @@ class _Validator:
 
     def __init__(self, root: type, source: Source, extra_sections: dict[str, type]):
         self.source = source
-        self.extra_sections = extra_sections
+        self.sections = dict(extra_sections)  # free-form section -> the dataclass whose fields are its keys
         # Every valid dotted key, for "did you mean" across sections (`lora.learning_rate` -> training).
         self.all_keys: list[str] = []
         self._collect(root, "")
@@ -318,8 +454,10 @@ class _Validator:
             key = prefix + f.name
             if dataclasses.is_dataclass(hints[f.name]):
                 self._collect(hints[f.name], key + ".")
-            elif key in self.extra_sections:
-                self.all_keys.extend(f"{key}.{g.name}" for g in dataclasses.fields(self.extra_sections[key]))
+            elif key in self.sections or "trl" in f.metadata:
+                if key not in self.sections:
+                    self.sections[key] = trl_config_fields(f.metadata["trl"])
+                self.all_keys.extend(f"{key}.{g.name}" for g in dataclasses.fields(self.sections[key]))
             else:
                 self.all_keys.append(key)
 
@@ -359,15 +497,16 @@ class _Validator:
                                      f"({', '.join(g.name for g in dataclasses.fields(item_type))}), got "
                                      f"{_describe(value)}")
                 kwargs[name] = [self.build(item_type, item, f"{key}.{index}.") for index, item in enumerate(value)]
-            elif key in self.extra_sections:
-                kwargs[name] = self.free_section(value if value is not None else {}, key, self.extra_sections[key])
+            elif key in self.sections:
+                kwargs[name] = self.free_section(value if value is not None else {}, key, self.sections[key],
+                                                 f.metadata.get("fields", {}))
             else:
                 if value is None and _required(f):
                     raise AlignError(f"{source.where(key)}: {key}: required, but empty{_help_hint(f)}")
                 kwargs[name] = _check_value(value, annotation, key, source, f.metadata)
         return schema(**kwargs)
 
-    def free_section(self, values: Any, key: str, target: type) -> dict:
+    def free_section(self, values: Any, key: str, target: type, checks: dict[str, dict]) -> dict:
         source = self.source
         if not isinstance(values, dict):
             raise AlignError(f"{source.where(key)}: {key}: expected a mapping of {target.__name__} fields, got "
@@ -382,7 +521,8 @@ class _Validator:
             if name not in fields:
                 raise AlignError(f"{source.where(dotted)}: {dotted}: unknown key for {target.__name__}"
                                  f"{self.suggest(str(name), fields, key + '.')}")
-            checked[name] = _check_value(value, hints[name], dotted, source)
+            metadata = checks.get(name, {})
+            checked[name] = _check_value(value, metadata.get("type", hints[name]), dotted, source, metadata)
         return checked
 
     def suggest(self, key: str, fields: dict, prefix: str) -> str:
@@ -432,11 +572,17 @@ def _check_value(value: Any, annotation: Any, key: str, source: Source, metadata
         raise AlignError(f"{source.where(key)}: {key}: expected {_type_name(annotation)}, got {_describe(value)}")
     metadata = metadata or {}
     low, high = metadata.get("range", (None, None))
+    above = metadata.get("above")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if low is not None and value < low:
             raise AlignError(f"{source.where(key)}: {key}: must be at least {low}, got {value}")
         if high is not None and value > high:
             raise AlignError(f"{source.where(key)}: {key}: must be at most {high}, got {value}")
+        if above is not None and value <= above:
+            raise AlignError(f"{source.where(key)}: {key}: must be greater than {above}, got {value}")
+    problem = metadata["check"](value) if "check" in metadata and value is not None else None
+    if problem:
+        raise AlignError(f"{source.where(key)}: {key}: {problem}")
     allowed = metadata.get("keys")
     if allowed and isinstance(value, dict):
         for name in value:
@@ -445,6 +591,8 @@ def _check_value(value: Any, annotation: Any, key: str, source: Source, metadata
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise AlignError(f"{source.where(key)}: {key}.{name}: not a field align reads ({hint}valid: "
                                  f"{', '.join(allowed)})")
+    if metadata.get("file") and isinstance(value, str):  # a missing file is blamed on this key, not on --config
+        read_text(value, f"{source.where(key)}: {key}")
     return value
 
 
@@ -586,6 +734,66 @@ def _cross_check(config: Any, source: Source) -> None:
         raise AlignError(f"{source.where('early_stopping_patience')}: early_stopping_patience needs "
                          f"training.load_best_model_at_end: true (and matching training.eval_strategy / "
                          f"save_strategy)")
+    if isinstance(training, dict) and training.get("num_train_epochs") == 0 and training.get("max_steps", -1) <= 0:
+        raise AlignError(f"{source.where('training.num_train_epochs')}: training.num_train_epochs: 0 and no "
+                         f"training.max_steps: nothing would train; set one of them")
+    if isinstance(config, EvalRunConfig) and not config.models:
+        raise AlignError(f"{source.where('models')}: models: no model to compare with the baseline; list at least one "
+                         f"(a registry reference or a folder) under models: or after `align eval compare`")
+    if isinstance(config, PPORunConfig):
+        _check_policy_optimization(config, source)
+
+
+# `ppo` fields of PPO's value function, GAE and KL controller: GRPO and RLOO would ignore them.
+PPO_ONLY = ("value_learning_rate", "value_warmup_steps", "value_layers", "gamma", "lam", "cliprange_value", "vf_coef",
+            "adaptive_kl", "whiten_rewards")
+
+
+def _check_policy_optimization(cfg: PPORunConfig, source: Source) -> None:
+    """`align ppo`'s settings that its algorithm cannot honour (align's PPO, or TRL's GRPO / RLOO trainers)."""
+    ppo, rollout, defaults = cfg.ppo, cfg.rollout, PPOConfig()
+
+    def fail(key: str, message: str) -> None:
+        raise AlignError(f"{source.where(key)}: {message}")
+
+    if cfg.algorithm == "ppo":
+        if ppo.mini_batch_size > ppo.batch_size:
+            fail("ppo.mini_batch_size", f"ppo.mini_batch_size ({ppo.mini_batch_size}) is larger than ppo.batch_size "
+                                        f"({ppo.batch_size}): a minibatch is a slice of the sampled batch")
+        if cfg.lora.enabled and cfg.lora.bias != "none":
+            fail("lora.bias", f"lora.bias: {cfg.lora.bias}: align ppo keeps every base weight frozen (with LoRA they "
+                              f"are also the KL reference and the reward model); set lora.bias: none")
+        if ppo.value_layers is not None and not cfg.lora.enabled:
+            fail("ppo.value_layers", "ppo.value_layers: with full fine-tuning the value head reads the policy's own "
+                                     "hidden states (no value adapter); remove it or set lora.enabled: true")
+        if ppo.group_size != defaults.group_size:
+            fail("ppo.group_size", "ppo.group_size: GRPO/RLOO only (algorithm: grpo or rloo); PPO samples one "
+                                   "response per prompt: remove it")
+        if cfg.reward.share_base == "true" and not cfg.lora.enabled:
+            fail("reward.share_base", "reward.share_base: true needs lora.enabled: true (full fine-tuning changes the "
+                                      "base weights the reward adapter was trained on); set reward.share_base: false")
+        return
+    if cfg.ptx.path:
+        fail("ptx.path", f"ptx.path: PPO-ptx is part of align's PPO trainer; algorithm {cfg.algorithm} has no ptx "
+                         f"term: unset it (ptx.path=null) or use algorithm: ppo")
+    if rollout.forward_batch_size != RolloutConfig().forward_batch_size:
+        fail("rollout.forward_batch_size", f"rollout.forward_batch_size: PPO only; algorithm {cfg.algorithm} scores "
+                                           f"with ppo.mini_batch_size per pass: remove it")
+    if rollout.gather_weights != RolloutConfig().gather_weights:
+        fail("rollout.gather_weights", f"rollout.gather_weights: PPO only; algorithm {cfg.algorithm} runs TRL's "
+                                       f"trainer, which gathers weights as accelerate does: remove it")
+    if rollout.stop_strings:
+        fail("rollout.stop_strings", f"rollout.stop_strings: not supported with algorithm {cfg.algorithm} (responses "
+                                     f"end at EOS or rollout.max_new_tokens); remove them or use algorithm: ppo")
+    for key in PPO_ONLY:
+        if getattr(ppo, key) != getattr(defaults, key):
+            fail(f"ppo.{key}", f"ppo.{key}: PPO only (value function, GAE, KL controller); algorithm {cfg.algorithm} "
+                               f"has none of them: remove it")
+    responses = ppo.batch_size * ppo.group_size
+    if responses % ppo.mini_batch_size:
+        fail("ppo.mini_batch_size", f"ppo.mini_batch_size: {ppo.mini_batch_size} does not divide the {responses} "
+                                    f"responses of an iteration (ppo.batch_size {ppo.batch_size} x ppo.group_size "
+                                    f"{ppo.group_size})")
 
 
 def _check_format_string(text: str, source: Source) -> None:
@@ -601,14 +809,130 @@ def _check_format_string(text: str, source: Source) -> None:
                              f"{{question}}")
 
 
-def check_report_to(report_to) -> None:
-    """Fail before training when `training.report_to` names a tracker that is not installed."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    modules = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
-    for name in names:
-        if name in modules and importlib.util.find_spec(modules[name]) is None:
-            raise AlignError(f"training.report_to: '{name}' is not installed (pip install {modules[name]}), or "
-                             f"remove it from report_to")
+# --------------------------------------------------------------------------------------------------
+# TRL's config classes read from source: importing TRL imports torch and transformers (seconds), and a typo in
+# `training:` should be reported before that. Only names, bases, imports and plain annotations are read.
+
+class _Unreadable(Exception):
+    """Source that this reading does not follow (the class is then imported)."""
+
+
+@functools.cache
+def trl_config_fields(class_name: str) -> type:
+    """TRL's config class `class_name` (SFTConfig, ...) as a dataclass of the same fields, typed where the type is a
+    plain one (a transformers enum or class reads as Any), read from TRL's and transformers' source files without
+    importing them. TRL's class itself where the source cannot be followed."""
+    try:
+        fields = _class_fields("trl", class_name)
+    except (_Unreadable, OSError, SyntaxError, UnicodeDecodeError):
+        import trl
+
+        return getattr(trl, class_name)
+    return dataclasses.make_dataclass(class_name, [(name, annotation, dataclasses.field(default=None))
+                                                   for name, annotation in fields.items()])
+
+
+@functools.cache
+def _reporting_integrations() -> list[str]:
+    """The `report_to` trackers transformers implements: the keys of its INTEGRATION_TO_CALLBACK."""
+    try:
+        _, tree = _module_source("transformers.integrations.integration_utils")
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and \
+                    any(isinstance(t, ast.Name) and t.id == "INTEGRATION_TO_CALLBACK" for t in node.targets):
+                return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+    except (_Unreadable, OSError, SyntaxError, UnicodeDecodeError):
+        pass
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return list(INTEGRATION_TO_CALLBACK)
+
+
+def _module_file(module: str) -> Path:
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)  # a top-level name is looked up on the path: nothing is imported
+    if spec is None or not spec.submodule_search_locations:
+        raise _Unreadable(module)
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*rest.split(".") if rest else [])
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    raise _Unreadable(module)
+
+
+@functools.cache
+def _module_source(module: str) -> tuple[Path, ast.Module]:
+    path = _module_file(module)
+    return path, ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _class_fields(module: str, name: str, depth: int = 0) -> dict[str, Any]:
+    """Field name -> type of the dataclass `name` that `module` defines or imports, its bases' fields first."""
+    path, tree = _module_source(module)
+    if depth > 20:
+        raise _Unreadable(name)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            fields: dict[str, Any] = {}
+            for base in node.bases:
+                if not isinstance(base, ast.Name):
+                    raise _Unreadable(f"a base of {name}")
+                fields.update(_class_fields(module, base.id, depth + 1))
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) \
+                        and "ClassVar" not in ast.dump(item.annotation):
+                    fields[item.target.id] = _annotation(item.annotation)
+            return fields
+    for node in ast.walk(tree):  # `from .x import name`, also under `if TYPE_CHECKING:` in a lazy package
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return _class_fields(_imported_module(module, path, node), alias.name, depth + 1)
+    raise _Unreadable(f"{name} in {module}")
+
+
+def _imported_module(module: str, path: Path, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+_PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list, "tuple": tuple,
+                "Any": Any, "Dict": dict, "List": list, "Tuple": tuple}
+_GENERIC_TYPES = {"Optional": lambda args: typing.Optional[args[0]], "Union": lambda args: typing.Union[tuple(args)],
+                  "dict": lambda args: dict[tuple(args)], "Dict": lambda args: dict[tuple(args)],
+                  "list": lambda args: list[args[0]], "List": lambda args: list[args[0]]}
+
+
+def _annotation(node: ast.expr) -> Any:
+    """The annotation as a type `_matches` can check; Any where it names a library type (an enum, a class)."""
+    try:
+        return _evaluate_annotation(node)
+    except (_Unreadable, SyntaxError, TypeError):
+        return Any
+
+
+def _evaluate_annotation(node: ast.expr) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):  # a quoted annotation
+        return _evaluate_annotation(ast.parse(node.value, mode="eval").body)
+    if isinstance(node, ast.Constant) and node.value is None:
+        return type(None)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return typing.Union[_evaluate_annotation(node.left), _evaluate_annotation(node.right)]
+    target = node.value if isinstance(node, ast.Subscript) else node
+    name = target.id if isinstance(target, ast.Name) else target.attr if isinstance(target, ast.Attribute) else None
+    if not isinstance(node, ast.Subscript) and name in _PLAIN_TYPES:
+        return _PLAIN_TYPES[name]
+    if isinstance(node, ast.Subscript):
+        items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if name == "Literal" and all(isinstance(item, ast.Constant) for item in items):
+            return Literal[tuple(item.value for item in items)]
+        if name in _GENERIC_TYPES:
+            return _GENERIC_TYPES[name]([_evaluate_annotation(item) for item in items])
+    raise _Unreadable(ast.dump(node))
 
 
 def to_dict(config: Any) -> dict:
@@ -684,7 +1008,8 @@ class RewardRunConfig:
         "help": "Fields of TRL's RewardConfig (transformers TrainingArguments + max_length, "
                 "center_rewards_coefficient, ...). `per_device_train_batch_size` counts PAIRS: batches are built from "
                 "whole prompts. align sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing "
-                "off, report_to none; and one epoch (InstructGPT: reward models overfit after one)."})
+                "off, report_to none; and one epoch (InstructGPT: reward models overfit after one).",
+        "trl": "RewardConfig", "fields": TRAINING_FIELDS})
     seed: int = field(default=42, metadata={"help": "Seed for the new score head and LoRA weights, and data order."})
 
 
@@ -766,7 +1091,7 @@ class PPOConfig:
     mini_batch_size: int = field(default=8, metadata={"help": "Responses per gradient step.", "range": (1, None)})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts.", "range": (1, None)})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the policy.",
-                                                         "range": (0, None)})
+                                                         "above": 0})
     value_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the value function (adapter and head); default: learning_rate.", "range": (0, None)})
     group_size: int = field(default=4, metadata={
@@ -791,7 +1116,7 @@ class PPOConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off).", "range": (0, None)})
     gamma: float = field(default=1.0, metadata={"help": "Discount of GAE.", "range": (0, 1)})
     lam: float = field(default=0.95, metadata={"help": "Lambda of GAE.", "range": (0, 1)})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip.", "range": (0, None)})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip.", "above": 0})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value prediction clip around the old values.",
                                                           "range": (0, None)})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss.", "range": (0, None)})
@@ -801,7 +1126,7 @@ class PPOConfig:
     adaptive_kl: bool = field(default=False, metadata={
         "help": "Adapt kl_coef towards `target_kl` (Ziegler et al. 2019's proportional controller)."})
     target_kl: float = field(default=6.0, metadata={"help": "Target KL (nats per response) of the adaptive "
-                                                            "controller.", "range": (0, None)})
+                                                            "controller.", "above": 0})
     kl_horizon: int = field(default=10000, metadata={"help": "Horizon (responses) of the adaptive controller.",
                                                      "range": (1, None)})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
@@ -880,7 +1205,8 @@ class DPORunConfig:
     training: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Fields of TRL's DPOConfig (transformers TrainingArguments + beta, loss_type (sigmoid, ipo, hinge, "
                 "...), precompute_ref_log_probs, max_length, ...). `per_device_train_batch_size` counts PAIRS. align "
-                "sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing off, report_to none."})
+                "sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing off, report_to none.",
+        "trl": "DPOConfig", "fields": DPO_TRAINING_FIELDS})
     seed: int = field(default=42, metadata={"help": "Seed for the new LoRA weights and the data order."})
 
 
@@ -969,7 +1295,7 @@ class EvalRunConfig:
 
 @dataclass
 class PipelineStepConfig:
-    config: str = field(metadata={"help": "The stage's own YAML config (e.g. configs/ppo.yaml)."})
+    config: str = field(metadata={"help": "The stage's own YAML config (e.g. configs/ppo.yaml).", "file": True})
     overrides: list[str] = field(default_factory=list, metadata={
         "help": "`key=value` overrides for that config (sizes for the demo, ...). The pipeline adds the references "
                 "to the steps before (model.path, data.path, reward.path) and output.name itself; an override given "

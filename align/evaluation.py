@@ -886,7 +886,7 @@ def read_benchmark(path: str) -> Benchmark:
     detected from the first record; a record that does not fit fails with its file:line."""
     from align.data import read_records
 
-    records = read_records(path)
+    records = read_records(path, key="benchmark")
     if not records.rows:
         raise AlignError(f"benchmark: {records.source}: no records")
     fmt = _benchmark_format(records.rows[0])

@@ -6,12 +6,38 @@ evaluation) that need many completions fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from align.config import TemplateConfig
 from align.data import format_prompt
+from align.errors import AlignError
+
+MAX_SEED = 2**32 - 1  # numpy's limit, as for every other seed align passes on
+
+# What each SamplingConfig value may be: (whole numbers only, test, the rule in words). One rule for every way in:
+# `align generate` / `align label push` options (argparse types in align/cli.py) and configs that build one.
+SAMPLING_RULES = {
+    "max_new_tokens": (True, lambda v: v >= 1, "a whole number >= 1"),
+    "temperature": (False, lambda v: v >= 0, "a number >= 0 (0: greedy decoding)"),
+    "top_p": (False, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the probability mass sampled from; "
+                                           "1: all)"),
+    "top_k": (True, lambda v: v >= 0, "a whole number >= 0 (0: off)"),
+    "repetition_penalty": (False, lambda v: v > 0, "a number above 0 (1: off; above 1 discourages repeats)"),
+    "seed": (True, lambda v: 0 <= v <= MAX_SEED, f"a whole number from 0 to {MAX_SEED}"),
+    "batch_size": (True, lambda v: v >= 1, "a whole number >= 1"),
+}
+
+
+def sampling_problem(name: str, value) -> str | None:
+    """What is wrong with `value` as SamplingConfig's `name` ("must be ..., got ..."), or None."""
+    whole, test, rule = SAMPLING_RULES[name]
+    number = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if number and not isinstance(value, bool) and math.isfinite(value) and test(value):
+        return None
+    return f"must be {rule}, got {value:g}" if isinstance(value, float) else f"must be {rule}, got {value!r}"
 
 
 @dataclass
@@ -23,6 +49,12 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # > 1 discourages repeats.
     seed: int = 0  # Sampling seed: the same seed gives the same completions.
     batch_size: int = 16  # Prompts per forward pass.
+
+    def __post_init__(self):
+        for f in fields(self):
+            problem = sampling_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise AlignError(f"{f.name}: {problem}")
 
 
 def render_prompts(tokenizer, prompts: list[str], template: TemplateConfig) -> list[str]:
@@ -107,7 +139,8 @@ def sample_k(model, tokenizer, prompts: list[str], k: int, sampling: SamplingCon
         if not redo or sampling.temperature <= 0:  # greedy decoding would repeat itself
             break
         again = generate(model, tokenizer, [prompts[i] for i, _ in redo],
-                         replace(sampling, seed=sampling.seed + 1_000_003 * attempt), template=template)
+                         replace(sampling, seed=(sampling.seed + 1_000_003 * attempt) % (MAX_SEED + 1)),
+                         template=template)
         for (i, j), text in zip(redo, again):
             samples[i][j] = text
     return samples, [len(_repeats(texts)) for texts in samples]

@@ -6,19 +6,22 @@ makes the tokenizer safe to train with (a pad token distinct from EOS, a chat te
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from align.config import LoraConfig, ModelConfig, QuantizationConfig, TemplateConfig
+from align.config import ConfigError, LoraConfig, ModelConfig, QuantizationConfig, TemplateConfig
 from align.errors import AlignError
 from align.registry import Artifact, Registry, registry_home, resolve_path
 
@@ -63,6 +66,7 @@ class ModelSource:
     path: str  # local folder or hub id
     artifact: Artifact | None  # the registry row it came from, if any
     adapter_of: str | None = None  # base model path when `path` is a PEFT adapter folder
+    adapter_task: str | None = None  # the adapter's peft task_type (CAUSAL_LM, SEQ_CLS, ...)
 
 
 def resolve_model(ref: str, registry: Registry | None = None, gguf_file: str | None = None) -> ModelSource:
@@ -78,8 +82,14 @@ def resolve_model(ref: str, registry: Registry | None = None, gguf_file: str | N
         path = str(Path(path).resolve())  # artifacts record where their base is: absolute, so they load anywhere
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.is_file():
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        return ModelSource(path, artifact, adapter_of=base)
+        try:
+            adapter = json.loads(adapter_config.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise AlignError(_damaged(adapter_config, f"invalid JSON: {_first_sentence(e)}")) from None
+        if not isinstance(adapter, dict) or not adapter.get("base_model_name_or_path"):
+            raise AlignError(_damaged(adapter_config, "no base_model_name_or_path"))
+        return ModelSource(path, artifact, adapter_of=adapter["base_model_name_or_path"],
+                           adapter_task=adapter.get("task_type"))
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise AlignError(f"model: '{path}' is a folder without config.json (not a transformers model; "
                          f"for a GGUF folder set model.gguf_file)")
@@ -149,10 +159,12 @@ def save_merged(adapter_folder: Path, base_path: str, out: Path, dtype: str = "a
 
     adapter_config = json.loads((adapter_folder / "adapter_config.json").read_text())
     auto = AutoModelForSeq2SeqLM if adapter_config.get("task_type") == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
-    base = auto.from_pretrained(base_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_folder))
-    match_model_to_tokenizer(base, tokenizer)
-    merged = PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload()
+    with model_files(base_path):
+        base = auto.from_pretrained(base_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    with model_files(str(adapter_folder)):
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_folder))
+        match_model_to_tokenizer(base, tokenizer)
+        merged = PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload()
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 
@@ -176,6 +188,69 @@ def _hub_error(path: str, error: Exception) -> AlignError:
     hint = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
     return AlignError(f"model: '{path}' is not a local folder or file, and loading it from the Hugging Face hub "
                       f"failed ({hint}). Check the name, or download the model and set model.path to its folder.")
+
+
+def _first_sentence(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text.split(". ")[0][:300] if any(c.isalpha() for c in text) else type(error).__name__
+
+
+def _damaged(file: Path, detail: str) -> str:
+    return (f"model: {file} is damaged ({detail}), e.g. cut short by an interrupted save, copy or download: re-run "
+            f"the stage that wrote it, copy or download it again, or restore it from a checkpoint")
+
+
+def damaged_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of a model folder that cannot be read in full, and what is wrong with it: JSON that does not
+    parse (or a config.json without model_type), a safetensors file whose header is unreadable or whose tensors run
+    past its end, a PyTorch checkpoint that does not unpickle. Only headers are read (a zip checkpoint is
+    memory-mapped), so it is quick."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.iterdir(), key=lambda p: (p.suffix != ".json", p.name)):  # config.json first
+        try:
+            if path.suffix == ".json":
+                try:
+                    values = json.loads(path.read_text(encoding="utf-8"))
+                except ValueError as e:
+                    return path, f"invalid JSON: {_first_sentence(e)}"
+                if path.name == "config.json" and not (isinstance(values, dict) and values.get("model_type")):
+                    return path, "no model_type: not a transformers model config"
+            elif path.suffix == ".safetensors":
+                try:
+                    with safe_open(str(path), framework="pt"):
+                        pass
+                except SafetensorError as e:
+                    return path, f"safetensors: {_first_sentence(e).removeprefix('Error while deserializing header: ')}"
+            elif path.suffix == ".bin" and path.name.startswith(("pytorch_model", "adapter_model")):
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+                except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+                    return path, f"not a readable PyTorch checkpoint: {_first_sentence(e)}"
+        except OSError:
+            continue  # unreadable (permissions): not damage; the loader's own error says so
+    return None
+
+
+@contextlib.contextmanager
+def model_files(path: str, what: str = ""):
+    """Around loading from `path` (a folder or hub id): a failure whose cause is the user's to fix becomes one line.
+    A damaged file in the folder is named with what to do; a hub model that could not be fetched says so. Any other
+    error passes unchanged (a bug shows its traceback). `what`: what was loaded, for the message ("a tokenizer")."""
+    try:
+        yield
+    except AlignError:
+        raise
+    except Exception as e:
+        folder = Path(path)
+        damaged = damaged_file(folder) if folder.is_dir() else None
+        if damaged:
+            raise AlignError(_damaged(*damaged)) from None
+        if isinstance(e, OSError):
+            if folder.exists():
+                raise AlignError(f"model: cannot load {what + ' from ' if what else ''}{path}: {e}") from None
+            raise _hub_error(path, e) from None
+        raise
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -212,26 +287,23 @@ def trainer_defaults(model_cfg: ModelConfig, output_dir: Path, seed: int, data_s
 
 
 def training_config(config_class: type, values: dict):
-    """`config_class(**values)`, with TrainingArguments' own consistency checks as one-line user errors."""
+    """`config_class(**values)`, with TrainingArguments' own consistency checks as one-line user errors (at the
+    file:line of the key they are about when a stage's `load` builds it, through `load_config(check=...)`)."""
     try:
         return config_class(**values)
     except ValueError as e:
-        raise AlignError("training: " + " ".join(str(e).split())) from None
+        raise ConfigError("training", " ".join(str(e).split())) from None
 
 
 def load_tokenizer(path: str, model_cfg: ModelConfig | None = None):
     from transformers import AutoTokenizer
 
-    try:
+    with model_files(path, what="a tokenizer"):
         return AutoTokenizer.from_pretrained(
             path,
             revision=model_cfg.revision if model_cfg else None,
             trust_remote_code=bool(model_cfg and model_cfg.trust_remote_code),
         )
-    except OSError as e:
-        if Path(path).exists():
-            raise AlignError(f"model: cannot load a tokenizer from {path}: {e}") from None
-        raise _hub_error(path, e) from None
 
 
 def prepare_tokenizer(tokenizer) -> list[str]:
@@ -266,17 +338,53 @@ def match_model_to_tokenizer(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def is_encoder_decoder(path: str, model_cfg: ModelConfig | None = None) -> bool:
+def model_config(path: str, model_cfg: ModelConfig | None = None):
+    """The model's transformers config (config.json): what it is, without loading weights."""
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg and model_cfg.trust_remote_code),
-                                            revision=model_cfg.revision if model_cfg else None)
-    except OSError as e:
-        if Path(path).exists():
-            raise AlignError(f"model: cannot read {path}/config.json: {e}") from None
-        raise _hub_error(path, e) from None
-    return bool(getattr(config, "is_encoder_decoder", False))
+    with model_files(path, what="config.json"):
+        return AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg and model_cfg.trust_remote_code),
+                                          revision=model_cfg.revision if model_cfg else None)
+
+
+def is_encoder_decoder(path: str, model_cfg: ModelConfig | None = None) -> bool:
+    return bool(getattr(model_config(path, model_cfg), "is_encoder_decoder", False))
+
+
+def model_kind(source: ModelSource, model_cfg: ModelConfig | None = None) -> tuple[str, str]:
+    """What a resolved model is, from its registry row, adapter_config.json or config.json (no weights load):
+    (`causal` | `seq2seq` | `reward` | `other`, how to name it in a message)."""
+    if source.artifact is not None and source.artifact.stage == "reward":
+        return "reward", "a reward model (align reward)"
+    if source.adapter_of and source.adapter_task is None:  # a peft adapter with no task: what its base model is
+        return model_kind(resolve_model(source.adapter_of), model_cfg)
+    if source.adapter_of:
+        return {"CAUSAL_LM": ("causal", "a causal LM adapter"),
+                "SEQ_2_SEQ_LM": ("seq2seq", "an encoder-decoder adapter"),
+                "SEQ_CLS": ("reward", "a SEQ_CLS adapter (a reward model)")}.get(
+            source.adapter_task, ("other", f"a {source.adapter_task} adapter"))
+    config = model_config(source.path, model_cfg)
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return "reward", "a sequence classifier (a reward model)"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq", "an encoder-decoder model"
+    return "causal", "a causal LM"
+
+
+LANGUAGE_MODELS = ("causal", "seq2seq")
+
+
+def require_model_kind(source: ModelSource, option: str, given: str, command: str,
+                       kinds: tuple[str, ...] = LANGUAGE_MODELS, hint: str = "e.g. sft:latest, or a model folder",
+                       model_cfg: ModelConfig | None = None) -> str:
+    """`source`'s kind when it is one of `kinds`, else an AlignError naming what was given (`option`: `given`),
+    what it is, and what `command` needs. Call it right after `resolve_model`: it reads no weights."""
+    kind, description = model_kind(source, model_cfg)
+    if kind in kinds:
+        return kind
+    label = f"{given} ({source.artifact.ref})" if source.artifact and source.artifact.ref != given else given
+    needed = "a causal LM (decoder-only)" if kinds == ("causal",) else "a language model (causal or encoder-decoder)"
+    raise AlignError(f"{option}: {label} is {description}; {command} needs {needed}: give {hint}")
 
 
 def load_model(path: str, model_cfg: ModelConfig, quant: QuantizationConfig):
@@ -301,12 +409,8 @@ def load_model(path: str, model_cfg: ModelConfig, quant: QuantizationConfig):
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder(path, model_cfg) else AutoModelForCausalLM
-    try:
+    with model_files(path):
         model = auto.from_pretrained(path, **kwargs)
-    except OSError as e:
-        if Path(path).exists():
-            raise AlignError(f"model: cannot load {path}: {e}") from None
-        raise _hub_error(path, e) from None
     if quant.load_in_4bit:
         keep_cpu_4bit_trainable(model)
     return model
@@ -406,21 +510,22 @@ class InferenceModel:
     template: TemplateConfig  # from the artifact's align_config.yaml; the chat template otherwise
 
 
-def load_for_inference(ref: str, registry: Registry | None = None, dtype: str = "auto") -> InferenceModel:
-    """A plain model, or a base model with its LoRA adapter merged in; causal or encoder-decoder. Merged, the
-    adapter costs nothing per forward pass (unmerged, every linear layer runs two more matmuls and peft's
-    dispatch)."""
+GENERATION_HINT = "e.g. sft:latest or ppo:latest, or a model folder (a reward model scores text: align score)"
+
+
+def load_for_inference(ref: str, registry: Registry | None = None, dtype: str = "auto",
+                       option: str = "model") -> InferenceModel:
+    """A plain model, or a base model with its LoRA adapter merged in; causal or encoder-decoder (anything else, such
+    as a reward model, is refused as `option`, before weights load). Merged, the adapter costs nothing per forward
+    pass (unmerged, every linear layer runs two more matmuls and peft's dispatch)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     source = resolve_model(ref, registry)
+    require_model_kind(source, option, ref, "generating text", hint=GENERATION_HINT)
     weights = resolve_model(source.adapter_of, registry).path if source.adapter_of else source.path
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder(weights) else AutoModelForCausalLM
-    try:
+    with model_files(weights):
         model = auto.from_pretrained(weights, dtype=torch_dtype(dtype))
-    except OSError as e:
-        if Path(weights).exists():
-            raise AlignError(f"model: cannot load {weights}: {e}") from None
-        raise _hub_error(weights, e) from None
     tokenizer = load_tokenizer(source.path)
     if tokenizer.pad_token is None:
         prepare_tokenizer(tokenizer)
@@ -428,7 +533,8 @@ def load_for_inference(ref: str, registry: Registry | None = None, dtype: str = 
         from peft import PeftModel
 
         match_model_to_tokenizer(model, tokenizer)
-        model = PeftModel.from_pretrained(model, source.path).merge_and_unload()
+        with model_files(source.path):
+            model = PeftModel.from_pretrained(model, source.path).merge_and_unload()
     model.eval()
     return InferenceModel(model, tokenizer, source, training_template(source.path))
 

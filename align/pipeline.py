@@ -21,30 +21,41 @@ import time
 from pathlib import Path
 
 from align.artifacts import RunDir
-from align.config import PipelineRunConfig, PipelineStepConfig, PPORunConfig, load_config, to_dict
+from align.config import (DPORunConfig, EvalRunConfig, PipelineRunConfig, PipelineStepConfig, PPORunConfig,
+                          RewardRunConfig, SFTRunConfig, load_config, to_dict)
 from align.errors import AlignError
 from align.gold import load_gold
 from align.registry import Artifact, Registry, looks_like_ref, redact_secrets
 from align.reporting import console, print_table
 
 STEPS = ("sft", "label", "reward", "ppo", "dpo", "eval")
+STAGE_CONFIGS = {"sft": SFTRunConfig, "reward": RewardRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig,
+                 "eval": EvalRunConfig}
 
 
 def load(config_path: str, overrides: list[str]) -> PipelineRunConfig:
     cfg = load_config(config_path, overrides, PipelineRunConfig)
     needs = {"reward": ["sft", "label"], "ppo": ["sft", "reward"], "dpo": ["sft", "label"], "eval": ["sft"]}
-    enabled = {step: getattr(cfg, step).enabled if step != "label" else cfg.sft.enabled for step in STEPS}
+    enabled = _enabled(cfg)
     for step, inputs in needs.items():
-        missing = [i for i in inputs if not enabled[i]]
-        if enabled[step] and missing:
+        missing = [i for i in inputs if i not in enabled]
+        if step in enabled and missing:
             raise AlignError(f"{config_path}: {step} needs the output of {', '.join(missing)}, which is disabled "
                              f"({missing[0]}.enabled: false); enable it or disable {step}")
+    if "eval" in enabled and not {"ppo", "dpo"} & set(enabled):
+        raise AlignError(f"{config_path}: eval compares the ppo and dpo models with sft, and both are disabled; "
+                         f"enable one of them or disable eval (eval.enabled: false)")
     gold = simulated_gold(cfg)
     if gold and looks_like_ref(gold):  # `reward:latest` pinned now: later steps register newer reward models
         cfg.label.gold = Registry().resolve(gold).ref
     elif gold:  # a reward-model gold is checked when the label step loads it
         load_gold(gold, option="label.gold")
     return cfg
+
+
+def _enabled(cfg: PipelineRunConfig) -> list[str]:
+    """The steps that run: label with sft (it ranks the SFT model's completions)."""
+    return [step for step in STEPS if getattr(cfg, "sft" if step == "label" else step).enabled]
 
 
 def simulated_gold(cfg: PipelineRunConfig) -> str | None:
@@ -56,6 +67,8 @@ def simulated_gold(cfg: PipelineRunConfig) -> str | None:
 
 def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
     cfg = load(config_path, overrides)
+    gold = simulated_gold(cfg)
+    modules = _check_steps(cfg, gold)
     home = Path("runs") / "pipeline" / cfg.name
     done: dict[str, Artifact] = {}
     started = time.monotonic()
@@ -72,32 +85,15 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
         done[name] = artifact
         timings[name] = (how, time.monotonic() - began)
 
-    from stages import dpo, eval as evaluation, grpo, ppo, reward, sft
+    def run_stage(name: str) -> tuple[Artifact, str]:
+        refs = {done_step: artifact.ref for done_step, artifact in done.items()}
+        return _stage(modules[name], name, getattr(cfg, name), home, _step_overrides(cfg, name, refs, gold))
 
-    step("sft", lambda: _stage(sft, "sft", cfg.sft, cfg.name, home, {}, cfg.seed))
+    step("sft", lambda: run_stage("sft"))
     step("label", lambda: _label(cfg, home, done["sft"]))
-    sft_ref, label_ref = done["sft"].ref, done["label"].ref
-    gold = simulated_gold(cfg)
-    if cfg.reward.enabled:
-        step("reward", lambda: _stage(reward, "reward", cfg.reward, cfg.name, home,
-                                      {"model.path": sft_ref, "data.path": label_ref}, cfg.seed))
-    if cfg.ppo.enabled:
-        inputs = {"model.path": sft_ref, "reward.path": done["reward"].ref, **({"gold": gold} if gold else {})}
-        algorithm = load_config(cfg.ppo.config, [f"{k}={v}" for k, v in inputs.items()] + list(cfg.ppo.overrides),
-                                PPORunConfig).algorithm  # grpo / rloo: TRL's trainers, stages/grpo.py
-        trainer = ppo if algorithm == "ppo" else grpo
-        step("ppo", lambda: _stage(trainer, "ppo", cfg.ppo, cfg.name, home, inputs, cfg.seed))
-    if cfg.dpo.enabled:
-        step("dpo", lambda: _stage(dpo, "dpo", cfg.dpo, cfg.name, home,
-                                   {"model.path": sft_ref, "data.path": label_ref}, cfg.seed))
-    if cfg.eval.enabled:
-        compared = [done[s].ref for s in ("ppo", "dpo") if s in done]
-        wired = {"models": "[" + ", ".join(compared) + "]", "baseline": sft_ref}
-        if "reward" in done:  # without a reward model: no judge win rates, the tax and KL still
-            wired["judge.path"] = done["reward"].ref
-        if gold:  # scores compared exactly: the annotators' tie margin models what people can tell apart
-            wired["gold.preference"] = gold
-        step("eval", lambda: _stage(evaluation, "eval", cfg.eval, cfg.name, home, wired, cfg.seed))
+    for name in ("reward", "ppo", "dpo", "eval"):
+        if getattr(cfg, name).enabled:
+            step(name, lambda: run_stage(name))
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
             for how, seconds in [timings[name]]]
     rows.append(("total", f"{(time.monotonic() - started) / 60:.1f} min"))
@@ -118,17 +114,56 @@ def _write_summary(path: Path, summary: dict) -> None:
     staging.replace(path)
 
 
-def _stage(module, stage: str, step: PipelineStepConfig, pipeline: str, home: Path, wired: dict[str, str],
-           seed: int | None) -> tuple[Artifact, str]:
+def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> dict:
+    """Every step's config checked before the first step runs (a typo in the eval config must not wait for the
+    training before it): align's checks first, in a second, then each stage's own (TRL's config objects built) once
+    the stages are imported. Returns the stage module of each step."""
+    enabled = _enabled(cfg)
+    steps = [name for name in STAGE_CONFIGS if name in enabled]
+    refs = {name: f"{name}:latest" for name in enabled}  # stand-ins for the references of the steps before
+
+    def check(name: str, load_step):
+        try:
+            return load_step(getattr(cfg, name).config, _step_overrides(cfg, name, refs, gold))
+        except AlignError as e:
+            raise AlignError(f"pipeline step '{name}': {e} (nothing has run yet)") from None
+
+    configs = {name: check(name, lambda path, items: load_config(path, items, STAGE_CONFIGS[name])) for name in steps}
+    from stages import dpo, eval as evaluation, grpo, ppo, reward, sft
+
+    algorithm = configs["ppo"].algorithm if "ppo" in configs else "ppo"  # grpo / rloo: TRL's trainers, stages/grpo.py
+    modules = {"sft": sft, "reward": reward, "ppo": ppo if algorithm == "ppo" else grpo, "dpo": dpo,
+               "eval": evaluation}
+    for name in steps:
+        check(name, modules[name].load)
+    return modules
+
+
+def _step_overrides(cfg: PipelineRunConfig, stage: str, refs: dict[str, str], gold: str | None) -> list[str]:
+    """The overrides a step runs with: what the pipeline wires in (`refs`: the registry references of the steps
+    before; the gold; the seed), then the step's own overrides, which win (a reward model on another backbone than
+    the SFT model: `model.path=...` among the reward step's overrides), then its run name."""
+    wired: dict = {"reward": {"model.path": refs.get("sft"), "data.path": refs.get("label")},
+                   "ppo": {"model.path": refs.get("sft"), "reward.path": refs.get("reward"),
+                           **({"gold": gold} if gold else {})},
+                   "dpo": {"model.path": refs.get("sft"), "data.path": refs.get("label")}}.get(stage, {})
+    if stage == "eval":
+        wired = {"models": "[" + ", ".join(refs[s] for s in ("ppo", "dpo") if s in refs) + "]",
+                 "baseline": refs.get("sft")}
+        if "reward" in refs:  # without a reward model: no judge win rates, the tax and KL still
+            wired["judge.path"] = refs["reward"]
+        if gold:  # scores compared exactly: the annotators' tie margin models what people can tell apart
+            wired["gold.preference"] = gold
+    elif cfg.seed is not None:
+        wired = {"seed": cfg.seed, **wired}
+    return [f"{key}={value}" for key, value in wired.items()] + list(getattr(cfg, stage).overrides) + \
+        [f"output.name={cfg.name}-{stage}"]
+
+
+def _stage(module, stage: str, step: PipelineStepConfig, home: Path, overrides: list[str]) -> tuple[Artifact, str]:
     """Run one stage unless the registry already has it for this exact config; resume it when interrupted."""
     if not step.enabled:
         raise AlignError(f"{stage}: disabled")
-    # The step's own overrides come after what the pipeline wires in, so they win (a reward model on another
-    # backbone than the SFT model: `model.path=...` among the reward step's overrides).
-    if seed is not None and stage != "eval":
-        wired = {"seed": seed, **wired}
-    overrides = [f"{key}={value}" for key, value in wired.items()] + list(step.overrides) + \
-        [f"output.name={pipeline}-{stage}"]
     resolved = module.load(step.config, overrides)
     digest = hashlib.sha256(json.dumps(redact_secrets(to_dict(resolved)), sort_keys=True, default=str)
                             .encode()).hexdigest()[:10]
@@ -168,7 +203,7 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
     digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:6]
     dataset = f"{cfg.name}-rankings-{sft.stage}{sft.version}-{digest}"
     # Distinct prompts: push makes one record per prompt, and "finished" compares ranked records with this count.
-    prompts = list(dict.fromkeys(read_prompts(_package_path(label.prompts), option="label.prompts")))
+    prompts = list(dict.fromkeys(read_prompts(label.prompts, option="label.prompts")))
     prompts = prompts[:label.max_prompts]
     registry = Registry()
     for artifact in reversed(registry.list(stage="label")):
@@ -209,9 +244,3 @@ def _wait_for_rankings(dataset: str, wanted: int, timeout_s: int) -> None:
             raise AlignError(f"label: {ranked} of {wanted} records ranked after {timeout_s} s; run the pipeline again "
                              f"to keep waiting (finished steps are skipped)")
         time.sleep(30)
-
-
-def _package_path(path: str) -> str:
-    from align.modeling import resolve_package_path
-
-    return resolve_package_path(path)

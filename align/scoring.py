@@ -19,15 +19,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from align.artifacts import write_jsonl
 from align.config import ModelConfig, QuantizationConfig
 from align.errors import AlignError
-from align.modeling import keep_cpu_4bit_trainable, load_tokenizer, match_model_to_tokenizer, resolve_model, torch_dtype
+from align.modeling import (keep_cpu_4bit_trainable, load_tokenizer, match_model_to_tokenizer, model_config,
+                            model_files, resolve_model, torch_dtype)
 from align.registry import Registry, resolve_path
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -144,14 +145,8 @@ def load_sequence_classifier(path: str, model_cfg: ModelConfig | None = None, qu
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        with _quiet_load():
+        with model_files(path), _quiet_load():
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except OSError as e:
-        if Path(path).exists():
-            raise AlignError(f"model: cannot load {path}: {e}") from None
-        raise AlignError(f"model: '{path}' is not a local folder, and loading it from the Hugging Face hub failed "
-                         f"({'HF_HUB_OFFLINE is set' if os.environ.get('HF_HUB_OFFLINE') else type(e).__name__})"
-                         ) from None
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             raise AlignError(f"model: {path}: transformers has no sequence-classification (reward) head for this "
@@ -189,19 +184,17 @@ class RewardScorer:
         folder = Path(source.path)
         tokenizer = load_tokenizer(source.path)
         if source.adapter_of:
-            adapter = json.loads((folder / "adapter_config.json").read_text())
-            if adapter.get("task_type") != "SEQ_CLS":
-                raise AlignError(f"reward model: {ref_or_path} is a {adapter.get('task_type')} adapter, not a reward "
+            if source.adapter_task != "SEQ_CLS":
+                raise AlignError(f"reward model: {ref_or_path} is a {source.adapter_task} adapter, not a reward "
                                  f"model (train one with `align reward`)")
             from peft import PeftModel
 
             base = load_sequence_classifier(resolve_model(source.adapter_of, registry).path, dtype=dtype)
             _set_pad(base, tokenizer)
-            model = PeftModel.from_pretrained(base, str(folder))
+            with model_files(source.path):
+                model = PeftModel.from_pretrained(base, str(folder))
         else:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(source.path)
+            config = model_config(source.path)
             architectures = getattr(config, "architectures", None) or []
             if getattr(config, "num_labels", None) != 1 or not any("SequenceClassification" in a
                                                                     for a in architectures):
@@ -302,12 +295,7 @@ def score_command(model: str, data: str, out: str | None = None, raw: bool = Fal
             rewards += scorer.score(prompts[start:start + step], responses[start:start + step], batch_size,
                                     normalized=not raw)
             progress.advance(task, len(prompts[start:start + step]))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with staging.open("w", encoding="utf-8") as handle:
-        for row, reward in zip(records.rows, rewards):
-            handle.write(json.dumps({**row, "reward": reward}, ensure_ascii=False, default=str) + "\n")
-    os.replace(staging, target)
+    write_jsonl(target, ({**row, "reward": reward} for row, reward in zip(records.rows, rewards)))
     mean = sum(rewards) / len(rewards)
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(len(rewards) - 1, 1))
     normalized = not raw and scorer.normalization is not None

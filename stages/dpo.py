@@ -10,53 +10,42 @@ and after -> artifact (adapter, tokenizer, card, log, plots) renamed into place 
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal, get_args
 
 from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
-                             save_run_config, save_training_log, write_model_card)
+                             mean_train_loss, save_run_config, save_training_log, write_model_card)
 from align.config import DPORunConfig, TemplateConfig, check_report_to, load_config, to_dict
-from align.data import fingerprint, format_prompt, read_preferences, read_records, split_by_prompt
+from align.data import Dropped, fingerprint, format_prompt, read_preferences, read_records, split_by_prompt
 from align.errors import AlignError
-from align.modeling import (ModelSource, apply_tuning, is_encoder_decoder, load_model, load_tokenizer,
-                            match_model_to_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer,
-                            resolve_model, save_merged, trainer_defaults, training_config, training_template)
+from align.memory import DPO_LOGIT_COPIES, check_memory, trainer_workload
+from align.modeling import (ModelSource, apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer,
+                            merge_adapter, parameter_summary, prepare_tokenizer, require_model_kind, resolve_model,
+                            save_merged, trainer_defaults, training_config, training_template)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import human_bytes, plot_training_curves, print_table
 from align.scoring import as_messages, as_text
 
 STAGE = "dpo"
 
-# The values TRL 1.16's DPOTrainer implements (DPOConfig declares them as plain strings): a typo fails before any
-# model loads (a single loss_type in the config check, with file:line), not at the first training step.
-LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
-FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 # TRL's held-out metrics (implicit reward r = beta * log(pi / pi_ref) of chosen and rejected responses).
 EVAL_KEYS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
              "eval_rewards/rejected")
 
 
-def training_keys():
-    """TRL's DPOConfig as the schema of `training:`, with loss_type / f_divergence_type narrowed to their values
-    (the items of a list of losses are checked in `training_arguments`)."""
+def load(config_path: str, overrides: list[str]) -> DPORunConfig:
+    """The validated config: every `training:` key checked against TRL's DPOConfig (loss_type and f_divergence_type
+    against the values TRL implements: align.config.DPO_TRAINING_FIELDS), and the DPOConfig that training uses built
+    once (its own checks, reported at file:line) before anything heavy."""
     from trl import DPOConfig
 
-    @dataclass
-    class DPOTrainingKeys(DPOConfig):
-        loss_type: LossType | list[str] = field(default_factory=lambda: ["sigmoid"])
-        f_divergence_type: FDivergence = "reverse_kl"
+    def check(cfg: DPORunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
+        training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
+                                                                                      cfg.data.val_set_size))
 
-    return DPOTrainingKeys
-
-
-def load(config_path: str, overrides: list[str]) -> DPORunConfig:
-    """The validated config (every `training:` key checked against TRL's DPOConfig)."""
-    return load_config(config_path, overrides, DPORunConfig, extra_sections={"training": training_keys()})
+    return load_config(config_path, overrides, DPORunConfig, extra_sections={"training": DPOConfig}, check=check)
 
 
 def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
@@ -82,7 +71,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         raise AlignError(f"data: {data_path}: only {len(prefs.pairs)} usable preference pairs (from {prefs.records} "
                          f"records; {prefs.dropped_ties} ties and {prefs.dropped_identical} identical pairs dropped); "
                          f"data.min_pairs is {cfg.data.min_pairs}. DPO needs more comparisons")
-    train, evaluation, eval_overlap = _split(prefs.pairs, cfg, eval_path)
+    train, evaluation, eval_overlap, held_dropped = _split(prefs.pairs, cfg, eval_path)
+    dropped = prefs.dropped + held_dropped
     template, template_note = _template(cfg, source)
     tokenizer = load_tokenizer(source.path, cfg.model)
     if reference is not None:
@@ -110,6 +100,12 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     if "tensorboard" in str(args.report_to):
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir.work / "tensorboard"))
     trainer = _make_trainer(model, ref_model, tokenizer, args, train_rows, eval_rows)
+    rows = trainer.train_dataset
+    longest = max((len(p) + max(len(c), len(r)) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"],
+                                                                    rows["rejected_ids"])), default=0)
+    memory = check_memory(trainer.model, trainer_workload(args, min(longest, args.max_length or longest),
+                                                          sequences_per_item=2, logit_copies=DPO_LOGIT_COPIES),
+                          extra_weight_bytes=parameter_summary(ref_model).memory_bytes if ref_model is not None else 0)
     run_dir.create()
     max_length = args.max_length
     truncated_train, dropped_train = _over_length(trainer.train_dataset, len(train_rows), max_length)
@@ -127,11 +123,12 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             ("loss", f"{' + '.join(args.loss_type)} (beta {args.beta:g})"),
             ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
             ("memory (weights)", human_bytes(params.memory_bytes)),
+            memory,
             ("template", template_note),
             ("data", f"{cfg.data.path} [{prefs.format}{', conversational' if prefs.conversational else ''}] "
                      f"{len(prefs.pairs)} pairs, {prefs.prompts} prompts"),
             *([("rankings", f"{prefs.rankings} expanded into all their pairs")] if prefs.rankings else []),
-            ("dropped", f"{prefs.dropped_ties} ties, {prefs.dropped_identical} chosen == rejected"),
+            ("dropped", dropped.summary()),
             *([("margins", "in the data but unused (DPO has no margin term)")] if "margin" in prefs.pairs[0] else []),
             ("split (by prompt)", f"{len(trainer.train_dataset)} train / {len(eval_rows) - dropped_eval} held-out "
                                   f"pairs ({train_prompts} / {len({p['group'] for p in evaluation})} prompts)"
@@ -161,13 +158,12 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         "eval_reward_margin": _get(after, "eval_rewards/margins"),
         "eval_loss_before": _get(before, "eval_loss"),
         "eval_loss": _get(after, "eval_loss"),
-        "train_loss": result.training_loss,
+        "train_loss": mean_train_loss(trainer.state.log_history) or result.training_loss,
         "train_pairs": len(trainer.train_dataset),
         "eval_pairs": len(eval_rows) - dropped_eval,
         "train_prompts": train_prompts,
         "eval_prompts": len({p["group"] for p in evaluation}),
-        "dropped_ties": prefs.dropped_ties,
-        "dropped_identical": prefs.dropped_identical,
+        **dropped.metrics(),
         "truncated": truncated_train + truncated_eval,
         "over_max_length": dropped_train + dropped_eval,
         "steps": result.global_step,
@@ -190,12 +186,12 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                      data_source=_described(cfg.data.path, data_artifact, data_path),
                      data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots,
                      usage=_card_usage(run_dir.final, cfg.lora.enabled, template))
-    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
     parents = [a.id for a in (source.artifact, data_artifact, eval_artifact, reference and reference.artifact)
                if a is not None]
-    artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=backbone,
-                            parents=list(dict.fromkeys(parents)), config=config, data_fingerprint=data_fingerprint,
-                            metrics=metrics)
+    artifact = run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage=STAGE, name=name,
+                               base_model=backbone, parents=list(dict.fromkeys(parents)), config=config,
+                               data_fingerprint=data_fingerprint, metrics=metrics)
+    final = run_dir.final
     m = metrics
     print_table(f"finished: {artifact.ref} ({name})", [
         *([("held-out reward accuracy", f"{m['eval_reward_accuracy_before']:.3f} -> {m['eval_reward_accuracy']:.3f}"
@@ -205,7 +201,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
            ("eval loss", f"{m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")]
           if "eval_reward_accuracy" in m and "eval_reward_accuracy_before" in m else
           [("held-out metrics", "none (no held-out pairs: data.val_set_size or data.eval_path)")]),
-        ("train loss", result.training_loss),
+        ("train loss", metrics["train_loss"]),
         ("steps", result.global_step),
         ("runtime", f"{m['train_runtime_s']:.1f} s"),
         ("artifact", str(final)),
@@ -221,23 +217,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 def _require_causal_lm(source: ModelSource, key: str, given: str, cfg: DPORunConfig) -> None:
     """DPO compares a causal LM's log-probabilities: a reward model (score head) or an encoder-decoder is refused
     before anything loads."""
-    kind = None
-    if source.artifact is not None and source.artifact.stage == "reward":
-        kind = "a reward model (align reward)"
-    elif source.adapter_of:
-        task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
-        kind = None if task == "CAUSAL_LM" else f"a {task} adapter"
-    else:
-        config = Path(source.path) / "config.json"
-        architectures = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
-        if any(a.endswith("ForSequenceClassification") for a in architectures):
-            kind = "a sequence classifier (a reward model)"
-        elif is_encoder_decoder(source.path, cfg.model):
-            kind = "an encoder-decoder model"
-    if kind:
-        label = f"{given} ({source.artifact.ref})" if source.artifact and source.artifact.ref != given else given
-        raise AlignError(f"{key}: {label} is {kind}; DPO trains and compares causal LMs: give the SFT model "
-                         f"(e.g. sft:latest) or a decoder-only model folder")
+    require_model_kind(source, key, given, "align dpo", kinds=("causal",),
+                       hint="the SFT model (e.g. sft:latest) or a decoder-only model folder", model_cfg=cfg.model)
 
 
 def _reference_source(cfg: DPORunConfig, registry: Registry, policy: ModelSource) -> ModelSource | None:
@@ -301,15 +282,17 @@ def _reference_model(path: str | None, backbone: str, cfg: DPORunConfig, args, t
 # --------------------------------------------------------------------------------------------------
 # Data
 
-def _split(pairs: list[dict], cfg: DPORunConfig, eval_path: str | None) -> tuple[list[dict], list[dict], int]:
-    """(train, held-out, eval pairs left out): `data.eval_path` minus the prompts also in training, else
-    `data.val_set_size` of the prompts, all pairs of a prompt on one side."""
+def _split(pairs: list[dict], cfg: DPORunConfig,
+           eval_path: str | None) -> tuple[list[dict], list[dict], int, Dropped]:
+    """(train, held-out, eval pairs left out, what the eval file dropped): `data.eval_path` minus the prompts also in
+    training, else `data.val_set_size` of the prompts, all pairs of a prompt on one side."""
     if not eval_path:
-        return *split_by_prompt(pairs, cfg.data.val_set_size, cfg.data.seed), 0
-    held = read_preferences(read_records(eval_path, cfg.data.split), cfg.data.columns, cfg.data.use_margin).pairs
+        return *split_by_prompt(pairs, cfg.data.val_set_size, cfg.data.seed), 0, Dropped()
+    held = read_preferences(read_records(eval_path, cfg.data.split, "data.eval_path"), cfg.data.columns,
+                            cfg.data.use_margin)
     train_prompts = {json.dumps(p["prompt"], sort_keys=True) for p in pairs}
-    evaluation = [p for p in held if json.dumps(p["prompt"], sort_keys=True) not in train_prompts]
-    return pairs, evaluation, len(held) - len(evaluation)
+    evaluation = [p for p in held.pairs if json.dumps(p["prompt"], sort_keys=True) not in train_prompts]
+    return pairs, evaluation, len(held.pairs) - len(evaluation), held.dropped
 
 
 def _template(cfg: DPORunConfig, source: ModelSource) -> tuple[TemplateConfig, str]:
@@ -363,13 +346,6 @@ def training_arguments(cfg: DPORunConfig, run_dir: RunDir, has_eval: bool):
     from trl import DPOConfig
 
     defaults = trainer_defaults(cfg.model, run_dir.work / CHECKPOINTS, cfg.seed, cfg.data.seed, cfg.training)
-    losses = cfg.training.get("loss_type", [])
-    for loss in [losses] if isinstance(losses, str) else losses:
-        if loss not in get_args(LossType):
-            close = difflib.get_close_matches(loss, get_args(LossType), n=1)
-            raise AlignError(f"training.loss_type: {loss!r} is not a loss TRL implements"
-                             f"{f' (did you mean {close[0]!r}?)' if close else ''}; one of "
-                             f"{', '.join(get_args(LossType))}")
     strategy = cfg.training.get("eval_strategy")
     if not has_eval and (cfg.training.get("load_best_model_at_end") or
                          (strategy is not None and str(strategy).lower() != "no")):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.artifacts import RunDir, save_run_config
-from align.config import EvalRunConfig, load_config, to_dict
+from align.config import EvalRunConfig, load_config, read_text, to_dict
 from align.data import PROMPT_FIELDS, read_records
 from align.errors import AlignError
 from align.evaluation import (Benchmark, Question, alignment_tax, judgments_from_rewards,
@@ -35,6 +35,7 @@ from align.evaluation import (Benchmark, Question, alignment_tax, judgments_from
                               text_metrics)
 from align.generation import SamplingConfig, generate, render_prompts
 from align.gold import Gold, load_gold
+from align.modeling import GENERATION_HINT, require_model_kind
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, print_table
 
@@ -46,15 +47,18 @@ def load(config_path: str, overrides: list[str]) -> EvalRunConfig:
     return load_config(config_path, overrides, EvalRunConfig)
 
 
-def run(config_path: str, overrides: list[str], models: list[str] | None = None) -> Artifact:
+def run(config_path: str, overrides: list[str]) -> Artifact:
     # 1. Config and inputs: every reference resolved and every file read before a model loads.
     cfg = load(config_path, overrides)
-    if models:
-        cfg.models = list(models)
+    sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
+                              top_p=cfg.generation.top_p, seed=cfg.generation.seed,
+                              batch_size=cfg.generation.batch_size)
     registry = Registry()
     names, artifacts, seen = [], {}, {}
     for name in [cfg.baseline] + list(cfg.models):  # the baseline first; a model named twice is evaluated once
         source = _source(name, registry)
+        require_model_kind(source, "baseline" if name == cfg.baseline else "models", name, "align eval compare",
+                           hint=GENERATION_HINT)  # a reward model here fails now, not after the others generated
         name = source.artifact.ref if source.artifact else name  # `ppo:3`, not `ppo:latest`: stays true later
         if source.path in seen:
             if name != seen[source.path]:
@@ -91,9 +95,6 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
                       f"(`align eval human push`)")
 
     # 2. Each model in turn: responses, benchmarks, perplexity, log-probabilities of its own responses.
-    sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
-                              top_p=cfg.generation.top_p, seed=cfg.generation.seed,
-                              batch_size=cfg.generation.batch_size)
     results = {name: ModelResult(name) for name in names}
     for name in names:
         _evaluate_model(results[name], prompts, references, benchmarks, texts, sampling)
@@ -123,13 +124,13 @@ def run(config_path: str, overrides: list[str], models: list[str] | None = None)
     markdown = _markdown(stats, names, prompts, results, cfg, plots, training)
     (work / "report.md").write_text(markdown)
     (work / "report.html").write_text(_html(markdown, work))
-    final = run_dir.finish()
     parents = [a.id for a in list(artifacts.values()) + [judge_artifact] if a is not None]
     if gold is not None and gold.kind == "reward_model":
         gold_artifact = _source(gold.spec, registry).artifact
         parents += [gold_artifact.id] if gold_artifact is not None and gold_artifact.id not in parents else []
-    artifact = registry.add(stage=STAGE, name=run_name, kind="evaluation", path=str(final), parents=parents,
-                            config=to_dict(cfg), metrics=_registry_metrics(stats, names))
+    artifact = run_dir.publish(registry, stage=STAGE, name=run_name, kind="evaluation", parents=parents,
+                               config=to_dict(cfg), metrics=_registry_metrics(stats, names))
+    final = run_dir.final
     _print_summary(stats, names, final, artifact, cfg)
     return artifact
 
@@ -157,15 +158,12 @@ def _file_label(path: str) -> str:
 def _read_prompts(cfg: EvalRunConfig) -> tuple[list[str], list[str] | None]:
     """Prompts (and reference answers when every record has one) from a prompt file, subset with the seed."""
     path, _ = resolve_path(cfg.prompts.path)
-    from align.modeling import resolve_package_path
-
-    path = resolve_package_path(path)
     if path.endswith(".txt"):
         from align.data import read_prompts
 
         prompts, references = read_prompts(path, option="prompts.path"), None
     else:
-        records = read_records(path)
+        records = read_records(path, key="prompts.path")
         prompts, references = [], []
         for row, where in zip(records.rows, records.locations):
             field_name = next((f for f in PROMPT_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
@@ -197,12 +195,9 @@ def _read_texts(path: str, limit: int) -> list[str]:
 
     path = resolve_package_path(path)
     if path.endswith(".txt"):
-        try:
-            texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as e:
-            raise AlignError(f"perplexity: cannot read {path}: {e.strerror}") from None
+        texts = [line.strip() for line in read_text(path, "perplexity").splitlines() if line.strip()]
     else:
-        records = read_records(path)
+        records = read_records(path, key="perplexity")
         texts = []
         for row, where in zip(records.rows, records.locations):
             text = next((row[f] for f in ("text", "content", "passage") if isinstance(row.get(f), str)), None)

@@ -30,10 +30,11 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log
-from align.config import PPOConfig, PPORunConfig, RolloutConfig, load_config, to_dict
+from align.config import PPORunConfig, load_config, to_dict
 from align.errors import AlignError
-from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
-                            trainer_defaults, training_config, training_template)
+from align.memory import check_memory, trainer_workload
+from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, require_model_kind,
+                            resolve_model, trainer_defaults, training_config, training_template)
 from align.gold import Gold
 from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
                           load_run_gold, plot_overoptimization, print_overoptimization, print_samples,
@@ -43,37 +44,13 @@ from align.reporting import console, human_bytes, plot_metric_grid, print_table
 from align.scoring import RewardScorer
 
 STAGE = "ppo"
-# `ppo` fields of PPO's value function, GAE and KL controller: set away from their defaults, they would be ignored.
-PPO_ONLY = ("value_learning_rate", "value_warmup_steps", "value_layers", "gamma", "lam", "cliprange_value", "vf_coef",
-            "adaptive_kl", "whiten_rewards")
 
 
 def load(config_path: str, overrides: list[str]) -> PPORunConfig:
+    """The validated config (what GRPO / RLOO cannot honour is refused by align.config, with file:line)."""
     cfg = load_config(config_path, overrides, PPORunConfig)
     if cfg.algorithm == "ppo":
         raise AlignError("algorithm: ppo runs in stages/ppo.py (`align ppo` picks it)")
-    if cfg.ptx.path:
-        raise AlignError(f"ptx.path: PPO-ptx is part of align's PPO trainer; algorithm {cfg.algorithm} has no ptx "
-                         f"term: unset it (ptx.path=null) or use algorithm: ppo")
-    if cfg.rollout.forward_batch_size != RolloutConfig().forward_batch_size:
-        raise AlignError(f"rollout.forward_batch_size: PPO only; algorithm {cfg.algorithm} scores with "
-                         f"ppo.mini_batch_size per pass: remove it")
-    if cfg.rollout.gather_weights != RolloutConfig().gather_weights:
-        raise AlignError(f"rollout.gather_weights: PPO only; algorithm {cfg.algorithm} runs TRL's trainer, which "
-                         f"gathers weights as accelerate does: remove it")
-    if cfg.rollout.stop_strings:
-        raise AlignError(f"rollout.stop_strings: not supported with algorithm {cfg.algorithm} (responses end at EOS "
-                         f"or rollout.max_new_tokens); remove them or use algorithm: ppo")
-    defaults = PPOConfig()
-    for key in PPO_ONLY:
-        if getattr(cfg.ppo, key) != getattr(defaults, key):
-            raise AlignError(f"ppo.{key}: PPO only (value function, GAE, KL controller); algorithm {cfg.algorithm} "
-                             f"has none of them: remove it")
-    responses = cfg.ppo.batch_size * cfg.ppo.group_size
-    if responses % cfg.ppo.mini_batch_size:
-        raise AlignError(f"ppo.mini_batch_size: {cfg.ppo.mini_batch_size} does not divide the {responses} responses "
-                         f"of an iteration (ppo.batch_size {cfg.ppo.batch_size} x ppo.group_size "
-                         f"{cfg.ppo.group_size})")
     return cfg
 
 
@@ -85,6 +62,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     checkpoint = run_dir.open(resume, int(os.environ.get("RANK", "0")) == 0)
     registry = Registry()
     policy_source = resolve_model(cfg.model.path, registry)
+    require_model_kind(policy_source, "model.path", cfg.model.path, "align ppo", kinds=("causal",),
+                       hint="the SFT model (e.g. sft:latest) or a decoder-only model folder", model_cfg=cfg.model)
     reward_source = resolve_model(cfg.reward.path, registry)
     check_reward_artifact(reward_source, cfg.reward.path)
     if cfg.reward.share_base == "true":
@@ -122,6 +101,14 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     trainer = _make_trainer(cfg.algorithm, model, [reward, measure] if measure else [reward], args, rows, tokenizer,
                             log)
     is_main = trainer.is_world_process_zero()
+    longest = max(len(ids) for _, _, ids in encoded) + cfg.rollout.max_new_tokens
+    reference = getattr(trainer, "ref_model", None)  # full fine-tuning: TRL's frozen copy
+    memory = check_memory(trainer.model, trainer_workload(
+        args, longest, logit_positions=cfg.rollout.max_new_tokens + 1,
+        generation_tokens=cfg.ppo.batch_size * cfg.ppo.group_size * longest, batch_key="ppo.mini_batch_size",
+        accumulation_key=None, checkpointing_key=None, length_key=None),
+        extra_weight_bytes=parameter_summary(reward.scorer.model).memory_bytes +
+        (parameter_summary(reference).memory_bytes if reference is not None else 0))
     run_dir.create()
     if is_main:
         print_table(f"align ppo --algorithm {cfg.algorithm}: {name}", [
@@ -137,6 +124,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                                      f"reward function of weight 0 (never trained on)" if gold else "none"),
             ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
             ("memory (weights)", human_bytes(params.memory_bytes)),
+            memory,
             ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated} over rollout.max_prompt_length="
                                                             f"{cfg.rollout.max_prompt_length}: kept their last "
                                                             f"tokens)" if truncated else "")),

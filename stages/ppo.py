@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 
 from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log
-from align.config import DataConfig, PPOConfig, PPORunConfig, TemplateConfig, load_config, to_dict
-from align.data import read_records, to_examples
+from align.config import DataConfig, PPORunConfig, TemplateConfig, load_config, to_dict
+from align.data import Dropped, read_records, to_examples
 from align.errors import AlignError
-from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, resolve_model,
-                            training_template)
+from align.memory import Workload, check_memory
+from align.modeling import (load_tokenizer, merge_adapter, model_files, parameter_summary, prepare_tokenizer,
+                            require_model_kind, resolve_model, training_template)
 from align.gold import Gold
 from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
                           load_run_gold, plot_overoptimization, print_overoptimization, print_samples,
@@ -58,24 +59,10 @@ VALUE_HEAD_FILE = "value_head.pt"
 
 
 def load(config_path: str, overrides: list[str]) -> PPORunConfig:
+    """The validated config (what align's PPO cannot honour is refused by align.config, with file:line)."""
     cfg = load_config(config_path, overrides, PPORunConfig)
     if cfg.algorithm != "ppo":
         raise AlignError(f"algorithm: {cfg.algorithm} runs in stages/grpo.py (`align ppo` picks it)")
-    if cfg.ppo.mini_batch_size > cfg.ppo.batch_size:
-        raise AlignError(f"ppo.mini_batch_size ({cfg.ppo.mini_batch_size}) is larger than ppo.batch_size "
-                         f"({cfg.ppo.batch_size}): a minibatch is a slice of the sampled batch")
-    if cfg.lora.enabled and cfg.lora.bias != "none":
-        raise AlignError(f"lora.bias: {cfg.lora.bias}: align ppo keeps every base weight frozen (with LoRA they are "
-                         f"also the KL reference and the reward model); set lora.bias: none")
-    if cfg.ppo.value_layers is not None and not cfg.lora.enabled:
-        raise AlignError("ppo.value_layers: with full fine-tuning the value head reads the policy's own hidden states "
-                         "(no value adapter); remove it or set lora.enabled: true")
-    if cfg.ppo.group_size != PPOConfig().group_size:
-        raise AlignError("ppo.group_size: GRPO/RLOO only (algorithm: grpo or rloo); PPO samples one response per "
-                         "prompt: remove it")
-    if cfg.reward.share_base == "true" and not cfg.lora.enabled:
-        raise AlignError("reward.share_base: true needs lora.enabled: true (full fine-tuning changes the base "
-                         "weights the reward adapter was trained on); set reward.share_base: false")
     return cfg
 
 
@@ -88,6 +75,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     checkpoint = run_dir.open(resume, dist.is_main)
     registry = Registry()
     policy_source = resolve_model(cfg.model.path, registry)
+    require_model_kind(policy_source, "model.path", cfg.model.path, "align ppo", kinds=("causal",),
+                       hint="the SFT model (e.g. sft:latest) or a decoder-only model folder", model_cfg=cfg.model)
     reward_source = resolve_model(cfg.reward.path, registry)
     check_reward_artifact(reward_source, cfg.reward.path)
     gold = load_run_gold(cfg, reward_source)  # measured each iteration, never trained on; checked now
@@ -129,6 +118,14 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         console.print(f"value function: passes over its trained {value.layers_note(model)} alone do not reproduce "
                       f"{type(_language_model(model)).__name__}'s forward pass; they run the whole model")
     weight_bytes = params.memory_bytes + (parameter_summary(reference).memory_bytes if reference is not None else 0)
+    longest = max(len(ids) for _, ids in queries) + cfg.rollout.max_new_tokens
+    memory = check_memory(model, Workload(
+        batch=cfg.ppo.mini_batch_size, length=longest, logit_positions=cfg.rollout.max_new_tokens + 1,
+        extra_tokens=cfg.ptx.batch_size * cfg.ptx.max_length if ptx else 0,
+        generation_tokens=cfg.ppo.batch_size * longest, shards=dist.world if dist.sharded else 1,
+        batch_key="ppo.mini_batch_size", accumulation_key=None, checkpointing_key=None, length_key=None),
+        extra_weight_bytes=weight_bytes - params.memory_bytes +
+        (parameter_summary(reward.model).memory_bytes if isinstance(reward, TextReward) else 0))
     if dist.is_main:
         print_table(f"align ppo: {name}", [
             ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
@@ -149,10 +146,12 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                            f"policy model"),
             ("memory (weights)", human_bytes(weight_bytes) + (f"; {human_bytes(bytes_held)} "
                                                               f"held by each process" if dist.sharded else "")),
+            memory,
             ("prompts", f"{prompt_path}: {len(prompts)}" + (f" ({truncated_prompts} over rollout.max_prompt_length="
                                                             f"{cfg.rollout.max_prompt_length}: kept their last tokens)"
                                                             if truncated_prompts else "")),
-            ("ptx", f"{ptx_path}: {len(ptx.rows)} examples, coef {cfg.ptx.coef}" if ptx else "off"),
+            ("ptx", f"{ptx_path}: {len(ptx.rows)} examples, coef {cfg.ptx.coef}; dropped: {ptx.dropped.summary()}"
+             if ptx else "off"),
             ("schedule", f"{cfg.ppo.steps} iterations x {cfg.ppo.batch_size} prompts x {dist.world} process(es), "
                          f"{cfg.ppo.ppo_epochs} PPO epochs of minibatch {cfg.ppo.mini_batch_size}"),
             ("KL", f"beta {cfg.ppo.kl_coef}" + (f", adaptive to target {cfg.ppo.target_kl}" if cfg.ppo.adaptive_kl
@@ -189,7 +188,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         plot_overoptimization(trainer.history, work, summary.get("overoptimization"))
     metrics = {**summary, "base_weight_copies": copies, "truncated_prompts": truncated_prompts,
                "prompts": len(prompts), "trainable_parameters": trainer.trainable_count,
-               "total_parameters": params.total}
+               "total_parameters": params.total,
+               **({f"ptx_{key}": count for key, count in ptx.dropped.metrics().items()} if ptx else {})}
     artifact = register_policy(run_dir, registry, cfg, name, policy_source, base_path, prompts, metrics, config,
                                plots, [policy_source.artifact, reward_source.artifact, prompt_artifact, ptx_artifact])
     final = Path(artifact.path)
@@ -215,6 +215,7 @@ class PtxData:
     rows: list[tuple[list[int], list[int]]]
     batch_size: int
     seed: int
+    dropped: Dropped  # records left out, shown in the start table and kept in the metrics
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         order = _epoch_order(len(self.rows), index * self.batch_size, self.batch_size, self.seed)
@@ -232,7 +233,8 @@ class PtxData:
 
 def _ptx_batches(cfg: PPORunConfig, path: str, tokenizer, template: TemplateConfig) -> PtxData:
     """ptx examples in any `align sft` format: loss on completions, or on every token of plain text."""
-    prepared = to_examples(read_records(path), DataConfig(path=path, columns=cfg.ptx.columns), template)
+    prepared = to_examples(read_records(path, key="ptx.path"), DataConfig(path=path, columns=cfg.ptx.columns),
+                           template)
     rows = []
     for example in prepared.examples:
         if "text" in example:
@@ -253,10 +255,12 @@ def _ptx_batches(cfg: PPORunConfig, path: str, tokenizer, template: TemplateConf
         labels = [-100] * min(prompt_len, len(ids)) + ids[prompt_len:]
         if any(label != -100 for label in labels):
             rows.append((ids, labels))
+        else:  # the examples have no line numbers any more: the file names them
+            prepared.dropped.add("no_completion_within_ptx_max_length", path)
     if not rows:
         raise AlignError(f"ptx.path: {path}: no example keeps a completion token within ptx.max_length="
                          f"{cfg.ptx.max_length}; raise it")
-    return PtxData(rows, cfg.ptx.batch_size, cfg.seed)
+    return PtxData(rows, cfg.ptx.batch_size, cfg.seed, prepared.dropped)
 
 
 def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
@@ -346,9 +350,10 @@ def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     file = folder / "adapter_model.safetensors"
-    if file.is_file():
-        return load_file(str(file))
-    return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    with model_files(str(folder)):
+        if file.is_file():
+            return load_file(str(file))
+        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
 
 
 def _split_score_head(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -24,11 +24,12 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
-                             save_run_config, save_training_log, write_model_card)
+                             mean_train_loss, save_run_config, save_training_log, write_model_card)
 from align.config import RewardRunConfig, check_report_to, load_config, to_dict
 from align.data import (fingerprint, read_preferences, read_prompt_responses, read_records, split_by_prompt)
 from align.errors import AlignError
 from align.evaluation import CALIBRATION_BINS, calibration
+from align.memory import check_memory, trainer_workload
 from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_model_to_tokenizer, parameter_summary,
                             merge_adapter, prepare_tokenizer, resolve_model, torch_dtype, trainer_defaults,
                             training_config)
@@ -40,10 +41,16 @@ STAGE = "reward"
 
 
 def load(config_path: str, overrides: list[str]) -> RewardRunConfig:
-    """The validated config (every `training:` key checked against TRL's RewardConfig)."""
+    """The validated config: every `training:` key checked against TRL's RewardConfig, and the RewardConfig that
+    training uses built once (its own checks, reported at file:line) before anything heavy."""
     from trl import RewardConfig
 
-    return load_config(config_path, overrides, RewardRunConfig, extra_sections={"training": RewardConfig})
+    def check(cfg: RewardRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
+        training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
+                                                                                      cfg.data.val_set_size))
+
+    return load_config(config_path, overrides, RewardRunConfig, extra_sections={"training": RewardConfig},
+                       check=check)
 
 
 def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
@@ -66,9 +73,11 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         raise AlignError(f"data: {data_path}: only {len(prefs.pairs)} usable preference pairs (from {prefs.records} "
                          f"records; {prefs.dropped_ties} ties and {prefs.dropped_identical} identical pairs dropped); "
                          f"data.min_pairs is {cfg.data.min_pairs}. A reward model needs more comparisons")
-    eval_overlap = 0
+    eval_overlap, dropped = 0, prefs.dropped
     if eval_path:
-        held = read_preferences(read_records(eval_path, cfg.data.split), cfg.data.columns, cfg.data.use_margin)
+        held = read_preferences(read_records(eval_path, cfg.data.split, "data.eval_path"), cfg.data.columns,
+                                cfg.data.use_margin)
+        dropped += held.dropped
         train_prompts = {json.dumps(p["prompt"], sort_keys=True) for p in prefs.pairs}
         evaluation = [p for p in held.pairs if json.dumps(p["prompt"], sort_keys=True) not in train_prompts]
         eval_overlap = len(held.pairs) - len(evaluation)
@@ -103,6 +112,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     gradient_checkpointing = bool(cfg.training.get("gradient_checkpointing", False))
     model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing, task_type="SEQ_CLS")
     params = parameter_summary(model)
+    longest = max(len(ids) for r in train_rows for ids in (r["chosen_ids"], r["rejected_ids"]))
+    memory = check_memory(model, trainer_workload(args, longest, sequences_per_item=2, logit_positions=0))
     train_groups = len({r["group"] for r in train_rows})
     print_table(f"align reward: {name}", [
         ("model", backbone + (" (4-bit)" if cfg.quantization.load_in_4bit else
@@ -112,10 +123,11 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
          ("partial" if cfg.model.train_only else "full fine-tuning")),
         ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
         ("memory (weights)", human_bytes(params.memory_bytes)),
+        memory,
         ("data", f"{cfg.data.path} [{prefs.format}{', conversational' if prefs.conversational else ''}] "
                  f"{len(prefs.pairs)} pairs, {prefs.prompts} prompts"),
         *([("rankings", f"{prefs.rankings} expanded into all their pairs")] if prefs.rankings else []),
-        ("dropped", f"{prefs.dropped_ties} ties, {prefs.dropped_identical} chosen == rejected"),
+        ("dropped", dropped.summary()),
         ("split (by prompt)", f"{len(train_rows)} train / {len(eval_rows)} held-out pairs "
                               f"({train_groups} / {len({r['group'] for r in eval_rows})} prompts)"
                               + (f"; {eval_overlap} eval pairs left out (prompt in train)" if eval_overlap else "")),
@@ -165,7 +177,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         **({f"eval_accuracy[{c}]": a for c, a in heldout.metrics["by_category"].items()} if heldout else {}),
         "eval_loss_before": before and before.get("eval_loss"),
         "eval_loss": after and after.get("eval_loss"),
-        "train_loss": result.training_loss,
+        "train_loss": mean_train_loss(trainer.state.log_history) or result.training_loss,
         "reward_mean_reference": normalization and normalization.mean,
         "reward_std_reference": normalization and normalization.std,
         "reference_examples": normalization and normalization.count,
@@ -173,8 +185,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         "eval_pairs": len(eval_rows),
         "train_prompts": train_groups,
         "eval_prompts": len({r["group"] for r in eval_rows}),
-        "dropped_ties": prefs.dropped_ties,
-        "dropped_identical": prefs.dropped_identical,
+        **dropped.metrics(),
         "over_max_length": over_train + over_eval,
         "steps": result.global_step,
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
@@ -198,11 +209,11 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                      data_source=_described(cfg.data.path, data_artifact, data_path),
                      data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots,
                      usage=_reward_card_usage(run_dir.final, backbone, cfg.lora.enabled, resized))
-    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
     parents = [a.id for a in (source.artifact, data_artifact, eval_artifact) if a is not None]
-    artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=backbone,
-                            parents=list(dict.fromkeys(parents)), config=config, data_fingerprint=data_fingerprint,
-                            metrics=metrics)
+    artifact = run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage=STAGE, name=name,
+                               base_model=backbone, parents=list(dict.fromkeys(parents)), config=config,
+                               data_fingerprint=data_fingerprint, metrics=metrics)
+    final = run_dir.final
     m = metrics
     print_table(f"finished: {artifact.ref} ({name})", [
         ("held-out accuracy", f"{m['eval_accuracy_before']:.3f} -> {m['eval_accuracy']:.3f}"
@@ -212,7 +223,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         *[(f"accuracy [{c}]", a) for c, a in (heldout.metrics["by_category"].items() if heldout else [])],
         ("eval loss", f"{m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}"
          if "eval_loss" in m and "eval_loss_before" in m else m.get("eval_loss", "no eval set")),
-        ("train loss", result.training_loss),
+        ("train loss", metrics["train_loss"]),
         ("steps", result.global_step),
         ("normalization", f"reference mean {normalization.mean:.4g}, std {normalization.std:.4g} "
                           f"({normalization.count} {reference.name})" if normalization else "off (raw rewards)"),

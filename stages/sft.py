@@ -12,13 +12,14 @@ from pathlib import Path
 
 
 from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
-                             save_run_config, save_training_log, write_model_card)
+                             mean_train_loss, save_run_config, save_training_log, write_model_card)
 from align.config import SFTRunConfig, check_report_to, load_config, to_dict
 from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
 from align.errors import AlignError
+from align.memory import SFT_LOGIT_COPIES, check_memory, trainer_workload
 from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, parameter_summary,
-                            prepare_tokenizer, resolve_model, save_merged, trainer_defaults, training_config,
-                            training_flops)
+                            prepare_tokenizer, require_model_kind, resolve_model, save_merged, trainer_defaults,
+                            training_config, training_flops)
 from align.registry import Artifact, Registry
 from align.reporting import human_bytes, plot_training_curves, print_table
 
@@ -26,10 +27,15 @@ STAGE = "sft"
 
 
 def load(config_path: str, overrides: list[str]) -> SFTRunConfig:
-    """The validated config (every `training:` key checked against TRL's SFTConfig)."""
+    """The validated config: every `training:` key checked against TRL's SFTConfig, and the SFTConfig that training
+    uses built once (its own checks, reported at file:line) before anything heavy."""
     from trl import SFTConfig
 
-    return load_config(config_path, overrides, SFTRunConfig, extra_sections={"training": SFTConfig})
+    def check(cfg: SFTRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
+        training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
+                                                                                      cfg.data.val_set_size))
+
+    return load_config(config_path, overrides, SFTRunConfig, extra_sections={"training": SFTConfig}, check=check)
 
 
 def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
@@ -45,14 +51,18 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     if source.adapter_of:
         raise AlignError(f"model.path: {cfg.model.path} is a LoRA adapter; fine-tune its merged model instead "
                          f"(run that stage with output.merge=true and use <dir>/merged)")
+    require_model_kind(source, "model.path", cfg.model.path, "align sft", hint="a pretrained model folder or hub id",
+                       model_cfg=cfg.model)
 
     # 2. Data: read, format, measure, split. Bad data fails here, before the model loads.
     tokenizer = load_tokenizer(source.path, cfg.model)
     tokenizer_changes = prepare_tokenizer(tokenizer)
     prepared = to_examples(read_records(cfg.data.path, cfg.data.split), cfg.data, cfg.template)
+    dropped = prepared.dropped
     if cfg.data.eval_path:
         train = prepared.examples
-        evaluation = to_examples(read_records(cfg.data.eval_path, cfg.data.split), cfg.data, cfg.template).examples
+        held = to_examples(read_records(cfg.data.eval_path, cfg.data.split, "data.eval_path"), cfg.data, cfg.template)
+        evaluation, dropped = held.examples, dropped + held.dropped
     else:
         train, evaluation = split_validation(prepared.examples, cfg.data.val_set_size, cfg.data.seed)
     max_length = cfg.training.get("max_length", 1024)
@@ -78,6 +88,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                                                    cfg.training.get("gradient_checkpointing", False)))
     model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing)
     params = parameter_summary(model)
+    longest = max_length if args.packing and max_length else min(max(lengths), max_length or max(lengths))
+    memory = check_memory(model, trainer_workload(args, longest, logit_copies=SFT_LOGIT_COPIES))
     trained_tokens = sum(min(n, max_length or n) for n in lengths)
     epochs = args.num_train_epochs
     if args.max_steps > 0:  # steps, not epochs, end the run
@@ -89,7 +101,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("method", "LoRA" if cfg.lora.enabled else ("partial" if cfg.model.train_only else "full fine-tuning")),
         ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
         ("memory (weights)", human_bytes(params.memory_bytes)),
+        memory,
         ("data", f"{cfg.data.path} [{prepared.format}] {len(train)} train / {len(evaluation)} eval"),
+        ("dropped records", dropped.summary()),
         ("over max_length", f"{overlong} ({'dropped' if cfg.data.overlong == 'drop' else 'truncated'})"),
         ("est. training FLOPs", f"{training_flops(params, trained_tokens, epochs):.3e} (~{epochs:.2g} epochs)"),
         *[("tokenizer", change) for change in tokenizer_changes],
@@ -116,13 +130,13 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 
     # 5. Artifact: weights, tokenizer, config, card, log, plots; then rename into place and register.
     metrics = {
-        "train_loss": result.training_loss,
+        "train_loss": mean_train_loss(trainer.state.log_history) or result.training_loss,
         "eval_loss_before": eval_before,
         "eval_loss": eval_after,
         "train_examples": len(train),
         "eval_examples": len(evaluation),
         "over_max_length": overlong,
-        "dropped_empty": prepared.dropped_empty,
+        **dropped.metrics(),
         "steps": result.global_step,
         "trained_tokens": trainer.state.num_input_tokens_seen,
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
@@ -146,14 +160,14 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                      model_source=cfg.model.path, adapter=cfg.lora.enabled,
                      data_source=cfg.data.path, data_fingerprint=data_fingerprint, metrics=metrics,
                      config=config, plots=plots)
-    final = run_dir.finish(keep_checkpoints=cfg.output.keep_checkpoints)
-    artifact = registry.add(stage=STAGE, name=name, path=str(final), base_model=base_model,
-                            parents=[source.artifact.id] if source.artifact else [], config=config,
-                            data_fingerprint=data_fingerprint, metrics=metrics)
+    artifact = run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage=STAGE, name=name,
+                               base_model=base_model, parents=[source.artifact.id] if source.artifact else [],
+                               config=config, data_fingerprint=data_fingerprint, metrics=metrics)
+    final = run_dir.final
     print_table(f"finished: {artifact.ref} ({name})", [
         ("eval loss", f"{eval_before:.4f} -> {eval_after:.4f}" if eval_before is not None and eval_after is not None
          else eval_after if eval_after is not None else "no eval set"),
-        ("train loss", result.training_loss),
+        ("train loss", metrics["train_loss"]),
         ("steps", result.global_step),
         ("trained tokens", metrics["trained_tokens"]),
         ("tokens/s", metrics["trained_tokens"] / max(metrics["train_runtime_s"], 1e-9)),

@@ -106,7 +106,7 @@ CASES = {
     # TrainingArguments' own consistency checks (here: load_best_model_at_end with mismatched strategies).
     "training_arguments_inconsistent": Case(
         ["sft", "--config", "run.yaml"],
-        ["error: training: ", "load_best_model_at_end requires the save and eval strategy to match"],
+        ["error: run.yaml:9: training.load_best_model_at_end: ", "requires the save and eval strategy to match"],
         config=CONFIG.replace("data.jsonl", "data.jsonl\n  val_set_size: 2") + "  load_best_model_at_end: true\n"
         "  eval_strategy: steps\n  save_strategy: epoch\n"),
 }

@@ -92,10 +92,11 @@ def test_empty_sections_mean_defaults(load):
 @pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("2E-5", 2e-5), ("5e+3", 5e3), ("1.5e-4", 1.5e-4),
                                          ("-3e-2", -3e-2), (".5e-1", 0.05), ("0.0002", 2e-4)])
 def test_scientific_notation_is_a_number(load, text, value):
-    cfg = load(BASE + f"training:\n  learning_rate: {text}\n", f"training.weight_decay={text}")
-    assert isinstance(cfg.training["learning_rate"], float)
-    assert cfg.training["learning_rate"] == pytest.approx(value)
-    assert cfg.training["weight_decay"] == pytest.approx(value)  # overrides parse the same way
+    # adam_epsilon / adam_beta2: float fields without align ranges, so negative numbers load too
+    cfg = load(BASE + f"training:\n  adam_epsilon: {text}\n", f"training.adam_beta2={text}")
+    assert isinstance(cfg.training["adam_epsilon"], float)
+    assert cfg.training["adam_epsilon"] == pytest.approx(value)
+    assert cfg.training["adam_beta2"] == pytest.approx(value)  # overrides parse the same way
 
 
 def test_scientific_notation_in_align_sections(load):
@@ -294,8 +295,10 @@ def test_missing_data_section(error, tmp_path):
     assert message == f"{tmp_path / 'run.yaml'}: missing section 'data:' (it needs at least data.path)"
 
 
-def test_empty_file(error, tmp_path):
-    assert error("").startswith(f"{tmp_path / 'run.yaml'}: missing section 'model:'")
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_file(error, tmp_path, text):
+    assert error(text) == f"{tmp_path / 'run.yaml'}: the config is empty; it needs at least model:, data: (see " \
+                          f"configs/ for examples)"
 
 
 def test_config_file_not_found(tmp_path, sft_config_class):
@@ -304,7 +307,7 @@ def test_config_file_not_found(tmp_path, sft_config_class):
 
 
 def test_config_path_is_a_folder(tmp_path, sft_config_class):
-    with pytest.raises(AlignError, match="is a folder; --config takes a YAML file"):
+    with pytest.raises(AlignError, match=r"is a folder, not a file \(check the --config path\)"):
         load_config(tmp_path, [], SFTRunConfig, extra_sections={"training": sft_config_class})
 
 

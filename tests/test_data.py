@@ -146,19 +146,21 @@ def test_messages_without_an_assistant_answer_are_dropped_and_counted():
     prepared = convert([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
                         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]},
                         {"messages": [{"role": "user", "content": "a"}]}], "chat")
-    assert len(prepared.examples) == 1 and prepared.dropped_empty == 2
+    assert len(prepared.examples) == 1 and prepared.dropped.counts == {"no_assistant_answer": 2}
 
 
 def test_text_format():
     prepared = convert([{"text": "one"}, {"text": "two"}, {"text": ""}], "chat")
     assert prepared.examples == [{"text": "one"}, {"text": "two"}]
-    assert prepared.format == "text" and prepared.conversational is False and prepared.dropped_empty == 1
+    assert prepared.format == "text" and prepared.conversational is False
+    assert prepared.dropped.counts == {"empty_text": 1} and prepared.dropped.first == {"empty_text": "mem:3"}
 
 
 def test_empty_completions_are_dropped_and_counted():
     prepared = convert([{"prompt": "a", "completion": "x"}, {"prompt": "b", "completion": ""},
                         {"prompt": "c", "completion": None}, {"prompt": "d", "completion": " \n"}])
-    assert [e["prompt"] for e in prepared.examples] == ["a"] and prepared.dropped_empty == 3
+    assert [e["prompt"] for e in prepared.examples] == ["a"] and prepared.dropped.total == 3
+    assert prepared.dropped.counts == {"empty_completion": 2, "null_completion": 1}
 
 
 def test_numbers_become_text():
@@ -494,9 +496,9 @@ def test_bad_messages(tmp_path, messages, expected):
 def test_everything_empty_after_filtering(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": ""}, {"prompt": "b", "completion": " "}])
     message = align_error(to_examples, read_records(path), DataConfig(path=path), TemplateConfig())
-    assert message == (f"data: {path}: no usable examples left after filtering: all 2 records were dropped for "
-                       f"lacking a non-empty completion (format prompt_completion); fill them in, or check "
-                       f"data.format / data.columns")
+    assert message == (f"data: {path}: no usable examples left after filtering: all 2 records were dropped (empty "
+                       f"completion: 2 (first at {path}:1)); each needs a non-empty completion (format "
+                       f"prompt_completion); fill them in, or check data.format / data.columns")
 
 
 def test_no_records(tmp_path):
@@ -515,8 +517,8 @@ def test_custom_template_field_the_record_lacks():
 @pytest.mark.parametrize("path", ["missing.jsonl", "data/missing.csv", "./missing", "/nowhere/d.json"])
 def test_file_not_found(path):
     message = align_error(read_records, path)
-    assert message.startswith(f"data: file not found: {path}")
-    assert message.endswith(")" if not path.startswith("/") else path)  # relative paths: "(relative to <cwd>)"
+    assert message.startswith(f"data: {path}: file not found")
+    assert message.endswith(")" if not path.startswith("/") else "file not found")  # relative: "(... start in <cwd>)"
 
 
 def test_unsupported_file_type(tmp_path):
@@ -528,7 +530,7 @@ def test_unsupported_file_type(tmp_path):
 def test_not_utf8(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n')
-    assert align_error(read_records, str(path)).startswith(f"data: {path}: not UTF-8 text")
+    assert align_error(read_records, str(path)).startswith(f"data: {path}:1: not UTF-8 text")
 
 
 def test_pkg_path_for_a_package_that_is_not_installed():

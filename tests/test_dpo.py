@@ -289,10 +289,10 @@ def test_loss_types_are_the_ones_trl_implements():
 
     from trl import DPOConfig
 
-    from stages import dpo
+    from align.config import LossType
 
     documented = set(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
-    assert set(typing.get_args(dpo.LossType)) == documented
+    assert set(typing.get_args(LossType)) == documented
 
 
 class _StopAt(TrainerCallback):
@@ -377,8 +377,8 @@ BAD_INPUTS = {
                                          "reference: other has a different tokenizer from the policy (514 vs 512 "
                                          "tokens, 2 different)"),
     "reward_model_as_policy": (GOOD, {"model": "reward:latest"}, [],
-                               "model.path: reward:latest (reward:1) is a reward model (align reward); DPO trains "
-                               "and compares causal LMs"),
+                               "model.path: reward:latest (reward:1) is a reward model (align reward); align dpo "
+                               "needs a causal LM (decoder-only)"),
     "loss_type_typo": (GOOD, {"training": {"loss_type": "sigmod"}}, [],
                        "bad.yaml:7: training.loss_type: expected one of 'sigmoid', 'hinge', 'ipo'"),
     "loss_type_typo_in_a_list": (GOOD, {"training": {"loss_type": ["sigmoid", "sft_"]}}, [],

@@ -610,11 +610,13 @@ def test_pipeline_step_needing_a_disabled_step_fails_before_running(in_pipe, cap
 
 
 def test_pipeline_failing_step_stops_with_one_line_and_keeps_earlier_steps(in_pipe, capsys):
-    result = _pipeline(capsys, "ppo.overrides=[ppo.mini_batch_size=16]")
+    # A file missing when the step runs (a config mistake would be reported before any step runs:
+    # tests/test_training_validation.py).
+    result = _pipeline(capsys, "ppo.overrides=[data.path=missing_prompts.jsonl]")
     assert result.code == 2, result.out[-3000:] + result.err[-3000:]
     err = _error_line(result.err)
     assert err.startswith("error: pipeline step 'ppo' failed: "), err
-    assert "ppo.mini_batch_size (16) is larger than ppo.batch_size (8)" in err, err
+    assert "missing_prompts.jsonl" in err and "not found" in err, err
     assert "run the same command again" in err
     assert _count(_pipeline_rows()) == {"sft": 1, "label": 1, "reward": 1, "ppo": 0, "dpo": 0, "eval": 0}
     assert not list((in_pipe.home / "runs" / "pipeline" / PIPELINE).glob("ppo-*"))

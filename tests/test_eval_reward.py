@@ -269,7 +269,7 @@ def test_registers_an_evaluation_of_the_reward_model_that_registry_show_lists(ev
 
 GOOD = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
 BAD_INPUTS = {
-    "missing_file": (None, ["nope.jsonl"], "data: file not found: nope.jsonl"),
+    "missing_file": (None, ["nope.jsonl"], "data: nope.jsonl: file not found"),
     "all_ties": ([{**g, "tie": True} for g in GOOD], None,
                  "prefs.jsonl: no usable preference pairs: all 3 records were ties (3 pairs) or had chosen identical "
                  "to rejected (0); expected pairs whose chosen and rejected responses differ"),

@@ -32,7 +32,7 @@ import pytest
 import torch
 import yaml
 
-from align.artifacts import _readable_json
+from align.artifacts import read_json
 from tests import tiny_models
 from tests.test_reward import marker_pairs
 
@@ -282,7 +282,7 @@ def _kill_at_checkpoint(command: list[str], env: dict, checkpoint: Path, home: P
         process = subprocess.Popen(command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         try:
-            while not _readable_json(checkpoint / "trainer_state.json"):
+            while read_json(checkpoint / "trainer_state.json") is None:
                 assert process.poll() is None, (home / "killed.log").read_text()[-3000:]
                 assert time.time() < deadline, f"no {checkpoint.name} within 120 s"
                 time.sleep(0.05)
@@ -683,7 +683,7 @@ def test_nan_rewards_skip_iterations_then_stop_with_a_checkpoint(dev, monkeypatc
     assert err.startswith("error: ppo: 2 iterations in a row had NaN/inf") and "--resume" in err, err
     assert "checkpoint-2" in err
     work = RunDir(final).work
-    assert _readable_json(work / "checkpoints" / "checkpoint-2" / "trainer_state.json")
+    assert read_json(work / "checkpoints" / "checkpoint-2" / "trainer_state.json") is not None
     assert not final.exists() and len(_ppo_rows()) == rows_before
 
     # Fixed (here: the real reward again), the run continues from the checkpoint and counts what it skipped.
@@ -901,7 +901,7 @@ def test_grpo_resume_continues_from_the_checkpoint_with_the_whole_log(dev):
     process = subprocess.Popen(command, cwd=dev.home, env=_env(dev.home), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not any(_readable_json(p) for p in work.glob("checkpoints/checkpoint-*/trainer_state.json")) and \
+    while not any(read_json(p) is not None for p in work.glob("checkpoints/checkpoint-*/trainer_state.json")) and \
             time.time() < deadline and process.poll() is None:
         time.sleep(0.1)
     process.kill()

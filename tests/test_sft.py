@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from align.artifacts import _readable_json
+from align.artifacts import read_json
 from tests.tiny_models import toy_task_records, toy_text_records, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -438,7 +438,7 @@ def test_resume_after_kill_continues_from_checkpoint(workdir, tiny_llama, capsys
                                  stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         try:
-            while not _readable_json(work / "checkpoints" / "checkpoint-10" / "trainer_state.json"):
+            while read_json(work / "checkpoints" / "checkpoint-10" / "trainer_state.json") is None:
                 assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
                 assert time.time() < deadline, "no checkpoint-10 within 120 s"
                 time.sleep(0.05)
