@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import math
 import importlib.util
 import re
 import string
@@ -574,6 +575,9 @@ def _check_value(value: Any, annotation: Any, key: str, source: Source, metadata
     low, high = metadata.get("range", (None, None))
     above = metadata.get("above")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # NaN passes every comparison; an infinite value passes open-ended bounds.
+        if math.isnan(value) or (math.isinf(value) and (low, high, above) != (None, None, None)):
+            raise AlignError(f"{source.where(key)}: {key}: must be a finite number, got {value}")
         if low is not None and value < low:
             raise AlignError(f"{source.where(key)}: {key}: must be at least {low}, got {value}")
         if high is not None and value > high:
@@ -1147,9 +1151,9 @@ class PPOConfig:
 class PPORunConfig:
     """`align ppo`: InstructGPT PPO against a reward model, KL-penalized to the SFT model, with PPO-ptx."""
 
-    model: ModelConfig = field(metadata={"help": "The policy to optimize: an SFT artifact (`sft:latest`), prompted with "
-                                                 "the template it was trained with. It is also the frozen reference "
-                                                 "of the KL penalty."})
+    model: ModelConfig = field(metadata={"help": "The policy to optimize: an SFT artifact (`sft:latest`), prompted "
+                                                 "with the template it was trained with. It is also the frozen "
+                                                 "reference of the KL penalty."})
     reward: RewardModelConfig
     data: PromptDataConfig
     algorithm: Literal["ppo", "grpo", "rloo"] = field(default="ppo", metadata={

@@ -1,6 +1,6 @@
 """Kill align at random moments and check that nothing is lost or half-done.
 
-    .venv/bin/python scripts/chaos.py --kills 20            # the long run (README: "Faults")
+    .venv/bin/python scripts/chaos.py --kills 20            # the long run (README: "Interruptions")
     .venv/bin/python scripts/chaos.py --kills 3 --stages sft,dpo   # what CI runs (tests/test_faults.py)
 
 In a scratch folder with tiny models (tests/tiny_models.py), each stage first runs once uninterrupted: its time and
@@ -14,7 +14,9 @@ every kill, and after the recovery, the invariants are checked:
 
 Recovery is what a user does: `--resume` when a complete checkpoint survived, else the same command again. The
 recovered run's final metrics must equal the reference's within `--tolerance` (relative; CPU runs resume
-bit-for-bit in practice, the tolerance covers float summation order). Exit code 1 if any check failed.
+bit-for-bit in practice, the tolerance covers float summation order). For `label` (`align label push` to an
+embedded Argilla server started here) the recovery is the same push again, and the dataset must hold every prompt
+exactly once with its K completions. Exit code 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -36,7 +39,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("sft", "reward", "dpo", "ppo", "eval")
+STAGES = ("sft", "reward", "dpo", "ppo", "eval", "label")
+LABEL_K = 2
 # Metrics that measure the machine, not the run.
 TIMING_WORDS = ("runtime", "per_second", "_s", "seconds", "minutes", "time")
 
@@ -58,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--earliest", type=float, default=0.05,
+                        help="kill no earlier than this share of the stage's reference time (0.5: mostly in training, "
+                             "checkpointing, saving and registering rather than while importing and loading)")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="relative difference allowed in final metrics")
     parser.add_argument("--workdir", help="scratch folder (default: a new temporary one)")
     args = parser.parse_args(argv)
@@ -69,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos: working in {work}", flush=True)
 
     configs = _setup(work, stages)
+    if "label" in stages:
+        _align(work, ["label", "serve", "--port", str(_free_port())], check=True)
+    try:
+        return _kill_and_recover(work, stages, configs, args)
+    finally:
+        if "label" in stages:
+            _align(work, ["label", "serve", "stop"])
+
+
+def _kill_and_recover(work: Path, stages: list[str], configs: dict[str, Path], args) -> int:
     reference: dict[str, tuple[float, dict]] = {}
     for stage in stages:
         started = time.monotonic()
@@ -80,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     kills = []
     for number in range(1, args.kills + 1):
         stage = rng.choice(stages)
-        share = rng.uniform(0.05, 1.0)
+        share = rng.uniform(args.earliest, 1.0)
         kill = Kill(number, stage, reference[stage][0] * share, share)
         name = f"kill{number}"
         process = subprocess.Popen(_argv(_command(stage, configs[stage], name)), cwd=work, env=_env(work),
@@ -101,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             if result.returncode != 0:
                 problems.append(f"recovery exited {result.returncode}: {_last_line(result.stderr)}")
             problems += _invariants(work)
-        if not any(p.startswith("recovery") for p in problems):
+        if stage == "label" and not any(p.startswith("recovery") for p in problems):
+            problems += _label_problems(work, name)
+        elif not any(p.startswith("recovery") for p in problems):
             kill.largest_difference, mismatch = _compare(reference[stage][1], _metrics(work, stage, name),
                                                          args.tolerance)
             problems += mismatch
@@ -149,6 +168,7 @@ def _setup(work: Path, stages: list[str]) -> dict[str, Path]:
                         "logging_steps": 1, "sample_steps": 0, "save_steps": 3}},
         "eval": {"models": ["sft:1"], "baseline": model, "prompts": {"path": "prompts.jsonl"},
                  "judge": {"path": "reward:1"}, "generation": {"max_new_tokens": 8}},
+        "label": {"model": model},  # not a config file: the push command's --model
     }
     paths = {}
     for stage in stages:
@@ -165,6 +185,10 @@ def _setup(work: Path, stages: list[str]) -> dict[str, Path]:
 
 
 def _command(stage: str, config: Path, name: str) -> list[str]:
+    if stage == "label":
+        model = yaml.safe_load(config.read_text())["model"]
+        return ["label", "push", "--model", model, "--prompts", "prompts.jsonl", "--dataset", name, "--k",
+                str(LABEL_K), "--max-new-tokens", "8", "--log-every", "2"]
     if stage == "eval":
         return ["eval", "compare", "--config", str(config), f"output.name={name}"]
     return [stage, "--config", str(config), f"output.name={name}"]
@@ -175,8 +199,15 @@ def _argv(command: list[str]) -> list[str]:
 
 
 def _env(work: Path) -> dict:
-    return {**os.environ, "ALIGN_HOME": str(work / ".align"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    return {"ALIGN_ARGILLA_VENV": str(REPO / ".venv" / "argilla-server"), **os.environ,
+            "ALIGN_HOME": str(work / ".align"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _align(work: Path, command: list[str], check: bool = False) -> subprocess.CompletedProcess:
@@ -222,12 +253,39 @@ def _invariants(work: Path) -> list[str]:
 
 
 def _left(work: Path, stage: str, name: str) -> str:
+    if stage == "label":
+        return "records" if _label_records(work, name) else "nothing"
     final = work / "runs" / stage / name
     if final.exists():
         return "finished"
     unfinished = final.with_name(name + ".incomplete")
     checkpoints = [c for c in (unfinished / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
     return "checkpoint" if checkpoints else ("unfinished" if unfinished.exists() else "nothing")
+
+
+def _label_records(work: Path, name: str) -> list[dict]:
+    os.environ["ALIGN_HOME"] = str(work / ".align")  # this process reads the server that the pushes wrote to
+    from labeling import argilla_api
+
+    api = argilla_api.Api.connect()
+    found = argilla_api.find_dataset(api, name, "align")
+    return [] if found is None else argilla_api.records(api, found["id"], responses=False)
+
+
+def _label_problems(work: Path, name: str) -> list[str]:
+    """0 lost, 0 duplicates: every prompt once, each record with exactly K non-empty completions."""
+    prompts = [json.loads(line)["prompt"] for line in (work / "prompts.jsonl").read_text().splitlines()]
+    records = _label_records(work, name)
+    logged = [r["fields"]["prompt"] for r in records]
+    problems = []
+    if sorted(logged) != sorted(prompts):
+        problems.append(f"dataset {name}: {len(logged)} records for {len(prompts)} prompts "
+                        f"({len(set(prompts) - set(logged))} lost, {len(logged) - len(set(logged))} duplicated)")
+    for record in records:
+        completions = [v for k, v in record["fields"].items() if k.startswith("completion_") and str(v).strip()]
+        if len(completions) != LABEL_K:
+            problems.append(f"dataset {name}: a record has {len(completions)} completions, not {LABEL_K}")
+    return problems
 
 
 def _metrics(work: Path, stage: str, name: str) -> dict:
