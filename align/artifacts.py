@@ -214,10 +214,12 @@ def write_model_card(folder: Path, *, final_path: Path, title: str, stage: str, 
     metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     plot_lines = "\n".join(f"![{Path(p).stem}]({p})" for p in plots)
     config_yaml = yaml.safe_dump(redact_secrets(config), sort_keys=False)
+    from huggingface_hub import ModelCardData  # the hub's own front matter: quoting a path with ': ' or '#' right
+
+    front_matter = ModelCardData(base_model=base_model, library_name="peft" if adapter else "transformers",
+                                 tags=["align", stage]).to_yaml()
     text = f"""---
-base_model: {base_model}
-library_name: {"peft" if adapter else "transformers"}
-tags: [align, {stage}]
+{front_matter}
 ---
 
 # {title}

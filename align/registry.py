@@ -252,7 +252,7 @@ class Registry:
             if not rows:
                 raise AlignError(self._not_found(text, lambda: self._stage_detail(stage)))
             return Artifact._from_row(rows[0])
-        artifact = self._by_name(text)
+        artifact = self.by_name(text)
         if artifact is None:
             raise AlignError(
                 self._not_found(text, lambda: f"no artifact has that name; {self._existing()}")
@@ -305,7 +305,8 @@ class Registry:
             conn.execute("UPDATE artifacts SET metrics = ? WHERE id = ?", (merged, artifact_id))
         return self.get(artifact_id)
 
-    def _by_name(self, name: str) -> Artifact | None:
+    def by_name(self, name: str) -> Artifact | None:
+        """The newest artifact named `name`, or None."""
         rows = self._query(
             "SELECT * FROM artifacts WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)
         )
@@ -532,7 +533,7 @@ def resolve_path(ref_or_path: str, registry: Registry | None = None) -> tuple[st
     if Path(text).expanduser().exists():
         return text, None
     registry = registry if registry is not None else Registry()
-    artifact = registry.resolve(text) if looks_like_ref(text) else registry._by_name(text)
+    artifact = registry.resolve(text) if looks_like_ref(text) else registry.by_name(text)
     if artifact is None:
         return text, None
     if not Path(artifact.path).exists():

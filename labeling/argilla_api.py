@@ -160,7 +160,7 @@ def annotation_url(api_url: str, dataset_id: str) -> str:
 
 def workspace_id(api: Api, workspace: str) -> str:
     """The workspace's id; the workspace is created if missing."""
-    return server._workspace_id(server.Connection(api.url, api.api_key), workspace)
+    return server.workspace_id(server.Connection(api.url, api.api_key), workspace)
 
 
 def usernames(api: Api) -> dict[str, str]:
@@ -204,7 +204,7 @@ def simulated_golds(url: str, dataset_id: str) -> dict[str, str]:
 
 def _remember(path: Path, keys: list[str], value: str) -> None:
     """Set one value at `keys` in a private (0600) JSON file of nested objects, keeping everything else in it."""
-    server._make_private_dir(path.parent)
+    server.make_private_dir(path.parent)
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -213,7 +213,7 @@ def _remember(path: Path, keys: list[str], value: str) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
     node[keys[-1]] = value
-    server._write_private(path, json.dumps(known, indent=2))
+    server.write_private(path, json.dumps(known, indent=2))
 
 
 def simulated_users_file() -> Path:

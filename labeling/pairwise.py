@@ -294,7 +294,7 @@ def _artifact_id(name: str) -> int | None:
         if target != name or Path(name).exists():
             return next((a.id for a in registry.list() if a.kind == "model"
                          and str(Path(a.path).resolve()) == target), None)
-        found = registry._by_name(name)
+        found = registry.by_name(name)
         return found.id if found is not None else None
     except AlignError:
         return None

@@ -227,7 +227,7 @@ def serve(port: int | None = None, say=None) -> ServerInfo:
     redis_server = find_redis_server()
     python = ensure_server_venv(say)
     home = argilla_home()
-    _make_private_dir(home)
+    make_private_dir(home)
     with _file_lock(home / ".lock"):
         state = _read_state()
         if state is not None:
@@ -263,7 +263,7 @@ def serve(port: int | None = None, say=None) -> ServerInfo:
             state["pid"] = _spawn([str(python), str(_LAUNCHER), "server", "--port", str(port)],
                                   home, env, home / "server.log")
             state["worker_pid"] = _spawn([str(python), str(_LAUNCHER), "worker"], home, env, home / "worker.log")
-            _write_private(_state_file(), json.dumps(state, indent=2))
+            write_private(_state_file(), json.dumps(state, indent=2))
             _wait_healthy(state, home)
         except BaseException:
             _stop_processes(state)
@@ -392,8 +392,8 @@ def add_user(name: str, role: str = "annotator", workspace: str = WORKSPACE) -> 
     if code == 409:
         raise AlignError(f"user {name!r} already exists on {connection.api_url}")
     _expect(connection, code, body, 201, f"creating user {name!r}")
-    workspace_id = _workspace_id(connection, workspace)
-    code, body = _request(connection, "POST", f"/api/v1/workspaces/{workspace_id}/users", {"user_id": body["id"]})
+    member_of = workspace_id(connection, workspace)
+    code, body = _request(connection, "POST", f"/api/v1/workspaces/{member_of}/users", {"user_id": body["id"]})
     _expect(connection, code, body, 201, f"adding user {name!r} to workspace {workspace!r}")
     return password
 
@@ -476,7 +476,7 @@ def _ensure_credentials(home: Path) -> dict[str, str]:
         "api_key": "align-" + secrets.token_urlsafe(32),
         "workspace": WORKSPACE,
     }
-    _write_private(credentials_file(), json.dumps(creds, indent=2))
+    write_private(credentials_file(), json.dumps(creds, indent=2))
     return creds
 
 
@@ -503,7 +503,7 @@ def _auth_secret(home: Path) -> str:
         secret = ""
     if len(secret) < 32:
         secret = secrets.token_hex(32)
-        _write_private(path, secret)
+        write_private(path, secret)
     return secret
 
 
@@ -554,7 +554,7 @@ def _ensure_database(python: Path, home: Path, env: dict[str, str], creds: dict[
     if result.returncode != 0:
         raise AlignError(f"preparing the Argilla database failed (exit {result.returncode}): "
                          f"{_last_line(log)!r}; see {log}")
-    _write_private(marker, json.dumps({"fingerprint": fingerprint}))
+    write_private(marker, json.dumps({"fingerprint": fingerprint}))
     return True
 
 
@@ -578,12 +578,12 @@ def find_redis_server() -> str:
 def _start_redis(redis_server: str, home: Path, state: dict[str, Any]) -> tuple[int, str]:
     password = secrets.token_hex(24)
     data_dir = home / "redis"
-    _make_private_dir(data_dir)
+    make_private_dir(data_dir)
     last_error = ""
     for _ in range(3):  # a free port can be taken between our probe and redis' bind
         port = _free_port()
         conf = home / "redis.conf"
-        _write_private(conf, "\n".join([
+        write_private(conf, "\n".join([
             f"bind {HOST}", f"port {port}", "protected-mode yes", f"requirepass {password}",
             'save ""', "appendonly no", f"dir {data_dir}", "daemonize no", 'logfile ""', "",
         ]))
@@ -760,12 +760,12 @@ def _say(message: str) -> None:
     console.print(message, markup=False)
 
 
-def _make_private_dir(path: Path) -> None:
+def make_private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, readable only by its owner (0600)."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -874,7 +874,7 @@ def _detail(body: Any) -> str:
     return f": {body}" if isinstance(body, str) and body else ""
 
 
-def _workspace_id(connection: Connection, name: str) -> str:
+def workspace_id(connection: Connection, name: str) -> str:
     code, body = _request(connection, "GET", "/api/v1/me/workspaces")
     _expect(connection, code, body, 200, "listing workspaces")
     for workspace in body.get("items", []):

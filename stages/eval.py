@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import gc
-import html
 import json
 import math
 import random
@@ -714,54 +713,22 @@ def _cell(text: str, limit: int = 400) -> str:
 
 
 def _html(markdown: str, folder: Path) -> str:
-    """One self-contained HTML file: the report's Markdown rendered (tables, headings, quotes, list items, images
-    inlined)."""
-    body, table = [], []
+    """One self-contained HTML file: the report's Markdown rendered by markdown-it (CommonMark and tables), the plots
+    inlined as PNG data URIs."""
+    from markdown_it import MarkdownIt
 
-    def flush_table():
-        if table:
-            header, *rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-", " "}]
-            cells = lambda row: [c.strip() for c in row.strip().strip("|").split(" | ")]  # noqa: E731
-            body.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells(header)) +
-                        "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells(r))
-                                                         + "</tr>" for r in rows) + "</tbody></table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("> "):
-            body.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
-        elif line.startswith("- "):
-            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
-        elif line.startswith("![") and "](" in line:
-            path = line[line.index("](") + 2:-1]
-            data = base64.b64encode((folder / path).read_bytes()).decode()
-            body.append(f'<p><img alt="{html.escape(path)}" src="data:image/png;base64,{data}"></p>')
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    flush_table()
+    renderer = MarkdownIt("commonmark").enable("table")  # raw HTML in the Markdown stays escaped text
+    tokens = renderer.parse(markdown)
+    for image in (child for token in tokens for child in token.children or [] if child.type == "image"):
+        data = base64.b64encode((folder / str(image.attrGet("src"))).read_bytes()).decode()
+        image.attrSet("src", f"data:image/png;base64,{data}")
+    body = renderer.renderer.render(tokens, renderer.options, {})
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
              "vertical-align:top}th{background:#f3f3f3}blockquote{border-left:4px solid #c62828;margin:1em 0;"
              "padding:.5em 1em;background:#fff3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>align eval report</title><style>{style}"
-            f"</style></head><body>{''.join(body)}</body></html>\n")
-
-
-def _inline(text: str) -> str:
-    """`code`, **bold**, *italic* and escaped `\\|` of the report's Markdown, as HTML."""
-    import re
-
-    text = html.escape(text.replace("\\|", "|"))
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
-    return re.sub(r"\*([^*]+)\*", r"<i>\1</i>", text)
+            f"</style></head><body>{body}</body></html>\n")
 
 
 def _write_generations(results: dict[str, ModelResult], names: list[str], prompts: list[str], path: Path) -> None:

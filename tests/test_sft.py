@@ -541,3 +541,16 @@ def test_overlong_examples_are_counted_and_dropped_or_kept(workdir, tiny_llama):
     assert dropped["trained_tokens"] < 24 * 32
     # One epoch each: the truncated run saw the same short examples plus each long one cut to max_length.
     assert kept["trained_tokens"] == dropped["trained_tokens"] + 8 * 32
+
+
+def test_model_card_front_matter_keeps_a_base_model_path_with_yaml_characters(tmp_path):
+    import yaml
+
+    from align.artifacts import write_model_card
+
+    base = "/models/run: 2 #final"
+    write_model_card(tmp_path, final_path=tmp_path, title="t", stage="sft", base_model=base, model_source=base,
+                     adapter=True, data_source="d.jsonl", data_fingerprint="f", metrics={"loss": 1.0}, config={},
+                     plots=[])
+    front = (tmp_path / "README.md").read_text().split("---\n")[1]
+    assert yaml.safe_load(front) == {"base_model": base, "library_name": "peft", "tags": ["align", "sft"]}
