@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from align.artifacts import RunDir
+from align.artifacts import RunDir, write_atomically
 from align.config import (DPORunConfig, EvalRunConfig, PipelineRunConfig, PipelineStepConfig, PPORunConfig,
                           RewardRunConfig, SFTRunConfig, load_config, to_dict)
 from align.errors import AlignError
@@ -109,9 +109,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
 
 def _write_summary(path: Path, summary: dict) -> None:
     """What this run of the pipeline did (benchmarks/demo_quality.py reads it), written whole or not at all."""
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(summary, indent=2) + "\n")
-    staging.replace(path)
+    write_atomically(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> dict:

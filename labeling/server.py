@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from align.artifacts import write_atomically
 from align.errors import AlignError
 
 SERVER_VERSION = "2.8.0"
@@ -767,18 +768,7 @@ def make_private_dir(path: Path) -> None:
 
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, readable only by its owner (0600)."""
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-    os.replace(staging, path)
+    write_atomically(path, text, private=True)
 
 
 @contextlib.contextmanager
