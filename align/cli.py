@@ -462,7 +462,7 @@ def _run_generate(args) -> None:
         completions = generate(loaded.model, loaded.tokenizer, prompts, sampling, template=template,
                                progress=lambda n: progress.advance(task, n))
     if args.out:
-        from align.artifacts import write_jsonl
+        from align.files import write_jsonl
 
         out = Path(args.out)
         write_jsonl(out, ({"prompt": p, "completion": c} for p, c in zip(prompts, completions)))

@@ -20,7 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from align.artifacts import RunDir, write_atomically
+from align.artifacts import RunDir
+from align.files import write_atomically
 from align.config import (DPORunConfig, EvalRunConfig, PipelineRunConfig, PipelineStepConfig, PPORunConfig,
                           RewardRunConfig, SFTRunConfig, load_config, to_dict)
 from align.errors import AlignError

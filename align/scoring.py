@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from align.artifacts import write_jsonl
+from align.files import write_jsonl
 from align.config import ModelConfig, QuantizationConfig
 from align.errors import AlignError
 from align.modeling import (keep_cpu_4bit_trainable, load_tokenizer, match_model_to_tokenizer, model_config,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from align.artifacts import stage_jsonl, write_jsonl
+from align.files import stage_jsonl, write_jsonl
 from align.errors import AlignError
 from align.registry import Registry
 from align.gold import Gold, load_gold, rank

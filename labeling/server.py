@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from align.artifacts import write_atomically
+from align.files import write_atomically
 from align.errors import AlignError
 
 SERVER_VERSION = "2.8.0"

@@ -465,3 +465,16 @@ def test_serve_recovers_from_a_crashed_process(running, ranking_dataset):
     assert server.connect().api_url == before.url
     for pid in (before.pid, before.redis_pid):  # the survivors of the crash were stopped
         assert not server._alive(pid, "argilla_launcher.py") and not server._alive(pid, "redis-server")
+
+
+def test_server_module_imports_with_the_standard_library_only():
+    """scripts/setup.sh builds the server's environment with labeling.server while align's dependencies are still
+    being installed: it may import nothing beyond the standard library (and align's own stdlib-only modules)."""
+    import subprocess
+    import sys
+
+    blocked = ("yaml", "rich", "torch", "transformers", "httpx", "numpy")
+    script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked) + "import labeling.server\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
