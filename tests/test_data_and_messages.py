@@ -21,15 +21,7 @@ import pytest
 
 from align.config import DataConfig, PipelineRunConfig, SFTRunConfig, TemplateConfig, load_config, read_text
 from align.data import Dropped, Records, read_preferences, read_prompts, read_records, to_examples
-from align.errors import AlignError
-
-
-def error_of(call, *args, **kwargs) -> str:
-    with pytest.raises(AlignError) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message, f"one line: {message!r}"
-    return message
+from tests.test_data import align_error
 
 
 def in_memory(*rows: dict) -> Records:
@@ -96,7 +88,7 @@ def test_null_alpaca_input_is_no_input_not_a_drop():
 
 
 def test_nothing_left_is_an_error_that_lists_the_reasons():
-    message = error_of(examples, {"prompt": "a", "completion": None}, {"prompt": "b", "completion": ""})
+    message = align_error(examples, {"prompt": "a", "completion": None}, {"prompt": "b", "completion": ""})
     assert message == ("data: d.jsonl: no usable examples left after filtering: all 2 records were dropped (null "
                        "completion: 1 (first at d.jsonl:1); empty completion: 1 (first at d.jsonl:2)); each needs a "
                        "non-empty completion (format prompt_completion); fill them in, or check data.format / "
@@ -104,7 +96,7 @@ def test_nothing_left_is_an_error_that_lists_the_reasons():
 
 
 def test_a_null_prompt_is_an_error_with_file_line_and_field():
-    message = error_of(examples, {"prompt": "a", "completion": "x"}, {"prompt": None, "completion": "y"})
+    message = align_error(examples, {"prompt": "a", "completion": "x"}, {"prompt": None, "completion": "y"})
     assert message == "data: d.jsonl:2: field 'prompt' must be text, got null"
 
 
@@ -122,7 +114,7 @@ def test_preference_drops_name_their_first_record():
 
 
 def test_a_null_chosen_is_an_error_with_file_line_and_field():
-    message = error_of(read_preferences, in_memory({"prompt": "p", "chosen": "a", "rejected": "b"},
+    message = align_error(read_preferences, in_memory({"prompt": "p", "chosen": "a", "rejected": "b"},
                                                    {"prompt": "p", "chosen": None, "rejected": "b"}))
     assert message.startswith("data: d.jsonl:2: field 'chosen' must be text or a list of {role, content} "
                               "messages, got null")
@@ -134,11 +126,12 @@ def test_a_null_chosen_is_an_error_with_file_line_and_field():
 
 def test_read_text_names_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert error_of(read_text, "nope.txt", "prompts.path") == (f"prompts.path: nope.txt: file not found (relative "
+    assert align_error(read_text, "nope.txt", "prompts.path") == (f"prompts.path: nope.txt: file not found (relative "
                                                                f"paths start in {tmp_path})")
-    assert error_of(read_text, str(tmp_path / "nope.txt"), "perplexity") == \
+    assert align_error(read_text, str(tmp_path / "nope.txt"), "perplexity") == \
         f"perplexity: {tmp_path / 'nope.txt'}: file not found"
-    assert error_of(read_text, str(tmp_path), "label.prompts") == f"label.prompts: {tmp_path} is a folder, not a file"
+    assert align_error(read_text, str(tmp_path), "label.prompts") == \
+        f"label.prompts: {tmp_path} is a folder, not a file"
 
 
 def test_non_utf8_is_reported_at_its_line_even_deep_in_a_big_file(tmp_path):
@@ -146,7 +139,7 @@ def test_non_utf8_is_reported_at_its_line_even_deep_in_a_big_file(tmp_path):
     path = tmp_path / "d.jsonl"
     good = json.dumps({"prompt": "p" * 50, "completion": "c"}).encode() + b"\n"
     path.write_bytes(good * 999 + b'{"prompt": "caf\xe9", "completion": "c"}\n')
-    message = error_of(read_records, str(path))
+    message = align_error(read_records, str(path))
     assert message == (f"data: {path}:1000: not UTF-8 text (byte 0xe9: invalid continuation byte); re-save it as "
                        f"UTF-8")
 
@@ -156,16 +149,16 @@ def test_non_utf8_is_reported_at_its_line_even_deep_in_a_big_file(tmp_path):
 def test_non_utf8_prompt_files_name_key_and_line(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
-    message = error_of(read_prompts, str(path), option="prompts.path")
+    message = align_error(read_prompts, str(path), option="prompts.path")
     assert message.startswith(f"prompts.path: {path}:{3 if name == 'p.csv' else 2}: not UTF-8 text (byte 0xe9")
     assert message.endswith("re-save it as UTF-8")
 
 
 def test_missing_record_file_names_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert error_of(read_prompts, "nope.jsonl", option="prompts.path") == \
+    assert align_error(read_prompts, "nope.jsonl", option="prompts.path") == \
         f"prompts.path: nope.jsonl: file not found (relative paths start in {tmp_path})"
-    assert error_of(read_records, "pkg:align_no_such_package/p.jsonl", key="ptx.path").startswith(
+    assert align_error(read_records, "pkg:align_no_such_package/p.jsonl", key="ptx.path").startswith(
         "ptx.path: 'pkg:align_no_such_package/p.jsonl': package 'align_no_such_package' is not installed")
 
 
@@ -174,11 +167,11 @@ def test_record_errors_name_the_key_and_section_of_their_file(tmp_path):
     path = tmp_path / "ptx.jsonl"
     path.write_text('{"prompt": "a", "completion": "x"}\n{"prompt": ["a", "b"], "completion": "y"}\n')
     records = read_records(str(path), key="ptx.path")
-    assert error_of(to_examples, records, DataConfig(path=str(path)), TemplateConfig()) == (
+    assert align_error(to_examples, records, DataConfig(path=str(path)), TemplateConfig()) == (
         f"ptx.path: {path}:2: field 'prompt' must be text, got an array; to use one item, map it with ptx.columns, "
         f"e.g. {{prompt: <field>.0}}")
     path.write_text('{"query": "a"}\n')
-    message = error_of(to_examples, read_records(str(path), key="ptx.path"), DataConfig(path=str(path)),
+    message = align_error(to_examples, read_records(str(path), key="ptx.path"), DataConfig(path=str(path)),
                        TemplateConfig())
     assert message.startswith(f"ptx.path: {path}:1: no recognizable format") and "data.columns" not in message
     assert "ptx.columns={prompt: query, completion: ...}" in message
@@ -189,7 +182,7 @@ def test_response_errors_name_the_option(tmp_path):
 
     path = tmp_path / "ref.jsonl"
     path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": null}\n')
-    assert error_of(read_prompt_responses, str(path), "normalization.reference") == (
+    assert align_error(read_prompt_responses, str(path), "normalization.reference") == (
         f"normalization.reference: {path}:2: field 'response' must be text or a list of {{role, content}} messages, "
         f"got null")
 
@@ -197,7 +190,7 @@ def test_response_errors_name_the_option(tmp_path):
 def test_preference_errors_name_the_eval_path(tmp_path):
     path = tmp_path / "held.jsonl"
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
-    message = error_of(read_preferences, read_records(str(path), key="data.eval_path"))
+    message = align_error(read_preferences, read_records(str(path), key="data.eval_path"))
     assert message.startswith(f"data.eval_path: {path}:2: field 'rejected' is missing")
 
 
@@ -209,7 +202,7 @@ def test_preference_errors_name_the_eval_path(tmp_path):
 def test_json_problems_read_once(tmp_path, line, problem):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": "x"}\n' + line)  # the last line: no newline to end a string
-    message = error_of(read_records, str(path))
+    message = align_error(read_records, str(path))
     assert message.startswith(f"data: {path}:2: {problem}") and "at at" not in message
 
 
@@ -225,10 +218,10 @@ def test_line_endings_and_line_separators_in_jsonl(tmp_path):
 def test_a_null_prompt_field_is_not_called_missing(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "fine"}\n{"prompt": null}\n{"answer": "x"}\n')
-    assert error_of(read_prompts, str(path), option="label.prompts") == \
+    assert align_error(read_prompts, str(path), option="label.prompts") == \
         f"label.prompts: {path}:2: field 'prompt' must be text, got null"
     path.write_text('{"prompt": "fine"}\n{"answer": "x"}\n')
-    assert error_of(read_prompts, str(path)) == f"--prompts: {path}:2: no prompt field (prompt, question, " \
+    assert align_error(read_prompts, str(path)) == f"--prompts: {path}:2: no prompt field (prompt, question, " \
                                                 f"instruction, input, text); the record has answer"
 
 
@@ -244,27 +237,27 @@ def load_sft(tmp_path, content: bytes | str):
 
 @pytest.mark.parametrize("content", ["", "\n\n", "# model:\n#   path: x\n"])
 def test_an_empty_config_says_so(tmp_path, content):
-    assert error_of(load_sft, tmp_path, content) == (f"{tmp_path / 'run.yaml'}: the config is empty; it needs at "
+    assert align_error(load_sft, tmp_path, content) == (f"{tmp_path / 'run.yaml'}: the config is empty; it needs at "
                                                      f"least model:, data: (see configs/ for examples)")
 
 
 def test_a_config_that_is_a_list_says_what_it_needs(tmp_path):
-    assert error_of(load_sft, tmp_path, "- model\n- data\n") == (
+    assert align_error(load_sft, tmp_path, "- model\n- data\n") == (
         f"{tmp_path / 'run.yaml'}:1: the config must be a mapping of sections (model:, data: ...), got a list (see "
         f"configs/ for examples)")
 
 
 def test_a_non_utf8_config_names_its_line(tmp_path):
-    assert error_of(load_sft, tmp_path, b"model:\n  path: x\ndata:\n  path: caf\xe9.jsonl\n") == (
+    assert align_error(load_sft, tmp_path, b"model:\n  path: x\ndata:\n  path: caf\xe9.jsonl\n") == (
         f"config: {tmp_path / 'run.yaml'}:4: not UTF-8 text (byte 0xe9: invalid continuation byte); re-save it as "
         f"UTF-8")
 
 
 def test_invalid_yaml_names_where_the_unclosed_thing_started(tmp_path):
-    message = error_of(load_sft, tmp_path, "model:\n  path: [x\ndata:\n  path: d.jsonl\n")
+    message = align_error(load_sft, tmp_path, "model:\n  path: [x\ndata:\n  path: d.jsonl\n")
     assert message == (f"{tmp_path / 'run.yaml'}:3: invalid YAML: expected ',' or ']', but got ':' (while parsing a "
                        f"flow sequence from line 2); check indentation, colons and quotes")
-    assert "at at" not in error_of(load_sft, tmp_path, "model:\n  path: 'x\n")
+    assert "at at" not in align_error(load_sft, tmp_path, "model:\n  path: 'x\n")
 
 
 PIPELINE = """\
@@ -288,9 +281,9 @@ def test_a_missing_step_config_is_blamed_on_the_pipeline_key(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sft.yaml").write_text("model:\n  path: x\ndata:\n  path: d.jsonl\n")
     (tmp_path / "pipe.yaml").write_text(PIPELINE.format(sft="sft.yaml"))
-    assert error_of(load_config, "pipe.yaml", [], PipelineRunConfig) == (
+    assert align_error(load_config, "pipe.yaml", [], PipelineRunConfig) == (
         f"pipe.yaml:7: reward.config: configs/nope.yaml: file not found (relative paths start in {tmp_path})")
-    assert error_of(load_config, "pipe.yaml", ["reward.config=."], PipelineRunConfig) == (
+    assert align_error(load_config, "pipe.yaml", ["reward.config=."], PipelineRunConfig) == (
         "override 'reward.config=.': reward.config: . is a folder, not a file")
     assert load_config("pipe.yaml", ["reward.config=sft.yaml"], PipelineRunConfig).reward.config == "sft.yaml"
 
