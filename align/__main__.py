@@ -2,6 +2,6 @@
 
 import sys
 
-from align.cli import main
+from align.cli.main import main
 
 sys.exit(main())

@@ -1295,7 +1295,7 @@ class EvalRunConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# `align pipeline` (align/pipeline.py): the InstructGPT chain, each step a normal registered run
+# `align pipeline` (cli/pipeline.py): the InstructGPT chain, each step a normal registered run
 
 @dataclass
 class PipelineStepConfig:

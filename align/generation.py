@@ -18,7 +18,7 @@ from align.errors import AlignError
 MAX_SEED = 2**32 - 1  # numpy's limit, as for every other seed align passes on
 
 # What each SamplingConfig value may be: (whole numbers only, test, the rule in words). One rule for every way in:
-# `align generate` / `align label push` options (argparse types in align/cli.py) and configs that build one.
+# `align generate` / `align label push` options (argparse types in cli/main.py) and configs that build one.
 SAMPLING_RULES = {
     "max_new_tokens": (True, lambda v: v >= 1, "a whole number >= 1"),
     "temperature": (False, lambda v: v >= 0, "a number >= 0 (0: greedy decoding)"),

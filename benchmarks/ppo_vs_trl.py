@@ -108,7 +108,7 @@ VARIANTS = ("align", "trl")
 # optimizer states and activations cost. With the default 3.4M-parameter model (13 MiB of float32 weights) the floor
 # is most of each side's peak RSS.
 FLOOR_IMPORTS = {
-    "align": "import torch, transformers, peft, accelerate, matplotlib.pyplot, stages.ppo; "
+    "align": "import torch, transformers, peft, accelerate, matplotlib.pyplot, align.stages.ppo; "
              "from transformers import LlamaForCausalLM, LlamaForSequenceClassification, GenerationConfig; "
              "from peft import PeftModel, get_peft_model",
     "trl": "import torch, transformers, peft, datasets, accelerate; "

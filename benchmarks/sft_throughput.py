@@ -187,7 +187,7 @@ def resolve_align_sftconfig(work: Path) -> None:
     """align's SFTConfig for the generated YAML, as `align sft` builds it: written as the fields that differ from
     TRL's defaults (plain_trl passes exactly these), plus how it differs from the hyper-parameters as given."""
     from align.artifacts import RunDir
-    from stages.sft import load, training_arguments
+    from align.stages.sft import load, training_arguments
     from trl import SFTConfig
 
     resolved = training_arguments(load(str(work / "align-sft.yaml"), []), RunDir(work / "probe"),

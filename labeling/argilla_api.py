@@ -2,9 +2,9 @@
 
 `align label` (labeling/rankings.py, K-way rankings) and `align eval human` (labeling/pairwise.py, blind A/B
 comparisons) both create datasets, log records, read submitted responses and run simulated annotators through
-these calls. The connection (URL + API key) comes from :func:`labeling.server.connect`; every failure is one
+these calls. The connection (URL + API key) comes from :func:`align.labeling.server.connect`; every failure is one
 :class:`align.errors.AlignError` naming the server, raised at one place (:meth:`Api.call`):
-:class:`labeling.server.ServerDown` when the server does not answer (retried first while it may come back), so
+:class:`align.labeling.server.ServerDown` when the server does not answer (retried first while it may come back), so
 that commands can say how far they got, and :class:`HttpError` for an unexpected status.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from labeling import server
+from align.labeling import server
 
 SIM_PREFIX = "sim-annotator-"  # simulated annotators' user names; everything they submit is marked simulated
 

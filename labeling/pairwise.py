@@ -48,8 +48,8 @@ from typing import Any
 from align.files import stage_jsonl, write_jsonl
 from align.errors import AlignError
 from align.registry import Registry
-from labeling import argilla_api, server
-from labeling.argilla_api import SIM_PREFIX, Api, annotation_url
+from align.labeling import argilla_api, server
+from align.labeling.argilla_api import SIM_PREFIX, Api, annotation_url
 
 WORKSPACE = server.WORKSPACE
 METADATA_KEY = "align"  # the dataset's metadata block written by push
@@ -542,8 +542,8 @@ def pull(dataset: str, out: str, aggregate: str = "majority", workspace: str = W
     """Submitted choices -> judgments from the model's side -> win/tie/loss rates with 95% CIs, rows written
     atomically to ``out`` and registered (stage ``eval``)."""
     from align.evaluation import pairwise_stats
-    from labeling.preferences import pairwise_agreement
-    from labeling.rankings import annotator_id
+    from align.labeling.preferences import pairwise_agreement
+    from align.labeling.rankings import annotator_id
 
     if aggregate not in AGGREGATES:
         raise AlignError(f"--aggregate {aggregate}: choose one of {', '.join(AGGREGATES)}")

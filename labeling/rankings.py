@@ -27,7 +27,7 @@ the web UI, by a gold preference (align/gold.py: a built-in rule such as ``senti
 or a reward model); ``pull`` marks their pairs ``simulated`` and names the gold they ranked by.
 
 Everything here talks to Argilla's REST API (v1, as the UI does) through labeling/argilla_api.py (httpx); the
-connection comes from :func:`labeling.server.connect`.
+connection comes from :func:`align.labeling.server.connect`.
 """
 
 from __future__ import annotations
@@ -44,18 +44,18 @@ from align.files import stage_jsonl, write_jsonl
 from align.errors import AlignError
 from align.registry import Registry
 from align.gold import Gold, load_gold, rank
-from labeling import argilla_api, server
-from labeling.argilla_api import SIM_PREFIX, annotation_url, simulated_users_file
-from labeling.argilla_api import Api as _Api
-from labeling.argilla_api import detail as _detail  # noqa: F401 (kept importable here)
-from labeling.argilla_api import find_dataset as _find_dataset
-from labeling.argilla_api import owner_users as _owner_users
-from labeling.argilla_api import records as _records
-from labeling.argilla_api import remember_password as _remember_password
-from labeling.argilla_api import upsert_records as _upsert_records
-from labeling.argilla_api import usernames as _usernames
-from labeling.argilla_api import workspace_id as _workspace_id
-from labeling.preferences import TIES, majority, pairwise_agreement, ranking_to_pairs
+from align.labeling import argilla_api, server
+from align.labeling.argilla_api import SIM_PREFIX, annotation_url, simulated_users_file
+from align.labeling.argilla_api import Api as _Api
+from align.labeling.argilla_api import detail as _detail  # noqa: F401 (kept importable here)
+from align.labeling.argilla_api import find_dataset as _find_dataset
+from align.labeling.argilla_api import owner_users as _owner_users
+from align.labeling.argilla_api import records as _records
+from align.labeling.argilla_api import remember_password as _remember_password
+from align.labeling.argilla_api import upsert_records as _upsert_records
+from align.labeling.argilla_api import usernames as _usernames
+from align.labeling.argilla_api import workspace_id as _workspace_id
+from align.labeling.preferences import TIES, majority, pairwise_agreement, ranking_to_pairs
 
 WORKSPACE = server.WORKSPACE
 AGGREGATES = ("each", "majority")

@@ -265,7 +265,7 @@ def _left(work: Path, stage: str, name: str) -> str:
 
 def _label_records(work: Path, name: str) -> list[dict]:
     os.environ["ALIGN_HOME"] = str(work / ".align")  # this process reads the server that the pushes wrote to
-    from labeling import argilla_api
+    from align.labeling import argilla_api
 
     api = argilla_api.Api.connect()
     found = argilla_api.find_dataset(api, name, "align")

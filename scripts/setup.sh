@@ -51,7 +51,7 @@ system_packages() {
 }
 
 argilla_server_venv() {
-  "$PY" -c 'from labeling.server import ensure_server_venv, venv_ready
+  "$PY" -c 'from align.labeling.server import ensure_server_venv, venv_ready
 if not venv_ready():
     ensure_server_venv(say=lambda m: print("setup:", m, flush=True))'
 }
@@ -75,19 +75,22 @@ else
   rm -rf "$VENV"
   "$BASE_PY" -m venv "$VENV" || die "'$BASE_PY -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
 fi
-# The Argilla server's environment needs only the standard library to build, so it is built in the background
-# from here on, while the steps below install align's own packages (it takes ~1.5 min); step 5 waits for it.
-ARGILLA_LOG="$VENV/.argilla-server-setup.log"
-argilla_server_venv > "$ARGILLA_LOG" 2>&1 &
-ARGILLA_PID=$!
-trap 'kill "$ARGILLA_PID" 2>/dev/null || true' EXIT
-
+# The Argilla server's environment needs only the standard library to build (align.labeling.server imports
+# nothing else), so it is built in the background from here on, while the steps below install align's
+# dependencies (it takes ~1.5 min); step 5 waits for it. align itself goes in first, without dependencies
+# (seconds), so that its namespaced modules (align.labeling lives in labeling/) can be imported.
 # pip, quiet; the filter drops one harmless warning some machines' pip config causes on every package
 # (a local mirror listed as extra index that lacks the package). pipefail keeps pip's exit status.
 pip_install() {
   "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
+pip_install --no-deps -e .
+ARGILLA_LOG="$VENV/.argilla-server-setup.log"
+argilla_server_venv > "$ARGILLA_LOG" 2>&1 &
+ARGILLA_PID=$!
+trap 'kill "$ARGILLA_PID" 2>/dev/null || true' EXIT
+
 
 # 2. torch first, exactly as asked (ALIGN_TORCH_SPEC may carry pip options such as --index-url).
 if [[ -z "${ALIGN_TORCH_SPEC:-}" ]]; then

@@ -36,7 +36,7 @@ from align.memory import check_memory, trainer_workload
 from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, require_model_kind,
                             resolve_model, trainer_defaults, training_config, training_template)
 from align.gold import Gold
-from align.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
+from align.stages.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
                           load_run_gold, plot_overoptimization, print_overoptimization, print_samples,
                           read_policy_prompts, register_policy, summarize, write_samples)
 from align.registry import Artifact, Registry, resolve_path

@@ -72,7 +72,7 @@ def argilla_server(tmp_path_factory):
             mp.delenv("ARGILLA_API_KEY", raising=False)
             return action()
 
-    from labeling import server
+    from align.labeling import server
 
     info = in_env(lambda: server.serve(port=port))
     try:

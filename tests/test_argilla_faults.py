@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from align.cli import main
+from align.cli.main import main
 
 K = 3
 KILLS = int(os.environ.get("ALIGN_FAULT_KILLS", "2"))
@@ -46,7 +46,7 @@ def home(tmp_path_factory):
 
     if not shutil.which("redis-server"):
         pytest.skip("the Argilla server needs redis-server (apt-get install redis-server)")
-    from labeling import server
+    from align.labeling import server
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ALIGN_HOME", str(tmp_path_factory.mktemp("faults_home")))
@@ -63,7 +63,7 @@ def home(tmp_path_factory):
 
 def _kill_server() -> None:
     """SIGKILL the API process (uvicorn), as a crash or the OOM killer would; its worker and redis stay."""
-    from labeling import server
+    from align.labeling import server
 
     pid = server._read_state()["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -74,13 +74,13 @@ def _kill_server() -> None:
 
 
 def _restart(home) -> None:
-    from labeling import server
+    from align.labeling import server
 
     assert server.serve(port=home.port).port == home.port
 
 
 def _records(name: str, responses: bool = False) -> list[dict]:
-    from labeling import argilla_api
+    from align.labeling import argilla_api
 
     api = argilla_api.Api.connect()
     found = argilla_api.find_dataset(api, name, "align")
@@ -109,7 +109,7 @@ def _one_error_line(err: str) -> str:
 
 def _check_complete(name: str, prompts: list[str]) -> None:
     """0 lost, 0 duplicates: one record per prompt under its deterministic id, each with exactly K completions."""
-    from labeling.rankings import record_id, shuffled_order
+    from align.labeling.rankings import record_id, shuffled_order
 
     records = _records(name)
     ids = [r["external_id"] for r in records]
@@ -128,7 +128,7 @@ def _check_complete(name: str, prompts: list[str]) -> None:
 def test_push_killed_again_and_again_loses_and_duplicates_nothing(home, tiny_llama, tmp_path, capsys):
     import httpx
 
-    from labeling import server
+    from align.labeling import server
 
     # Kill i lands after i more prompts are logged: enough prompts that some are left after the last kill.
     prompts = [f"Tell me one thing about the number {i}" for i in range(KILLS * (KILLS + 3) // 2 + 4)]
@@ -186,7 +186,7 @@ def small(home, tiny_llama, tmp_path_factory):
 def test_simulate_killed_midway_continues_where_it_stopped(home, small, monkeypatch, capsys):
     import threading
 
-    from labeling import argilla_api, server
+    from align.labeling import argilla_api, server
 
     real = argilla_api.Api.call
     submitted = []
@@ -242,7 +242,7 @@ def test_simulate_killed_midway_continues_where_it_stopped(home, small, monkeypa
 
 def test_pull_killed_writes_and_registers_nothing_then_pulls_everything(home, small, tmp_path, monkeypatch, capsys):
     from align.registry import Registry
-    from labeling import rankings
+    from align.labeling import rankings
 
     expected = rankings.pull(small, str(tmp_path / "reference.jsonl"), register=False).rows
     assert expected and all(row["simulated"] for row in expected)
@@ -278,7 +278,7 @@ def test_a_proxy_503_is_retried_for_reads_and_never_for_a_post(monkeypatch):
     import http.server
     import threading
 
-    from labeling import argilla_api, server
+    from align.labeling import argilla_api, server
 
     seen = []
 

@@ -66,7 +66,7 @@ def server_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def running(server_env):
-    from labeling import server
+    from align.labeling import server
 
     started = time.monotonic()
     info = server.serve(port=_free_port())
@@ -82,7 +82,7 @@ def ranking_dataset(running):
     """A dataset of 5 prompts x 2 completions with a ranking question, and two annotators."""
     import argilla as rg
 
-    from labeling import server
+    from align.labeling import server
 
     api_url, api_key = server.connect()
     client = rg.Argilla(api_url=api_url, api_key=api_key)
@@ -136,7 +136,7 @@ def _rank(url: str, headers: dict, record_id: str, best: str = "completion_2") -
 def test_serves_the_ui_on_loopback_only(running):
     import httpx
 
-    from labeling import server
+    from align.labeling import server
 
     assert running.url == f"http://127.0.0.1:{running.port}"
     page = httpx.get(running.url + "/")
@@ -157,7 +157,7 @@ def test_serves_the_ui_on_loopback_only(running):
 
 
 def test_serve_is_idempotent_and_guards_the_port(running):
-    from labeling import server
+    from align.labeling import server
 
     again = server.serve()
     assert again.already_running and again.pid == running.pid and again.url == running.url
@@ -167,7 +167,7 @@ def test_serve_is_idempotent_and_guards_the_port(running):
 
 
 def test_port_taken_by_another_program(server_env, tmp_path, monkeypatch):
-    from labeling import server
+    from align.labeling import server
 
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "other_home"))
     with socket.socket() as squatter:
@@ -180,7 +180,7 @@ def test_port_taken_by_another_program(server_env, tmp_path, monkeypatch):
 
 
 def test_credentials_are_private_and_never_logged(running):
-    from labeling import server
+    from align.labeling import server
 
     creds_path = server.credentials_file()
     creds = json.loads(creds_path.read_text())
@@ -196,7 +196,7 @@ def test_credentials_are_private_and_never_logged(running):
 
 
 def test_connect_errors_are_one_clear_line(running, tmp_path, monkeypatch):
-    from labeling import server
+    from align.labeling import server
 
     assert server.connect() == (running.url, json.loads(server.credentials_file().read_text())["api_key"])
 
@@ -293,7 +293,7 @@ def test_search_engine_answers_suggestion_response_vector_filters(running):
     import argilla as rg
     import httpx
 
-    from labeling import server
+    from align.labeling import server
 
     api_url, api_key = server.connect()
     client = rg.Argilla(api_url=api_url, api_key=api_key)
@@ -391,7 +391,7 @@ def test_ui_shows_the_records_to_a_logged_in_annotator(ranking_dataset, tmp_path
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    from labeling import server
+    from align.labeling import server
 
     # A new annotator: their whole queue is pending, whatever the other tests submitted.
     password = server.add_user("cal")
@@ -428,7 +428,7 @@ def test_ui_shows_the_records_to_a_logged_in_annotator(ranking_dataset, tmp_path
 def test_restart_keeps_users_and_data(running, ranking_dataset):
     import argilla as rg
 
-    from labeling import server
+    from align.labeling import server
 
     key = server.connect().api_key
     assert server.stop() is True
@@ -449,7 +449,7 @@ def test_restart_keeps_users_and_data(running, ranking_dataset):
 def test_serve_recovers_from_a_crashed_process(running, ranking_dataset):
     import signal
 
-    from labeling import server
+    from align.labeling import server
 
     before = server.status().info
     os.kill(before.worker_pid, signal.SIGKILL)
@@ -468,13 +468,13 @@ def test_serve_recovers_from_a_crashed_process(running, ranking_dataset):
 
 
 def test_server_module_imports_with_the_standard_library_only():
-    """scripts/setup.sh builds the server's environment with labeling.server while align's dependencies are still
+    """scripts/setup.sh builds the server's environment with align.labeling.server while align's dependencies are still
     being installed: it may import nothing beyond the standard library (and align's own stdlib-only modules)."""
     import subprocess
     import sys
 
     blocked = ("yaml", "rich", "torch", "transformers", "httpx", "numpy")
-    script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked) + "import labeling.server\n")
+    script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked) + "import align.labeling.server\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -249,7 +249,7 @@ PUSH = ["label", "push", "--model", "m", "--prompts", "p.txt", "--dataset", "d"]
     (PUSH + ["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1, got 0"),
 ], ids=lambda v: " ".join(v[len(GENERATE) if v[0] == "generate" else len(PUSH):]) if isinstance(v, list) else "")
 def test_cli_sampling_options_are_usage_errors(argv, expected, capsys):
-    from align.cli import main
+    from align.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -260,7 +260,7 @@ def test_cli_sampling_options_are_usage_errors(argv, expected, capsys):
 
 
 def test_cli_sampling_defaults_pass_their_own_check():
-    from align.cli import _parser
+    from align.cli.main import _parser
     from align.generation import SamplingConfig
 
     for argv in (["generate", "--model", "m", "--prompt", "p"], ["label", "push", "--model", "m", "--prompts", "p",
@@ -384,7 +384,7 @@ def test_require_model_kind_names_what_was_given_and_what_is_needed(models, tiny
 def test_stages_refuse_a_reward_model_before_loading(models, tiny_llama, tmp_path, monkeypatch, capsys):
     """sft, ppo --algorithm grpo, and eval compare (as a compared model and as the baseline): one line, before any
     weights load (nothing is printed before it)."""
-    from align.cli import main
+    from align.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / ".align"))

@@ -25,7 +25,7 @@ REWARD_CONFIGS = sorted(CONFIGS.glob("reward*.yaml"))  # `align reward` (stages/
 DPO_CONFIGS = sorted(CONFIGS.glob("dpo*.yaml"))  # `align dpo` (stages/dpo.py)
 PPO_CONFIGS = sorted(CONFIGS.glob("ppo*.yaml"))  # `align ppo` (stages/ppo.py)
 EVAL_CONFIGS = sorted(CONFIGS.glob("eval*.yaml"))  # `align eval compare` (stages/eval.py)
-PIPELINE_CONFIGS = sorted(CONFIGS.glob("pipeline*.yaml"))  # `align pipeline` (align/pipeline.py)
+PIPELINE_CONFIGS = sorted(CONFIGS.glob("pipeline*.yaml"))  # `align pipeline` (cli/pipeline.py)
 EXPECTED_DISTRIBUTED_TYPE = {
     "ddp": "MULTI_GPU",
     "cpu_ddp_2proc": "MULTI_GPU",
@@ -42,7 +42,7 @@ def _name(path: Path) -> str:
 def resolve(path: Path, tmp_path: Path, overrides: list[str] | None = None):
     """(validated config, TRL SFTConfig) exactly as `align sft` builds them before loading the model."""
     from align.artifacts import RunDir
-    from stages import sft
+    from align.stages import sft
 
     cfg = sft.load(str(path), overrides or [])
     return cfg, sft.training_arguments(cfg, RunDir(tmp_path / "out"), has_eval=True)
@@ -147,7 +147,7 @@ def test_pythia_70m_full_recipe(tmp_path):
     # Without a validation set align refuses best-model selection up front (before loading the model).
     from align.artifacts import RunDir
     from align.errors import AlignError
-    from stages import sft
+    from align.stages import sft
 
     with pytest.raises(AlignError, match="load_best_model_at_end needs a validation set"):
         sft.training_arguments(cfg, RunDir(tmp_path / "no_eval"), has_eval=False)
@@ -189,7 +189,7 @@ def test_flan_t5_dialogsum_recipe(tmp_path):
 def test_reward_config_resolves_into_training_arguments(path, tmp_path):
     from align.artifacts import RunDir
     from align.modeling import resolve_package_path
-    from stages import reward
+    from align.stages import reward
 
     cfg = reward.load(str(path), [])
     args = reward.training_arguments(cfg, RunDir(tmp_path / "out"), has_eval=True)
@@ -203,7 +203,7 @@ def test_reward_config_resolves_into_training_arguments(path, tmp_path):
 
 
 def test_reward_default_config_starts_from_the_registry(tmp_path):
-    from stages import reward
+    from align.stages import reward
 
     cfg = reward.load(str(CONFIGS / "reward.yaml"), [])
     assert (cfg.model.path, cfg.data.path) == ("sft:latest", "label:latest") and cfg.lora.enabled
@@ -220,7 +220,7 @@ def test_dpo_config_resolves_into_dpo_config(path, tmp_path):
     from trl import DPOConfig
 
     from align.artifacts import RunDir
-    from stages import dpo
+    from align.stages import dpo
 
     cfg = dpo.load(str(path), [])
     args = dpo.training_arguments(cfg, RunDir(tmp_path / "out"), has_eval=True)
@@ -321,7 +321,7 @@ def test_fsdp_plugin_from_config():
 
 @pytest.mark.parametrize("path", PPO_CONFIGS, ids=_name)
 def test_ppo_config_loads_and_names_its_command(path):
-    from stages import ppo
+    from align.stages import ppo
 
     cfg = ppo.load(str(path), [])
     assert cfg.model.path == "sft:latest" and cfg.reward.path == "reward:latest"
@@ -332,7 +332,7 @@ def test_ppo_config_loads_and_names_its_command(path):
 @pytest.mark.parametrize("path", EVAL_CONFIGS, ids=_name)
 def test_eval_config_loads_and_its_benchmark_files_read(path):
     from align.evaluation import read_benchmark
-    from stages import eval as evaluation
+    from align.stages import eval as evaluation
 
     cfg = evaluation.load(str(path), [])
     assert cfg.baseline in cfg.models and cfg.benchmarks
@@ -345,7 +345,7 @@ def test_eval_config_loads_and_its_benchmark_files_read(path):
 def test_pipeline_config_steps_load_with_their_overrides(path):
     """Every step's config and overrides validate as the pipeline will run them (references wired in)."""
     from align import pipeline
-    from stages import dpo, eval as evaluation, ppo, reward, sft
+    from align.stages import dpo, eval as evaluation, ppo, reward, sft
 
     cfg = pipeline.load(str(path), [])
     wired = {"reward": ["model.path=sft:1", "data.path=label:1"], "ppo": ["model.path=sft:1", "reward.path=reward:1"],

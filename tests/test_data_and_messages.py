@@ -374,7 +374,7 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(cli, name):
 
 def test_sft_shows_dropped_records_in_the_start_table_and_metrics(tmp_path, monkeypatch, capsys, tiny_llama):
     """The null completion that used to vanish: counted with its file:line on screen and in the registry."""
-    from align.cli import main
+    from align.cli.main import main
     from align.registry import Registry
 
     monkeypatch.chdir(tmp_path)

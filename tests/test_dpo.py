@@ -48,7 +48,7 @@ FAST = dict(max_steps=40, learning_rate=3e-3, per_device_train_batch_size=8, max
 
 def _capturing(monkeypatch, trainers: list, callback=None):
     """Keep every trainer `align dpo` makes (and add `callback` to it)."""
-    from stages import dpo
+    from align.stages import dpo
 
     make = dpo._make_trainer
 
@@ -259,7 +259,7 @@ def test_prompts_use_the_sft_template(tmp_path):
 
     from align.config import TemplateConfig
     from align.modeling import ModelSource
-    from stages import dpo
+    from align.stages import dpo
 
     pair = {"prompt": "reverse: a b", "chosen": "b a", "rejected": "a b", "group": 0}
     chat = dpo._dpo_rows([pair], TemplateConfig("chat", system="Be brief."))

@@ -1,4 +1,4 @@
-"""`align eval compare` (stages/eval.py) and `align pipeline` (align/pipeline.py) on tiny random-init models.
+"""`align eval compare` (stages/eval.py) and `align pipeline` (cli/pipeline.py) on tiny random-init models.
 
 Eval (module fixtures `zoo` + `compared`, ~15 s): an `align sft` full fine-tune of the tiny Llama that writes short letter sequences
 ("reverse: a b c" -> 4 letters from "abcdefz"), a reward model on it preferring responses with a `z` (the marker
@@ -13,7 +13,7 @@ needs a disabled one, a failing PPO step (the steps before it stay registered), 
 everything, a changed PPO override interrupted (Ctrl-C) after a checkpoint then resumed (only PPO and eval re-run).
 The Argilla server starts once per session (~15 s); the pipeline steps add ~20 s.
 
-Runs go through `align.cli.main` in-process with the test's cwd and ALIGN_HOME.
+Runs go through `align.cli.main.main` in-process with the test's cwd and ALIGN_HOME.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ FAST = dict(learning_rate=3e-3, max_length=64, logging_steps=20, save_strategy="
 
 
 def _main(*args: str) -> int:
-    from align.cli import main
+    from align.cli.main import main
 
     return main(list(args))
 
@@ -324,7 +324,7 @@ def _majority(share_yes: float) -> set[str]:
 def test_eval_alignment_tax_recomputes_from_the_models(zoo, compared, monkeypatch):
     from align.evaluation import alignment_tax, read_benchmark, score_multiple_choice
     from align.modeling import load_for_inference
-    from stages.eval import _subset_questions
+    from align.stages.eval import _subset_questions
 
     _in_zoo(monkeypatch, zoo)
     benchmarks = {"toy-mmlu": read_benchmark("toy_mmlu.jsonl"), "toy_boolq": read_benchmark("toy_boolq.jsonl"),
@@ -407,7 +407,7 @@ def test_eval_registers_against_every_model_and_the_judge(zoo, compared, monkeyp
 def test_eval_plots_a_model_that_lost_or_won_every_prompt(judgment, tmp_path):
     """Found by the first version of `zoo`: a PPO model that lost all 40 prompts crashed `align eval compare`."""
     from align.evaluation import pairwise_stats
-    from stages.eval import ModelResult, _plots
+    from align.stages.eval import ModelResult, _plots
 
     n = 40
     p = pairwise_stats([judgment] * n)  # win rate 0% (or 100%), Wilson low 6.9e-18 > 0 (or high 1 - 1e-16 < 1)
@@ -699,7 +699,7 @@ def test_pipeline_changed_override_reruns_only_ppo_and_eval_and_resumes_after_in
     """ppo.steps changes: a new PPO run (new folder), so a new evaluation; the rest is skipped. The first attempt is
     interrupted (Ctrl-C) at iteration 3 after checkpoints at 1 and 2; the next attempt resumes it."""
     from align.artifacts import RunDir
-    from stages import ppo as ppo_stage
+    from align.stages import ppo as ppo_stage
 
     before = _pipeline_rows()
     changed = "ppo.overrides=[ppo.logging_steps=2, ppo.steps=4, ppo.save_steps=1]"
@@ -770,7 +770,7 @@ def test_label_pull_with_an_empty_completion_feeds_reward(in_pipe, tiny_llama, m
     from align import generation
     from align.data import read_preferences, read_records
     from align.registry import Registry
-    from labeling import rankings
+    from align.labeling import rankings
 
     monkeypatch.setattr(generation, "sample_k", lambda model, tokenizer, prompts, k, *args, **kwargs: (
         [["", "a b", "a b c d"][:k] for _ in prompts], [0] * len(prompts)))

@@ -27,7 +27,7 @@ Z = ev.z_value()  # 1.959964
 
 
 def _main(*args: str) -> int:
-    from align.cli import main
+    from align.cli.main import main
 
     return main(list(args))
 

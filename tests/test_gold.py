@@ -100,7 +100,7 @@ def test_gold_and_proxy_win_rates_from_constructed_scores():
     """Win rates under the gold and under the judge on the same responses, against hand-computed values."""
     from types import SimpleNamespace
 
-    from stages.eval import _win_rates
+    from align.stages.eval import _win_rates
 
     model = SimpleNamespace(response_tokens=[10] * 5, responses=["a", "b", "c", "d", "e"])
     baseline = SimpleNamespace(response_tokens=[10] * 5, responses=["v", "w", "x", "y", "z"])

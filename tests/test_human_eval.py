@@ -70,20 +70,20 @@ def models(env, tmp_path_factory):
 
 
 def _push(models, dataset: str, annotators: int = 1, source: str | None = None):
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     return pairwise.push_command(source or str(models["file"]), models["tuned"].ref, models["base"].ref, dataset,
                                  annotators_per_record=annotators)
 
 
 def _api():
-    from labeling.argilla_api import Api
+    from align.labeling.argilla_api import Api
 
     return Api.connect()
 
 
 def _records(name: str) -> list[dict]:
-    from labeling import argilla_api
+    from align.labeling import argilla_api
 
     api = _api()
     return argilla_api.records(api, argilla_api.find_dataset(api, name, "align")["id"], responses=False)
@@ -100,7 +100,7 @@ def _one_line_error(function, *args, **kwargs) -> str:
 # --- Push ---------------------------------------------------------------------------------------------------
 
 def test_push_logs_blind_records_with_randomized_sides(models, capsys):
-    from labeling.pairwise import model_side, record_id
+    from align.labeling.pairwise import model_side, record_id
 
     # Pushed from the eval run's registry ref: its folder holds generations.jsonl.
     result = _push(models, "ab-model", source=models["eval"].ref)
@@ -125,7 +125,7 @@ def test_push_logs_blind_records_with_randomized_sides(models, capsys):
     assert set(sides) == {"model", "baseline"}  # both assignments occur
 
     api = _api()
-    from labeling.argilla_api import find_dataset
+    from align.labeling.argilla_api import find_dataset
 
     found = find_dataset(api, "ab-model", "align")
     info = found["metadata"]["align"]
@@ -147,9 +147,9 @@ def test_push_logs_blind_records_with_randomized_sides(models, capsys):
 def test_annotators_do_not_see_which_side_is_the_model(models):
     import httpx
 
-    from labeling import server
-    from labeling.argilla_api import find_dataset
-    from labeling.pairwise import PENDING_VIEW
+    from align.labeling import server
+    from align.labeling.argilla_api import find_dataset
+    from align.labeling.pairwise import PENDING_VIEW
 
     password = server.add_user("ann")
     url = server.connect().api_url
@@ -175,7 +175,7 @@ def test_push_again_adds_no_duplicates(models, capsys):
 
 
 def test_bad_input_is_a_one_line_error(models, tmp_path, monkeypatch):
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     source = str(models["file"])
     message = _one_line_error(pairwise.push, source, "sft:999", models["base"].ref, "never")
@@ -205,7 +205,7 @@ def test_bad_input_is_a_one_line_error(models, tmp_path, monkeypatch):
 # --- Simulate and pull ------------------------------------------------------------------------------------------
 
 def test_pull_before_any_judgment_writes_nothing(models, tmp_path):
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     message = _one_line_error(pairwise.pull, "ab-model", str(tmp_path / "none.jsonl"))
     assert message.startswith("no submitted judgments in dataset ab-model yet (11 records pending)")
@@ -214,7 +214,7 @@ def test_pull_before_any_judgment_writes_nothing(models, tmp_path):
 
 def test_an_annotator_who_prefers_the_model_gives_win_rate_one(models, tmp_path, capsys):
     from align.registry import Registry
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     assert pairwise.simulate_command("ab-model", 1, "model") == {"sim-annotator-1": 11}
     assert "sim-annotator-1" in capsys.readouterr().out
@@ -255,7 +255,7 @@ def test_an_annotator_who_prefers_the_model_gives_win_rate_one(models, tmp_path,
 
 def test_the_longer_rule_gives_the_hand_computed_rates(models, tmp_path, capsys):
     from align.registry import Registry
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     _push(models, "ab-longer", annotators=2)
     assert pairwise.simulate("ab-longer", 2, "longer") == {"sim-annotator-1": 11, "sim-annotator-2": 11}
@@ -288,7 +288,7 @@ def test_the_longer_rule_gives_the_hand_computed_rates(models, tmp_path, capsys)
 # --- Pure pieces ------------------------------------------------------------------------------------------------
 
 def test_choice_rules_and_mapping():
-    from labeling.pairwise import add_noise, choose, judgment, model_side, plurality
+    from align.labeling.pairwise import add_noise, choose, judgment, model_side, plurality
 
     rng = random.Random(0)
     assert choose("long one", "short", "model", "longer", rng) == "A"

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from align.cli import main
+from align.cli.main import main
 from align.errors import AlignError
 
 PROMPTS = ["reverse: a b c", "reverse: d e f", "Write a haiku about the sea", "Explain gravity to a child"]
@@ -58,19 +58,19 @@ def pushed(model, prompts_file):
 
 
 def _api():
-    from labeling import rankings
+    from align.labeling import rankings
 
     return rankings._Api.connect()
 
 
 def _dataset(name: str) -> dict:
-    from labeling import rankings
+    from align.labeling import rankings
 
     return rankings._find_dataset(_api(), name, "align")
 
 
 def _records(name: str, responses: bool = False) -> list[dict]:
-    from labeling import rankings
+    from align.labeling import rankings
 
     return rankings._records(_api(), _dataset(name)["id"], responses=responses)
 
@@ -78,7 +78,7 @@ def _records(name: str, responses: bool = False) -> list[dict]:
 def _login(username: str, password: str):
     import httpx
 
-    from labeling import server
+    from align.labeling import server
 
     answer = httpx.post(f"{server.connect().api_url}/api/v1/token", data={"username": username, "password": password})
     answer.raise_for_status()
@@ -87,7 +87,7 @@ def _login(username: str, password: str):
 
 
 def _queue(client, dataset_id: str) -> list[dict]:
-    from labeling.rankings import PENDING_VIEW
+    from align.labeling.rankings import PENDING_VIEW
 
     answer = client.post(f"/api/v1/me/datasets/{dataset_id}/records/search", json=PENDING_VIEW)
     assert answer.status_code == 200, answer.text
@@ -111,7 +111,7 @@ def _by_length(fields: dict) -> dict[str, int]:
 # --- Push ---------------------------------------------------------------------------------------------------
 
 def test_push_logs_k_distinct_completions_in_a_shuffled_order(pushed, model):
-    from labeling.rankings import record_id, shuffled_order
+    from align.labeling.rankings import record_id, shuffled_order
 
     records = _records(DATASET)
     assert sorted(r["external_id"] for r in records) == sorted(record_id(DATASET, p) for p in PROMPTS)
@@ -161,7 +161,7 @@ def test_push_again_adds_no_duplicates(pushed, model, prompts_file, capsys):
 
 def test_push_interrupted_by_a_server_restart_completes_without_loss_or_duplicates(env, model, prompts_file,
                                                                                    monkeypatch, capsys):
-    from labeling import rankings, server
+    from align.labeling import rankings, server
 
     real_upsert = rankings._upsert_records
     calls = []
@@ -237,7 +237,7 @@ def test_wrong_api_key_or_unreachable_server(env, model, prompts_file, monkeypat
 
 def test_pull_with_no_submitted_ranking_writes_nothing(pushed, tmp_path, capsys):
     from align.registry import Registry
-    from labeling import server
+    from align.labeling import server
 
     # A draft and a discard do not count.
     cal = _login("cal", server.add_user("cal"))
@@ -259,7 +259,7 @@ def test_pull_with_no_submitted_ranking_writes_nothing(pushed, tmp_path, capsys)
 def test_rankings_become_exact_pairs_agreement_and_a_registered_dataset(pushed, model, tmp_path, capsys):
     from align.data import fingerprint
     from align.registry import Registry
-    from labeling import server
+    from align.labeling import server
 
     # sim-annotator-1 ranks everything by length (noise 0) through the UI's REST calls.
     assert main(["label", "simulate", "--dataset", DATASET, "--annotators", "1", "--rule", "longer"]) == 0
@@ -342,7 +342,7 @@ def test_rankings_become_exact_pairs_agreement_and_a_registered_dataset(pushed, 
     assert main(["label", "status", "--dataset", DATASET]) == 0
     status = capsys.readouterr().out
     assert "sim-annotator-1 (simulated)" in status and "bea" in status and "cal" in status
-    from labeling import rankings
+    from align.labeling import rankings
 
     progress = rankings.status(DATASET)
     assert progress["completed"] == 4 and progress["users"]["bea"]["submitted"] == 4
@@ -352,7 +352,7 @@ def test_rankings_become_exact_pairs_agreement_and_a_registered_dataset(pushed, 
 def test_simulate_reuses_its_annotators_and_keeps_their_passwords_private(pushed, capsys):
     import stat
 
-    from labeling import rankings
+    from align.labeling import rankings
 
     before = json.loads(rankings.simulated_users_file().read_text())
     # sim-annotator-1 has ranked everything; sim-annotator-2 is new; both find an empty queue (records complete).
@@ -371,7 +371,7 @@ def test_simulate_reuses_its_annotators_and_keeps_their_passwords_private(pushed
 # --- Pure pieces: simulation rules, K samples per prompt --------------------------------------------------------
 
 def test_simulation_noise():
-    from labeling.rankings import add_noise
+    from align.labeling.rankings import add_noise
 
     rng = random.Random(0)
     assert add_noise([1, 2, 3], 0.0, rng) == [1, 2, 3]

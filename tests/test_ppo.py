@@ -9,7 +9,7 @@ The setup (module fixture `dev`, ~10 s): an `align sft` FULL fine-tune of the ti
 that SFT model with the marker preference of tests/test_reward.py (chosen responses contain `z`: a LoRA SEQ_CLS
 adapter on the SFT folder, held-out accuracy 1.0), and 64 prompts. PPO's job: write more `z`s.
 
-Runs go through `align.cli.main` in-process, or a fresh process where one has to die (resume) or several have to
+Runs go through `align.cli.main.main` in-process, or a fresh process where one has to die (resume) or several have to
 cooperate (torchrun). Measured margins (seeds, values) are next to each threshold.
 """
 
@@ -55,7 +55,7 @@ BASE = {
 
 
 def _main(*args: str) -> int:
-    from align.cli import main
+    from align.cli.main import main
 
     return main(list(args))
 
@@ -147,7 +147,7 @@ def _run(dev, name: str, *overrides: str, **sections) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def learn(dev):
     """The main run (seed 42, 60 iterations), LoRA + shared-base reward. Keeps the trainer for in-memory checks."""
-    from stages import ppo
+    from align.stages import ppo
 
     trainers = []
     init = ppo.PPOTrainer.__init__
@@ -171,7 +171,7 @@ def tight(dev):
 
 def _ptx_run(dev, name: str, coef: float, **ppo_changes) -> SimpleNamespace:
     """8 iterations with ptx data; records which ptx batches the trainer asked for."""
-    from stages import ppo
+    from align.stages import ppo
 
     asked = []
     batch = ppo.PtxData.batch
@@ -259,7 +259,7 @@ def test_ptx_batches_are_read_in_order_without_gaps(ptx_on):
 # Runs `align` and pauses (for good) before iteration PAUSE_AT + 1: the test kills it there.
 DRIVER = """
 import os, sys, time
-from stages import ppo
+from align.stages import ppo
 
 _iteration = ppo.PPOTrainer.iteration
 
@@ -269,7 +269,7 @@ def iteration(self):
     return _iteration(self)
 
 ppo.PPOTrainer.iteration = iteration
-from align.cli import main
+from align.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -346,7 +346,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(dev, ptx_on, capsys)
 
 def test_single_base_copy_holds_policy_reference_value_and_reward(dev, learn):
     from align.scoring import RewardScorer
-    from stages import ppo
+    from align.stages import ppo
 
     trainer = learn.trainer
     model = trainer.model
@@ -422,7 +422,7 @@ def test_value_adapter_is_trained(dev, learn):
 def test_value_upper_layers_alone_give_the_whole_models_values_and_gradients(learn):
     """The shortcut behind ppo.value_layers: the upper layers run on the hidden states captured where they begin
     give the values the whole model gives, and the value loss's gradient reaches only the trained weights."""
-    from stages import ppo
+    from align.stages import ppo
 
     trainer = learn.trainer
     model, value = trainer.model, trainer.value
@@ -450,7 +450,7 @@ def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_
     from peft import LoraConfig, get_peft_model
     from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from stages import ppo
+    from align.stages import ppo
 
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
@@ -667,7 +667,7 @@ def test_fsdp_full_finetuning_equals_ddp_and_saves_plain_weights(dev):
 
 def test_nan_rewards_skip_iterations_then_stop_with_a_checkpoint(dev, monkeypatch, capsys):
     from align.artifacts import RunDir
-    from stages import ppo
+    from align.stages import ppo
 
     monkeypatch.setattr(ppo.SharedBaseReward, "__call__",
                         lambda self, model, prompts, responses: ([float("nan")] * len(prompts),) * 2)
@@ -929,8 +929,8 @@ def test_grpo_prompts_tokenize_as_align_renders_them(dev):
     """TRL tokenizes the prompt text again, adding the tokenizer's BOS: the chat template's own BOS (as in Llama's
     templates, and the test tokenizer's) must not become a second one."""
     from align.modeling import load_tokenizer, training_template
-    from align.policy import encode_prompts
-    from stages import grpo
+    from align.stages.policy import encode_prompts
+    from align.stages import grpo
 
     tokenizer = load_tokenizer(str(dev.sft_folder))
     encoded, truncated = encode_prompts(tokenizer, dev.prompts[:8] + ["reverse: " + "a " * 60],
@@ -973,7 +973,7 @@ def test_grpo_bad_input_fails_with_one_line_and_writes_nothing(case, dev, capsys
 # 11. Pure logic on constructed tensors.
 
 def _bare_trainer(**attributes):
-    from stages.ppo import PPOTrainer
+    from align.stages.ppo import PPOTrainer
 
     trainer = object.__new__(PPOTrainer)
     for key, value in attributes.items():
@@ -982,7 +982,7 @@ def _bare_trainer(**attributes):
 
 
 def _rollout(response_mask, values):
-    from stages.ppo import Rollout
+    from align.stages.ppo import Rollout
 
     n, width = response_mask.shape
     empty = torch.zeros((n, width))
@@ -992,7 +992,7 @@ def _rollout(response_mask, values):
 
 def test_shape_rewards_gae_matches_a_hand_computation():
     from align.config import PPOConfig
-    from stages.ppo import AdaptiveKL, Distributed
+    from align.stages.ppo import AdaptiveKL, Distributed
 
     trainer = _bare_trainer(kl=AdaptiveKL(0.5, None, 1), ppo=PPOConfig(gamma=1.0, lam=0.95), dist=Distributed())
     # Row 0: 3 response tokens. Row 1: 2 tokens and a padded position (its value and KL must not leak in).
@@ -1017,7 +1017,7 @@ def test_shape_rewards_gae_matches_a_hand_computation():
 
 
 def test_adaptive_kl_moves_beta_towards_the_target_with_clipped_steps():
-    from stages.ppo import AdaptiveKL
+    from align.stages.ppo import AdaptiveKL
 
     def after(kl, episodes=100):
         controller = AdaptiveKL(0.1, 6.0, 10_000)
@@ -1053,7 +1053,7 @@ def test_cut_responses_stop_at_the_first_eos_and_mask_the_rest():
 
 
 def test_epoch_order_visits_every_prompt_once_per_epoch_deterministically():
-    from stages import ppo
+    from align.stages import ppo
 
     n, seed = 10, 3
     order = ppo._epoch_order(n, 0, 3 * n, seed)
@@ -1074,7 +1074,7 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from stages.ppo import _generate_without_model_defaults, _SampledLogprobs, _token_logprobs
+    from align.stages.ppo import _generate_without_model_defaults, _SampledLogprobs, _token_logprobs
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),

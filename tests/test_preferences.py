@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from labeling.preferences import (
+from align.labeling.preferences import (
     AgreementStats,
     Pair,
     Vote,

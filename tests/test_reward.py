@@ -5,7 +5,7 @@ numbers, and bad input ends with one line and exit code 2 before anything is wri
 The preference: every prompt's chosen responses contain the letter `z` somewhere; rejected ones do not (same
 length, so length says nothing). One module-scoped run trains on it (backbone: an SFT LoRA adapter from the
 registry, merged into its base; data: a registered `label` dataset shaped like `align label pull` output) and
-several tests check that run. Runs go through `align.cli.main` in-process; each is a few seconds on one core.
+several tests check that run. Runs go through `align.cli.main.main` in-process; each is a few seconds on one core.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _config(folder: Path, name: str, model_path: str, data_path: str, **sections
 
 
 def _main(*args: str) -> int:
-    from align.cli import main
+    from align.cli.main import main
 
     return main(list(args))
 
@@ -105,7 +105,7 @@ def _fake_sft_artifact(folder: Path, base: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama):
     from align.registry import Registry
-    from stages import reward
+    from align.stages import reward
 
     home = tmp_path_factory.mktemp("reward_run")
     with pytest.MonkeyPatch.context() as mp:
@@ -184,7 +184,7 @@ def test_batches_hold_every_pair_of_a_prompt(trained):
 
 
 def test_prompt_grouped_sampler_splits_groups_larger_than_a_batch():
-    from stages.reward import PromptGroupedBatchSampler
+    from align.stages.reward import PromptGroupedBatchSampler
 
     groups = [0] * 7 + [1] * 2 + [2] * 3 + [3]
     sampler = PromptGroupedBatchSampler(groups, max_pairs=4, seed=3)
@@ -385,7 +385,7 @@ def test_split_by_prompt_keeps_each_prompt_on_one_side():
 def test_preference_metrics_accuracy_calibration_length_and_categories():
     import math
 
-    from stages.reward import preference_metrics
+    from align.stages.reward import preference_metrics
 
     # Margins 2, 2, -1, 0: P(chosen) = 0.881, 0.881, 0.269, 0.5.
     metrics, bins = preference_metrics([3.0, 2.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0], categories=["a", "a", "b", None],

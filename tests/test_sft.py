@@ -1,7 +1,7 @@
 """`align sft` end to end on tiny random-init models: losses that fall, artifacts that reload, masks and packing
 that are right, resume after a kill, 2-process DDP on CPU, tokenizer safety and over-long examples.
 
-Runs go through `align.cli.main` in-process, or through a fresh `python -m align` / torchrun process where a
+Runs go through `align.cli.main.main` in-process, or through a fresh `python -m align` / torchrun process where a
 process has to die or several have to cooperate. Each run is a few dozen optimizer steps on a 64-wide model.
 """
 
@@ -56,7 +56,7 @@ def _config(folder: Path, name: str, model_path: str, data_path: str, **sections
 
 
 def _sft(config: str, *args: str) -> int:
-    from align.cli import main
+    from align.cli.main import main
 
     return main(["sft", "--config", config, *args])
 
@@ -302,7 +302,7 @@ def _trainer(config_path: str):
     from align.data import read_records, to_examples
     from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer,
                                 prepare_tokenizer)
-    from stages import sft
+    from align.stages import sft
 
     cfg = sft.load(config_path, [])
     tokenizer = load_tokenizer(cfg.model.path, cfg.model)
@@ -415,7 +415,7 @@ def training_step(self, *args, **kwargs):
     return _step(self, *args, **kwargs)
 
 Trainer.training_step = training_step
-from align.cli import main
+from align.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

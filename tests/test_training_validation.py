@@ -242,7 +242,7 @@ LIGHT = [  # (args, text of the error): the repository's configs, with a one-key
 def test_config_mistakes_are_reported_before_torch_and_trl_import(tmp_path):
     script = textwrap.dedent("""
         import contextlib, io, json, sys
-        from align.cli import main
+        from align.cli.main import main
         outcomes = []
         for args, _ in json.loads(sys.argv[1]):
             err = io.StringIO()

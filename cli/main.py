@@ -346,7 +346,7 @@ def _run_sft(args) -> None:
     from align.config import SFTRunConfig, load_config
 
     load_config(args.config, args.overrides, SFTRunConfig)
-    from stages import sft
+    from align.stages import sft
 
     sft.run(args.config, args.overrides, resume=args.resume)
 
@@ -357,7 +357,7 @@ def _run_reward(args) -> None:
     from align.config import RewardRunConfig, load_config
 
     load_config(args.config, args.overrides, RewardRunConfig)
-    from stages import reward
+    from align.stages import reward
 
     reward.run(args.config, args.overrides, resume=args.resume)
 
@@ -375,33 +375,33 @@ def _run_ppo(args) -> None:
 
     overrides = args.overrides + ([f"algorithm={args.algorithm}"] if args.algorithm else [])
     if load_config(args.config, overrides, PPORunConfig).algorithm == "ppo":
-        from stages import ppo as stage
+        from align.stages import ppo as stage
     else:  # grpo, rloo: TRL's trainers
-        from stages import grpo as stage
+        from align.stages import grpo as stage
     stage.run(args.config, overrides, resume=args.resume)
 
 
 def _human_push(args) -> None:
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     pairwise.push_command(args.generations, args.model, args.baseline, args.dataset, workspace=args.workspace,
                           annotators_per_record=args.annotators_per_record, guidelines_file=args.guidelines)
 
 
 def _human_status(args) -> None:
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     pairwise.status_command(args.dataset, args.workspace)
 
 
 def _human_pull(args) -> None:
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     pairwise.pull_command(args.dataset, args.out, aggregate=args.aggregate, workspace=args.workspace)
 
 
 def _human_simulate(args) -> None:
-    from labeling import pairwise
+    from align.labeling import pairwise
 
     pairwise.simulate_command(args.dataset, args.annotators, args.rule, noise=args.noise, seed=args.seed,
                               workspace=args.workspace)
@@ -421,13 +421,13 @@ def _run_eval_compare(args) -> None:
     if models:  # they replace the config's `models:`
         overrides.append(f"models={json.dumps(models)}")
     load_config(args.config, overrides, EvalRunConfig)
-    from stages import eval as evaluation
+    from align.stages import eval as evaluation
 
     evaluation.run(args.config, overrides)
 
 
 def _run_eval_reward(args) -> None:
-    from stages import eval_reward
+    from align.stages import eval_reward
 
     eval_reward.run(args.model, args.data, out=args.out, batch_size=args.batch_size, tie_margin=args.tie_margin)
 
@@ -436,7 +436,7 @@ def _run_dpo(args) -> None:
     from align.config import DPORunConfig, load_config
 
     load_config(args.config, args.overrides, DPORunConfig)
-    from stages import dpo
+    from align.stages import dpo
 
     dpo.run(args.config, args.overrides, resume=args.resume)
 
@@ -475,7 +475,7 @@ def _run_generate(args) -> None:
 
 
 def _label_serve(args) -> None:
-    from labeling import server
+    from align.labeling import server
 
     if args.action != "start" and args.port is not None:
         raise AlignError(f"--port is for starting the server, not for '{args.action}'")
@@ -488,7 +488,7 @@ def _label_serve(args) -> None:
 
 
 def _label_add_user(args) -> None:
-    from labeling import server
+    from align.labeling import server
 
     server.add_user_command(args.name, args.role)
 
@@ -519,7 +519,7 @@ def _registry_lineage(args) -> None:
 
 def _label_push(args) -> None:
     from align.generation import SamplingConfig
-    from labeling import rankings
+    from align.labeling import rankings
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
@@ -529,19 +529,19 @@ def _label_push(args) -> None:
 
 
 def _label_status(args) -> None:
-    from labeling import rankings
+    from align.labeling import rankings
 
     rankings.status_command(args.dataset, args.workspace)
 
 
 def _label_pull(args) -> None:
-    from labeling import rankings
+    from align.labeling import rankings
 
     rankings.pull_command(args.dataset, args.out, ties=args.ties, aggregate=args.aggregate, workspace=args.workspace)
 
 
 def _label_simulate(args) -> None:
-    from labeling import rankings
+    from align.labeling import rankings
 
     rankings.simulate_command(args.dataset, args.annotators, args.gold, noise=args.noise, seed=args.seed,
                               workspace=args.workspace, tie_margin=args.tie_margin)

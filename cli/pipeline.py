@@ -128,7 +128,7 @@ def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> dict:
             raise AlignError(f"pipeline step '{name}': {e} (nothing has run yet)") from None
 
     configs = {name: check(name, lambda path, items: load_config(path, items, STAGE_CONFIGS[name])) for name in steps}
-    from stages import dpo, eval as evaluation, grpo, ppo, reward, sft
+    from align.stages import dpo, eval as evaluation, grpo, ppo, reward, sft
 
     algorithm = configs["ppo"].algorithm if "ppo" in configs else "ppo"  # grpo / rloo: TRL's trainers, stages/grpo.py
     modules = {"sft": sft, "reward": reward, "ppo": ppo if algorithm == "ppo" else grpo, "dpo": dpo,
@@ -191,7 +191,7 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
     reused when every pushed prompt has been ranked."""
     from align.data import read_prompts
     from align.generation import SamplingConfig
-    from labeling import rankings, server
+    from align.labeling import rankings, server
 
     label = cfg.label
     # A dataset per SFT model and per labeling setup: rankings under another gold, tie margin or K are new records,
@@ -230,7 +230,7 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
 
 
 def _wait_for_rankings(dataset: str, wanted: int, timeout_s: int) -> None:
-    from labeling import rankings
+    from align.labeling import rankings
 
     console.print(f"label: waiting for annotators to rank {wanted} records of '{dataset}' in Argilla (add logins "
                   f"with `align label users add NAME`; progress: `align label status --dataset {dataset}`)")
