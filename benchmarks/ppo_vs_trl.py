@@ -13,8 +13,9 @@ OMP threads):
   align  `python -m align ppo --config <generated yaml>` (stages/ppo.py), at align's defaults: the policy is the SFT
          folder with a LoRA adapter, the reward model is the LoRA + score-head adapter that `align reward` saved on
          that same base, so `reward.share_base: auto` scores with the policy's own base weights; the value function
-         starts as that reward model and trains its top quarter of layers (`ppo.value_layers`). Episodes and PPO-loop time come from
-         align's registry row (`episodes`, `train_runtime_s`; `training_log.jsonl` as a fallback).
+         starts as that reward model and trains its top quarter of layers (`ppo.value_layers`). Episodes and
+         PPO-loop time come from align's registry row (`episodes`, `train_runtime_s`; `training_log.jsonl` as a
+         fallback).
   trl    (**baseline**) TRL 1.12.0's `trl.experimental.ppo.PPOTrainer` (TRL deleted it in 1.13), run by
          benchmarks/ppo_trl112_runner.py in a separate virtual environment that this script builds once
          (benchmarks/results/trl112-venv; torch 2.13.0 CPU pinned first, then trl==1.12.0 beside transformers
@@ -30,8 +31,8 @@ imports nothing heavy, so no child inherits a large resident size.
 
 Setup (built into benchmarks/results/ppo_vs_trl/, removed afterwards unless --keep or a side fails): a Llama built
 from config (8 layers x 512, 25.8M parameters, float32) with the test suite's tokenizer = the SFT policy; 128 short
-synthetic prompts; a reward model made by the real `align reward` (a few steps on synthetic preference pairs, LoRA + score head,
-normalization off so both sides see the same raw scores, `output.merge: true` for TRL's plain copy).
+synthetic prompts; a reward model made by the real `align reward` (a few steps on synthetic preference pairs, LoRA +
+score head, normalization off so both sides see the same raw scores, `output.merge: true` for TRL's plain copy).
 
 Targets: align / trl >= 1.5x episodes/s, align / trl <= 0.6x peak RSS. Results: benchmarks/results/ppo_vs_trl.json.
 """

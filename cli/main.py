@@ -96,7 +96,8 @@ def _sampling(name: str):
         try:
             value = int(text) if whole else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if whole else 'a number'}, got {text!r}")
+            expected = "a whole number" if whole else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         problem = sampling_problem(name, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)

@@ -14,6 +14,9 @@ export ALIGN_ARGILLA_VENV="${ALIGN_ARGILLA_VENV:-$PWD/.venv/argilla-server}"
 # train models once per file). `-n 0` among the arguments runs everything in this one process.
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 
+# ruff and the layer contracts first (seconds): a broken layer fails before ten minutes of tests.
+bash scripts/lint.sh
+
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n auto --maxprocesses 4 --dist loadfile "$@" \
   || status=$?

@@ -347,7 +347,7 @@ def test_other_load_errors_pass_unchanged(tiny_llama):
 
     with pytest.raises(ZeroDivisionError):
         with model_files(tiny_llama):
-            1 / 0
+            raise ZeroDivisionError
 
 
 # --------------------------------------------------------------------------------------------------

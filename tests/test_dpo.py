@@ -263,7 +263,8 @@ def test_prompts_use_the_sft_template(tmp_path):
 
     pair = {"prompt": "reverse: a b", "chosen": "b a", "rejected": "a b", "group": 0}
     chat = dpo._dpo_rows([pair], TemplateConfig("chat", system="Be brief."))
-    assert chat == [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "reverse: a b"}],
+    assert chat == [{"prompt": [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "reverse: a b"}],
                      "chosen": [{"role": "assistant", "content": "b a"}],
                      "rejected": [{"role": "assistant", "content": "a b"}]}]
     conversational = {**pair, "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},

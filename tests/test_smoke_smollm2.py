@@ -35,7 +35,8 @@ def test_smollm2_lora_steps_then_generate(tmp_path, monkeypatch, capsys):
     assert artifact.metrics["steps"] == 2 and artifact.metrics["trained_tokens"] > 0
     # The base is the converted standard folder, so plain peft can load the adapter.
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert (Path(base) / "config.json").is_file() and "quantization_config" not in (Path(base) / "config.json").read_text()
+    base_config = Path(base) / "config.json"
+    assert base_config.is_file() and "quantization_config" not in base_config.read_text()
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config.get("pad_token") != tokenizer_config.get("eos_token")
 

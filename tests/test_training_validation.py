@@ -91,7 +91,8 @@ CASES = {
         ["sft", "--config", "run.yaml"], ["error: run.yaml:8: training.learning_rate: must be greater than 0, got "
                                           "-0.0001"], _sft("learning_rate: -1e-4\n")),
     "nan_learning_rate": Case(  # NaN passes every comparison: checked for itself
-        ["sft", "--config", "run.yaml"], ["error: run.yaml:8: training.learning_rate: must be a finite number, got nan"],
+        ["sft", "--config", "run.yaml"],
+        ["error: run.yaml:8: training.learning_rate: must be a finite number, got nan"],
         _sft("learning_rate: .nan\n")),
     "batch_size_0": Case(
         ["sft", "--config", "run.yaml"], ["error: run.yaml:8: training.per_device_train_batch_size: must be at least "
