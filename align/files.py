@@ -1,7 +1,4 @@
-"""Files that appear complete or not at all: written to a hidden file beside the target, flushed to disk, renamed.
-
-Standard library only: labeling/server.py uses it while scripts/setup.sh is still installing align's dependencies.
-"""
+"""Files that appear complete or not at all: written to a hidden file beside the target, flushed to disk, renamed."""
 
 from __future__ import annotations
 

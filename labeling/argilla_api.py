@@ -2,7 +2,8 @@
 
 `align label` (labeling/rankings.py, K-way rankings) and `align eval human` (labeling/pairwise.py, blind A/B
 comparisons) both create datasets, log records, read submitted responses and run simulated annotators through
-these calls. The connection (URL + API key) comes from :func:`align.labeling.server.connect`; every failure is one
+these calls. The connection (URL + API key) comes from :func:`align.labeling.server.connect`, the httpx client from
+:func:`align.labeling.server.http_client` (the one every request to Argilla goes through); every failure is one
 :class:`align.errors.AlignError` naming the server, raised at one place (:meth:`Api.call`):
 :class:`align.labeling.server.ServerDown` when the server does not answer (retried first while it may come back), so
 that commands can say how far they got, and :class:`HttpError` for an unexpected status.
@@ -14,6 +15,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from align.errors import AlignError
 from align.labeling import server
@@ -42,14 +45,9 @@ class Api:
     when it does not answer, HttpError for an unexpected status."""
 
     def __init__(self, url: str, api_key: str):
-        import httpx
-
         self.url = url.rstrip("/")
         self.api_key = api_key
-        local = (httpx.URL(self.url).host or "") in ("127.0.0.1", "localhost", "::1")
-        # trust_env=False on the loopback: never send our key through an HTTP proxy.
-        self._client = httpx.Client(base_url=self.url, headers={"X-Argilla-Api-Key": api_key},
-                                    timeout=httpx.Timeout(120.0, connect=10.0), trust_env=not local)
+        self._client = server.http_client(self.url, api_key, timeout=httpx.Timeout(120.0, connect=10.0))
 
     @classmethod
     def connect(cls) -> Api:
@@ -62,7 +60,7 @@ class Api:
         if response.status_code == 401:
             raise HttpError(f"the Argilla server at {self.url} rejected the API key while {doing}", 401)
         if response.status_code not in expect:
-            raise HttpError(f"{doing} on {self.url} failed: HTTP {response.status_code}{detail(response)}",
+            raise HttpError(f"{doing} on {self.url} failed: HTTP {response.status_code}{server.detail(response)}",
                             response.status_code)
         return response.json() if response.content else None
 
@@ -73,8 +71,6 @@ class Api:
         A request that may have reached the server (the connection dropped after sending, a proxy's 502-504) is
         repeated only for idempotent methods: a repeated POST could create something twice.
         """
-        import httpx
-
         started, pause = time.monotonic(), _FIRST_PAUSE_S
         while True:
             try:
@@ -85,7 +81,7 @@ class Api:
             else:
                 if response.status_code not in _PROXY_DOWN or response.status_code in expect:
                     return response
-                failure, unsent = f"HTTP {response.status_code}{detail(response)}", False
+                failure, unsent = f"HTTP {response.status_code}{server.detail(response)}", False
             if ((not unsent and method.upper() not in _REPEATABLE)
                     or time.monotonic() - started + pause > RETRY_WINDOW_S or not server.may_answer_again(self.url)):
                 cause = f"while {doing} ({failure})"
@@ -97,16 +93,6 @@ class Api:
 
     def close(self) -> None:
         self._client.close()
-
-
-def detail(response) -> str:
-    """The server's error detail for a message (``": ..."``), or ``""``."""
-    try:
-        body = response.json()
-    except ValueError:
-        return f": {response.text[:300]}" if response.text else ""
-    detail = body.get("detail", body) if isinstance(body, dict) else body
-    return f": {detail if isinstance(detail, str) else json.dumps(detail)[:400]}"
 
 
 def find_dataset(api: Api, name: str, workspace: str) -> dict | None:

@@ -6,10 +6,10 @@ with ``ARGILLA_SEARCH_ENGINE``. Every write path commits to the SQL database *be
 engine, so the SQL tables are always the truth: index maintenance here is a no-op and every read is a
 query on ``records`` / ``responses`` / ``suggestions`` / ``vectors``.
 
-This module runs inside the Argilla server's own virtual environment (``labeling/server.py`` builds
+This module runs inside the Argilla server's own virtual environment (``labeling/server_env.py`` builds
 it), imported by ``labeling/argilla_launcher.py`` before the app starts. It may import only
 argilla_server, sqlalchemy and the standard library. It leans on the engine interface of
-argilla-server 2.8.0 exactly, which ``labeling/server.py`` pins.
+argilla-server 2.8.0 exactly, which ``labeling/server_env.py`` pins.
 
 Semantics follow the Elasticsearch engine where they matter to the web UI and the SDK:
 - a response-status filter ``pending`` means "this user (or, unscoped, anyone) has no response";

@@ -33,11 +33,13 @@ atomically and registered as stage ``eval``.
 UI, by a fixed rule (``longer`` | ``shorter`` | ``random`` | ``model`` | ``baseline``) with optional noise;
 everything they submit is marked simulated (their comment in Argilla, ``"simulated": true`` in pulled rows, the
 registry's ``simulated`` metric).
+
+The task skeleton shared with `align label` (creating and checking the dataset, progress, reading submitted
+responses, simulated annotators' queues) is labeling/task.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -45,14 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.files import stage_jsonl, write_jsonl
+from align.files import write_jsonl
 from align.errors import AlignError
 from align.registry import Registry
-from align.labeling import argilla_api, server
+from align.labeling import argilla_api, server, task
 from align.labeling.argilla_api import SIM_PREFIX, Api, annotation_url
+from align.labeling.task import METADATA_KEY, annotator_id, esc, show
 
 WORKSPACE = server.WORKSPACE
-METADATA_KEY = "align"  # the dataset's metadata block written by push
 FORMAT = "align-pairwise/1"
 COMMAND = "align eval human push"
 GENERATIONS_FILE = "generations.jsonl"  # what an eval artifact's folder holds
@@ -63,12 +65,6 @@ SIDES = ("model", "baseline")
 STAGE = "eval"
 KIND = "evaluation"  # the registry's kind for evaluation results (align/registry.py KINDS)
 EVAL_TYPE = "human-eval"  # config["type"] of the registered artifact
-PENDING_VIEW = {  # the web UI's default "Pending" queue: records this user has not answered yet
-    "filters": {"and": [
-        {"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": ["pending"]},
-        {"type": "terms", "scope": {"entity": "record", "property": "status"}, "values": ["pending"]},
-    ]}
-}
 
 DEFAULT_GUIDELINES = """\
 # Which response is better?
@@ -182,7 +178,7 @@ def pick_model(name: str, generations: Generations, flag: str) -> str:
 
 def record_id(dataset: str, prompt: str) -> str:
     """The record's external id: a hash of the dataset name and the prompt text."""
-    return "ab-" + hashlib.sha256(f"{dataset}\x00{prompt}".encode()).hexdigest()[:24]
+    return task.record_id("ab-", dataset, prompt)
 
 
 def model_side(rid: str) -> str:
@@ -205,33 +201,24 @@ def _layout() -> dict[str, list[dict]]:
          "settings": {"type": "label_selection", "options": [
              {"value": "A", "text": "Response A"}, {"value": "B", "text": "Response B"},
              {"value": "tie", "text": "Tie"}]}},
-        {"name": "comment", "title": "Comment (optional)", "required": False,
-         "settings": {"type": "text", "use_markdown": False}},
+        task.COMMENT_QUESTION,
     ]
-    terms = {"a_is": "Response A is from", "model": "Model", "baseline": "Baseline"}
-    metadata = [{"name": name, "title": title, "visible_for_annotators": False, "settings": {"type": "terms"}}
-                for name, title in terms.items()]
+    metadata = task.hidden_terms({"a_is": "Response A is from", "model": "Model", "baseline": "Baseline"})
     return {"fields": fields, "questions": questions, "metadata": metadata}
 
 
 def _shape(fields: list[dict], questions: list[dict], metadata: list[dict]) -> dict[str, dict]:
-    def options(settings: dict) -> tuple:
-        return tuple(str(o.get("value")) for o in settings.get("options") or [])
-
+    """What must match between an existing dataset and the one a push wants."""
     return {
         "fields": {f["name"]: f["settings"]["type"] for f in fields},
-        "questions": {q["name"]: (q["settings"]["type"], bool(q["required"]), options(q["settings"]))
+        "questions": {q["name"]: (q["settings"]["type"], bool(q["required"]), task.option_values(q["settings"]))
                       for q in questions},
         "metadata": {m["name"]: (m["settings"]["type"], bool(m.get("visible_for_annotators"))) for m in metadata},
     }
 
 
 def _layout_differences(api: Api, dataset_id: str) -> list[str]:
-    have = _shape(
-        api.call("GET", f"/api/v1/datasets/{dataset_id}/fields", "reading the dataset's fields")["items"],
-        api.call("GET", f"/api/v1/datasets/{dataset_id}/questions", "reading the dataset's questions")["items"],
-        api.call("GET", f"/api/v1/me/datasets/{dataset_id}/metadata-properties",
-                 "reading the dataset's metadata properties")["items"])
+    have = _shape(**task.read_layout(api, dataset_id))
     want = _shape(**_layout())
     diffs = []
     for part, noun in (("fields", "field"), ("questions", "question"), ("metadata", "metadata property")):
@@ -241,20 +228,6 @@ def _layout_differences(api: Api, dataset_id: str) -> list[str]:
             elif have[part][name] != want[part][name]:
                 diffs.append(f"its '{name}' {noun} is {have[part][name]}, align's is {want[part][name]}")
     return diffs
-
-
-def _create_dataset(api: Api, name: str, workspace: str, annotators: int, guidelines: str, info: dict) -> dict:
-    workspace_id = argilla_api.workspace_id(api, workspace)  # created if missing
-    dataset = api.call("POST", "/api/v1/datasets", f"creating dataset '{name}'", expect=(201,), json_body={
-        "name": name, "guidelines": guidelines, "allow_extra_metadata": False, "workspace_id": workspace_id,
-        "distribution": {"strategy": "overlap", "min_submitted": annotators}, "metadata": {METADATA_KEY: info}})
-    layout = _layout()
-    for kind, path in (("fields", "fields"), ("questions", "questions"), ("metadata", "metadata-properties")):
-        for item in layout[kind]:
-            api.call("POST", f"/api/v1/datasets/{dataset['id']}/{path}", f"adding '{item['name']}' to dataset '{name}'",
-                     json_body=item, expect=(201,))
-    # Until published the dataset is a draft: a push that dies before this line starts over next time.
-    return api.call("PUT", f"/api/v1/datasets/{dataset['id']}/publish", f"publishing dataset '{name}'")
 
 
 def _require_dataset(api: Api, name: str, workspace: str) -> dict:
@@ -307,10 +280,8 @@ def push(generations: str, model: str, baseline: str, dataset: str, *, workspace
     ``annotators_per_record`` (judgments wanted per prompt; 1 for a new dataset when None) and ``guidelines_file``
     change an existing dataset only when given.
     """
-    if annotators_per_record is not None and annotators_per_record < 1:
-        raise AlignError(f"--annotators-per-record {annotators_per_record}: at least 1")
-    if not dataset.strip() or len(dataset) > 200:
-        raise AlignError(f"--dataset {dataset!r}: a name of 1-200 characters")
+    task.check_annotators(annotators_per_record)
+    task.check_dataset_name(dataset)
     data = read_generations(generations)
     model_name = pick_model(model, data, "--model")
     baseline_name = pick_model(baseline, data, "--baseline")
@@ -325,27 +296,18 @@ def push(generations: str, model: str, baseline: str, dataset: str, *, workspace
     if not different:
         raise AlignError(f"all {len(shared)} prompts both models answered in {data.path} have identical responses: "
                          "nothing to compare")
-    guidelines = _guidelines(guidelines_file)
+    guidelines = task.read_guidelines(guidelines_file, DEFAULT_GUIDELINES)
 
     api = Api.connect()
-    notes: list[str] = []
-    found = argilla_api.find_dataset(api, dataset, workspace)
-    if found is not None and found["status"] != "ready":
-        # An earlier push died while creating it (a draft with no records): start it over.
-        api.call("DELETE", f"/api/v1/datasets/{found['id']}", f"removing the unfinished dataset '{dataset}'")
-        found = None
-        notes.append("an unfinished dataset of that name (an interrupted push) was replaced")
-    existing: dict[str, dict] = {}
-    if found is not None:
-        notes += _check_existing(api, found, dataset, model_name, baseline_name, annotators_per_record, guidelines,
-                                 guidelines_file is not None)
-        existing = {r.get("external_id"): r for r in argilla_api.records(api, found["id"], responses=False)}
-    else:
+    found, existing, notes = task.dataset_for_push(api, dataset, workspace, lambda current: _check_existing(
+        api, current, dataset, model_name, baseline_name, annotators_per_record, guidelines,
+        guidelines_file is not None))
+    if found is None:
         info = {"format": FORMAT, "model": model_name, "baseline": baseline_name,
                 "model_artifact": _artifact_id(model_name), "baseline_artifact": _artifact_id(baseline_name),
                 "eval_artifact": data.artifact.id if data.artifact is not None else None,
                 "generations": str(data.path.resolve()), "identical_skipped": len(shared) - len(different)}
-        found = _create_dataset(api, dataset, workspace, annotators_per_record or 1, guidelines, info)
+        found = task.create_dataset(api, dataset, workspace, _layout(), annotators_per_record or 1, guidelines, info)
 
     items, changed = [], 0
     for prompt in different:
@@ -379,48 +341,19 @@ def push(generations: str, model: str, baseline: str, dataset: str, *, workspace
     return result
 
 
-def _guidelines(path: str | None) -> str:
-    if path is None:
-        return DEFAULT_GUIDELINES
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise AlignError(f"--guidelines: cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise AlignError(f"--guidelines: {path} is not UTF-8 text") from None
-    if not text.strip() or len(text) > 10_000:
-        raise AlignError(f"--guidelines: {path} must hold 1-10,000 characters of markdown (it has {len(text):,})")
-    return text
-
-
 def _check_existing(api: Api, dataset: dict, name: str, model: str, baseline: str, annotators: int | None,
                     guidelines: str, guidelines_given: bool) -> list[str]:
     """The dataset exists: it must be an A/B dataset of the same two models; the judgments wanted per record and
     (when given) the guidelines are updated when they differ. Returns what was updated."""
-    info = (dataset.get("metadata") or {}).get(METADATA_KEY)
-    where = f"dataset '{name}' on {api.url}"
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise AlignError(f"{where} exists but was not made by `{COMMAND}`; push to a new --dataset name")
-    diffs = _layout_differences(api, dataset["id"])
-    if not diffs and (info.get("model"), info.get("baseline")) != (model, baseline):
-        diffs.append(f"it compares model '{info.get('model')}' with baseline '{info.get('baseline')}', this push "
-                     f"'{model}' with '{baseline}'")
-    if diffs:
-        raise AlignError(f"{where} already exists with different settings: {'; '.join(diffs)}. Push to a new "
-                         "--dataset name (or repeat the original command to continue that dataset)")
-    update: dict[str, Any] = {}
-    notes = []
-    before = (dataset.get("distribution") or {}).get("min_submitted")
-    if annotators is not None and before != annotators:
-        update["distribution"] = {"strategy": "overlap", "min_submitted": annotators}
-        notes.append(f"judgments wanted per record changed from {before} to {annotators}")
-    if guidelines_given and dataset.get("guidelines") != guidelines:
-        update["guidelines"] = guidelines
-        notes.append("guidelines updated")
-    if update:
-        api.call("PATCH", f"/api/v1/datasets/{dataset['id']}", f"updating dataset '{name}'", json_body=update)
-        dataset.update(update)
-    return notes
+    def differences(info: dict) -> list[str]:
+        diffs = _layout_differences(api, dataset["id"])
+        if not diffs and (info.get("model"), info.get("baseline")) != (model, baseline):
+            diffs.append(f"it compares model '{info.get('model')}' with baseline '{info.get('baseline')}', this "
+                         f"push '{model}' with '{baseline}'")
+        return diffs
+
+    task.check_existing(api, dataset, name, FORMAT, COMMAND, differences)
+    return task.update_settings(api, dataset, name, annotators, guidelines, guidelines_given, "judgments")
 
 
 def push_command(generations: str, model: str, baseline: str, dataset: str, *, workspace: str = WORKSPACE,
@@ -429,22 +362,22 @@ def push_command(generations: str, model: str, baseline: str, dataset: str, *, w
     result = push(generations, model, baseline, dataset, workspace=workspace,
                   annotators_per_record=annotators_per_record, guidelines_file=guidelines_file)
     sides = f" ({result.model_as_a} with the model as Response A)" if result.created else ""
-    _show(f"[bold green]dataset '{_esc(result.dataset)}'[/bold green]: '{_esc(result.model)}' vs baseline "
-          f"'{_esc(result.baseline)}', {_count(result.prompts, 'prompt')} to judge, "
-          f"{_count(result.created, 'record')} written{sides}, {result.skipped} already there")
+    show(f"[bold green]dataset '{esc(result.dataset)}'[/bold green]: '{esc(result.model)}' vs baseline "
+         f"'{esc(result.baseline)}', {_count(result.prompts, 'prompt')} to judge, "
+         f"{_count(result.created, 'record')} written{sides}, {result.skipped} already there")
     if result.identical:
-        _show(f"  {_count(result.identical, 'prompt')} with identical responses from both skipped: not pushed, not "
-              "counted in the win rate")
+        show(f"  {_count(result.identical, 'prompt')} with identical responses from both skipped: not pushed, not "
+             "counted in the win rate")
     if result.only_model or result.only_baseline:
-        _show(f"  prompts answered by one side only, not pushed: {result.only_model} by the model, "
-              f"{result.only_baseline} by the baseline")
+        show(f"  prompts answered by one side only, not pushed: {result.only_model} by the model, "
+             f"{result.only_baseline} by the baseline")
     if result.repeated:
-        _show(f"  {_count(result.repeated, 'repeated (model, prompt) row')} in the file: the first of each was used")
+        show(f"  {_count(result.repeated, 'repeated (model, prompt) row')} in the file: the first of each was used")
     for note in result.notes:
-        _show(f"  {_esc(note)}")
-    _show(f"  annotators judge at {_esc(result.url)}")
-    _show("  add annotators: [bold]align label users add NAME[/bold]; progress: [bold]align eval human status "
-          f"--dataset {_esc(result.dataset)}[/bold]; then [bold]align eval human pull[/bold]")
+        show(f"  {esc(note)}")
+    show(f"  annotators judge at {esc(result.url)}")
+    show("  add annotators: [bold]align label users add NAME[/bold]; progress: [bold]align eval human status "
+         f"--dataset {esc(result.dataset)}[/bold]; then [bold]align eval human pull[/bold]")
     return result
 
 
@@ -456,7 +389,7 @@ def status(dataset: str, workspace: str = WORKSPACE) -> dict:
     the unfinished records they have not answered."""
     api = Api.connect()
     found = _require_dataset(api, dataset, workspace)
-    progress = api.call("GET", f"/api/v1/datasets/{found['id']}/progress", "reading progress")
+    progress = task.progress(api, found)
     records = argilla_api.records(api, found["id"], responses=True)
     names = argilla_api.usernames(api)
     members: list[str] = []
@@ -479,16 +412,12 @@ def status(dataset: str, workspace: str = WORKSPACE) -> dict:
                           "pending": len(open_records) - answered}
     api.close()
     info = found["metadata"][METADATA_KEY]
-    return {"total": progress["total"], "completed": progress["completed"], "pending": progress["pending"],
-            "min_submitted": (found.get("distribution") or {}).get("min_submitted"), "users": per_user,
-            "model": info.get("model"), "baseline": info.get("baseline"),
-            "identical_skipped": info.get("identical_skipped"), "url": annotation_url(api.url, found["id"])}
+    return {**progress, "users": per_user, "model": info.get("model"), "baseline": info.get("baseline"),
+            "identical_skipped": info.get("identical_skipped")}
 
 
 def status_command(dataset: str, workspace: str = WORKSPACE) -> dict:
-    from rich.table import Table
-
-    from align.reporting import console, print_table
+    from align.reporting import print_table
 
     current = status(dataset, workspace)
     print_table(f"A/B dataset '{dataset}'", [
@@ -496,17 +425,9 @@ def status_command(dataset: str, workspace: str = WORKSPACE) -> dict:
         ("records", current["total"]), ("completed", current["completed"]), ("pending", current["pending"]),
         ("judgments wanted per record", current["min_submitted"]),
     ])
-    _show(f"annotators judge at {_esc(current['url'])}")
-    table = Table(title="annotators", title_justify="left")
-    for column in ("annotator", "submitted", "pending", "drafts", "discarded"):
-        table.add_column(column, justify="left" if column == "annotator" else "right")
-    for name, counts in sorted(current["users"].items()):
-        table.add_row(_esc(name) + (" (simulated)" if name.startswith(SIM_PREFIX) else ""), str(counts["submitted"]),
-                      str(counts["pending"]), str(counts["draft"]), str(counts["discarded"]))
-    if current["users"]:
-        console.print(table)
-    else:
-        _show("no annotator in the workspace yet: [bold]align label users add NAME[/bold]")
+    show(f"annotators judge at {esc(current['url'])}")
+    task.print_annotators(current["users"], ("submitted", "pending", "draft", "discarded"),
+                          "no annotator in the workspace yet: [bold]align label users add NAME[/bold]")
     return current
 
 
@@ -543,12 +464,8 @@ def pull(dataset: str, out: str, aggregate: str = "majority", workspace: str = W
     atomically to ``out`` and registered (stage ``eval``)."""
     from align.evaluation import pairwise_stats
     from align.labeling.preferences import pairwise_agreement
-    from align.labeling.rankings import annotator_id
 
-    if aggregate not in AGGREGATES:
-        raise AlignError(f"--aggregate {aggregate}: choose one of {', '.join(AGGREGATES)}")
-    if register:
-        Registry().check_writable()
+    task.check_pull(aggregate, AGGREGATES, register)
     api = Api.connect()
     found = _require_dataset(api, dataset, workspace)
     info = found["metadata"][METADATA_KEY]
@@ -570,11 +487,7 @@ def pull(dataset: str, out: str, aggregate: str = "majority", workspace: str = W
                 "baseline": meta.get("baseline", info.get("baseline")), "model_response": model_response,
                 "baseline_response": baseline_response, "record_id": record.get("external_id"),
                 "model_side": "A" if a_is == "model" else "B"}
-        for response in record.get("responses") or []:
-            if response.get("status") != "submitted":
-                counts[response.get("status") or "unknown"] += 1
-                continue
-            values = response.get("values") or {}
+        for response, values in task.submitted_responses(record, counts):
             choice = (values.get("choice") or {}).get("value")
             if choice not in CHOICES:
                 counts["unusable"] += 1
@@ -587,10 +500,8 @@ def pull(dataset: str, out: str, aggregate: str = "majority", workspace: str = W
                 row["comment"] = comment
             each.append(row)
     if not each:
-        pending = sum(r.get("status") == "pending" for r in records)
-        drafts = f"; drafts, not counted until submitted: {counts['draft']}" if counts["draft"] else ""
-        raise AlignError(f"no submitted judgments in dataset {dataset} yet ({pending} records pending{drafts}); "
-                         f"annotators judge at {annotation_url(api.url, found['id'])}")
+        raise task.nothing_submitted("judgments", dataset, records, counts,
+                                     f"annotators judge at {annotation_url(api.url, found['id'])}")
 
     by_record: dict[str, list[dict]] = {}
     for row in each:
@@ -635,12 +546,8 @@ def pull(dataset: str, out: str, aggregate: str = "majority", workspace: str = W
     if not register:
         write_jsonl(target, rows)
         return result
-    staging = stage_jsonl(target, rows)
-    try:  # the file appears together with its registry row, or neither does
-        result.artifact, result.notes = _register(dataset, target, staging, rows, metrics, info, found, aggregate,
-                                                  api.url)
-    finally:
-        staging.unlink(missing_ok=True)
+    result.artifact, result.notes = task.write_registered(target, rows, lambda staging: _register(
+        dataset, target, staging, rows, metrics, info, found, aggregate, api.url))
     return result
 
 
@@ -684,7 +591,7 @@ def pull_command(dataset: str, out: str, aggregate: str = "majority", workspace:
     result = pull(dataset, out, aggregate, workspace)
     m, s = result.metrics, result.stats
     unit = "prompts (majority of annotators)" if aggregate == "majority" else "judgments (one per annotator)"
-    table = Table(title=f"human A/B evaluation '{_esc(dataset)}'", title_justify="left")
+    table = Table(title=f"human A/B evaluation '{esc(dataset)}'", title_justify="left")
     for column in ("", "rate", "95% CI", "count"):
         table.add_column(column, justify="left" if not column else "right")
     for label, interval, count in (("model wins", s.win, s.wins), ("tie", s.tie, s.ties),
@@ -704,20 +611,17 @@ def pull_command(dataset: str, out: str, aggregate: str = "majority", workspace:
         ("drafts / discarded (ignored)", f"{m['drafts_ignored']} / {m['discarded_ignored']}"),
     ])
     if s.warning:
-        _show(f"[yellow]warning: {_esc(s.warning)}[/yellow]")
+        show(f"[yellow]warning: {esc(s.warning)}[/yellow]")
     if aggregate == "each" and m["multi_annotator_records"]:
-        _show("note: these CIs count every annotator's judgment as independent, which judgments of the same prompt "
-              "are not; --aggregate majority gives CIs over prompts")
+        show("note: these CIs count every annotator's judgment as independent, which judgments of the same prompt "
+             "are not; --aggregate majority gives CIs over prompts")
     if m["simulated_judgments"]:
-        _show(f"[yellow]{m['simulated_judgments']} judgments come from simulated annotators (marked \"simulated\": "
-              "true): demo data, not human judgments[/yellow]")
+        show(f"[yellow]{m['simulated_judgments']} judgments come from simulated annotators (marked \"simulated\": "
+             "true): demo data, not human judgments[/yellow]")
     if m.get("unusable") or m.get("records_without_side"):
-        _show(f"[yellow]left out: {m.get('unusable', 0)} responses without a valid choice, "
-              f"{m.get('records_without_side', 0)} records without align's 'a_is' metadata[/yellow]")
-    for note in result.notes:
-        _show(f"note: {_esc(note)}")
-    where = f" and registered as {result.artifact.ref}" if result.artifact is not None else ""
-    _show(f"{len(result.rows)} judgments written to {_esc(result.out)}{where}")
+        show(f"[yellow]left out: {m.get('unusable', 0)} responses without a valid choice, "
+             f"{m.get('records_without_side', 0)} records without align's 'a_is' metadata[/yellow]")
+    task.show_written(result, "judgments")
     return result
 
 
@@ -762,48 +666,25 @@ def simulate(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed:
     the web UI makes. Returns the judgments each submitted now."""
     if rule not in RULES:
         raise AlignError(f"--rule {rule!r}: choose one of {', '.join(RULES)}")
-    if not 1 <= annotators <= 100:
-        raise AlignError(f"--annotators {annotators}: between 1 and 100")
-    if not 0 <= noise <= 1:
-        raise AlignError(f"--noise {noise}: a probability between 0 and 1")
+    task.check_simulate_args(annotators, noise)
     api = Api.connect()
     found = _require_dataset(api, dataset, workspace)
     # Annotators do not see `a_is` (hidden metadata): the owner's view says which side is the model.
     sides = {r["id"]: (r.get("metadata") or {}).get("a_is") for r in argilla_api.records(api, found["id"], False)}
-    users = argilla_api.owner_users(api)
-    names = [f"{SIM_PREFIX}{i}" for i in range(1, annotators + 1)]
-    for name in names:
-        if name not in users:
-            password = server.add_user(name, "annotator", workspace)
-            argilla_api.remember_password(api.url, name, password)
-        else:
-            api.call("POST", f"/api/v1/workspaces/{found['workspace_id']}/users",
-                     f"adding {name} to workspace '{workspace}'", json_body={"user_id": users[name]["id"]},
-                     expect=(201, 409))
-    users = argilla_api.owner_users(api)
+    users = task.enroll_simulated(api, found, annotators, workspace)
     submitted = {}
-    for name in names:
-        key = users[name].get("api_key")
-        if not key:
-            raise AlignError(f"the API key of {name} is not visible with this key: simulate needs an owner's key")
-        submitted[name] = _annotate(Api(api.url, key), found["id"], name, sides, rule, noise, seed)
+    for name, annotator_api in task.annotator_apis(api, users):
+        submitted[name] = _annotate(annotator_api, found["id"], name, sides, rule, noise, seed)
     api.close()
     return submitted
 
 
 def _annotate(api: Api, dataset_id: str, name: str, sides: dict[str, str], rule: str, noise: float,
               seed: int) -> int:
-    submitted, seen = 0, set()
+    submitted = 0
     note = f"simulated annotator {name} (rule {rule}, noise {noise:g})"
-    while True:
-        page = api.call("POST", f"/api/v1/me/datasets/{dataset_id}/records/search", f"{name} reading their queue",
-                        json_body=PENDING_VIEW, params={"limit": 100})
-        records = [item["record"] for item in page["items"] if item["record"]["id"] not in seen]
-        if not records:
-            api.close()
-            return submitted
+    for records in task.pending_queue(api, dataset_id, name):
         for record in records:
-            seen.add(record["id"])
             a_is = sides.get(record["id"])
             if a_is not in SIDES:
                 continue  # a record push did not make: not judged
@@ -811,10 +692,10 @@ def _annotate(api: Api, dataset_id: str, name: str, sides: dict[str, str], rule:
             tag = f"{seed}:{name}:{record.get('external_id') or record['id']}"
             choice = add_noise(choose(fields.get("response_a", ""), fields.get("response_b", ""), a_is, rule,
                                       random.Random(f"rule:{tag}")), noise, random.Random(f"noise:{tag}"))
-            body = {"status": "submitted", "values": {"choice": {"value": choice}, "comment": {"value": note}}}
-            api.call("POST", f"/api/v1/records/{record['id']}/responses", f"{name} submitting a choice",
-                     json_body=body, expect=(201, 409))
+            task.submit(api, record, f"{name} submitting a choice",
+                        {"choice": {"value": choice}, "comment": {"value": note}})
             submitted += 1
+    return submitted
 
 
 def simulate_command(dataset: str, annotators: int, rule: str, noise: float = 0.0, seed: int = 0,
@@ -822,23 +703,9 @@ def simulate_command(dataset: str, annotators: int, rule: str, noise: float = 0.
     from align.reporting import print_table
 
     submitted = simulate(dataset, annotators, rule, noise, seed, workspace)
-    _show("[yellow]simulated annotators are for demos and tests only: `align eval human pull` marks their "
-          "judgments \"simulated\": true[/yellow]")
-    _show(f"rule {rule}, noise {noise:g}")
+    show("[yellow]simulated annotators are for demos and tests only: `align eval human pull` marks their "
+         "judgments \"simulated\": true[/yellow]")
+    show(f"rule {rule}, noise {noise:g}")
     print_table("judgments submitted now", [(name, count) for name, count in submitted.items()])
-    _show(f"their passwords (to look in the UI): {_esc(argilla_api.simulated_users_file())}")
+    show(f"their passwords (to look in the UI): {esc(argilla_api.simulated_users_file())}")
     return submitted
-
-
-# --- Output ------------------------------------------------------------------------------------------------------
-
-def _show(markup: str) -> None:
-    from align.reporting import console
-
-    console.print(markup, soft_wrap=True)
-
-
-def _esc(value: Any) -> str:
-    from rich.markup import escape
-
-    return escape(str(value))

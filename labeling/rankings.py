@@ -26,13 +26,14 @@ rejected}`` plus provenance, written atomically and registered (kind ``dataset``
 the web UI, by a gold preference (align/gold.py: a built-in rule such as ``sentiment``, a Python function
 or a reward model); ``pull`` marks their pairs ``simulated`` and names the gold they ranked by.
 
-Everything here talks to Argilla's REST API (v1, as the UI does) through labeling/argilla_api.py (httpx); the
-connection comes from :func:`align.labeling.server.connect`.
+This module says what a rankings record is and what a ranking means; the task skeleton it shares with
+`align eval human` (creating and checking the dataset, progress, reading submitted responses, simulated annotators'
+queues) is labeling/task.py. Everything talks to Argilla's REST API (v1, as the UI does) through
+labeling/argilla_api.py (httpx); the connection comes from :func:`align.labeling.server.connect`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections import Counter
@@ -40,34 +41,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from align.files import stage_jsonl, write_jsonl
+from align.files import write_jsonl
 from align.errors import AlignError
 from align.registry import Registry
 from align.gold import Gold, load_gold, rank
-from align.labeling import argilla_api, server
-from align.labeling.argilla_api import SIM_PREFIX, annotation_url, simulated_users_file
-from align.labeling.argilla_api import Api as _Api
-from align.labeling.argilla_api import detail as _detail  # noqa: F401 (kept importable here)
-from align.labeling.argilla_api import find_dataset as _find_dataset
-from align.labeling.argilla_api import owner_users as _owner_users
-from align.labeling.argilla_api import records as _records
-from align.labeling.argilla_api import remember_password as _remember_password
-from align.labeling.argilla_api import upsert_records as _upsert_records
-from align.labeling.argilla_api import usernames as _usernames
-from align.labeling.argilla_api import workspace_id as _workspace_id
+from align.labeling import argilla_api, server, task
+from align.labeling.argilla_api import SIM_PREFIX, Api, annotation_url, simulated_users_file
 from align.labeling.preferences import TIES, majority, pairwise_agreement, ranking_to_pairs
+from align.labeling.task import METADATA_KEY, annotator_id, esc, show
 
 WORKSPACE = server.WORKSPACE
 AGGREGATES = ("each", "majority")
 MAX_K = 20
-METADATA_KEY = "align"  # the dataset's metadata block written by push
 FORMAT = "align-rankings/1"
-PENDING_VIEW = {  # the web UI's default "Pending" queue: records this user has not answered yet
-    "filters": {"and": [
-        {"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": ["pending"]},
-        {"type": "terms", "scope": {"entity": "record", "property": "status"}, "values": ["pending"]},
-    ]}
-}
+COMMAND = "align label push"
 FLAGS = {"harmful": "Harmful", "untruthful": "Untruthful (made-up or wrong facts)",
          "ignores_instruction": "Ignores the instruction"}
 
@@ -100,17 +87,15 @@ Use **Submit** when done; **Discard** a record you cannot judge (it is not used)
 """
 
 
-# --- REST (labeling/argilla_api.py) ------------------------------------------------------------------------
-
-def _require_dataset(api: _Api, name: str, workspace: str) -> dict:
-    return argilla_api.require_dataset(api, name, workspace, METADATA_KEY, FORMAT, "align label push")
-
-
 # --- Dataset layout ---------------------------------------------------------------------------------------
+
+def _require_dataset(api: Api, name: str, workspace: str) -> dict:
+    return argilla_api.require_dataset(api, name, workspace, METADATA_KEY, FORMAT, COMMAND)
+
 
 def record_id(dataset: str, prompt: str) -> str:
     """The record's external id: a hash of the dataset name and the prompt text."""
-    return "p-" + hashlib.sha256(f"{dataset}\x00{prompt}".encode()).hexdigest()[:24]
+    return task.record_id("p-", dataset, prompt)
 
 
 def shuffled_order(rid: str, k: int) -> list[int]:
@@ -139,13 +124,10 @@ def _layout(k: int) -> dict[str, Any]:
         {"name": "flags", "title": "Does any completion have these problems? (say which in the comment)",
          "required": False, "settings": {"type": "multi_label_selection", "options": [
              {"value": value, "text": text} for value, text in FLAGS.items()]}},
-        {"name": "comment", "title": "Comment (optional)", "required": False,
-         "settings": {"type": "text", "use_markdown": False}},
+        task.COMMENT_QUESTION,
     ]
-    terms = {"model": "Model", "sampling": "Sampling", "order": "Sample shown in each position",
-             "model_input": "Prompt as the model saw it"}
-    metadata = [{"name": name, "title": title, "visible_for_annotators": False, "settings": {"type": "terms"}}
-                for name, title in terms.items()]
+    metadata = task.hidden_terms({"model": "Model", "sampling": "Sampling", "order": "Sample shown in each position",
+                                  "model_input": "Prompt as the model saw it"})
     metadata.append({"name": "duplicates", "title": "Identical completions kept", "visible_for_annotators": False,
                      "settings": {"type": "integer"}})
     return {"fields": fields, "questions": questions, "metadata": metadata}
@@ -153,12 +135,9 @@ def _layout(k: int) -> dict[str, Any]:
 
 def _shape(fields: list[dict], questions: list[dict], metadata: list[dict]) -> dict[str, dict]:
     """What must match between an existing dataset and the one a push wants."""
-    def options(settings: dict) -> tuple:
-        return tuple(str(o.get("value")) for o in settings.get("options") or [])
-
     return {
         "fields": {f["name"]: (f["settings"]["type"], bool(f["settings"].get("use_markdown"))) for f in fields},
-        "questions": {q["name"]: (q["settings"]["type"], bool(q["required"]), options(q["settings"]))
+        "questions": {q["name"]: (q["settings"]["type"], bool(q["required"]), task.option_values(q["settings"]))
                       for q in questions},
         "metadata": {m["name"]: m["settings"]["type"] for m in metadata},
     }
@@ -184,29 +163,6 @@ def _differences(have: dict[str, dict], want: dict[str, dict]) -> list[str]:
             elif have[part][name] != want[part][name]:
                 diffs.append(f"its '{name}' {noun} is {have[part][name]}, align's is {want[part][name]}")
     return diffs
-
-
-def _existing_shape(api: _Api, dataset_id: str) -> dict[str, dict]:
-    fields = api.call("GET", f"/api/v1/datasets/{dataset_id}/fields", "reading the dataset's fields")["items"]
-    questions = api.call("GET", f"/api/v1/datasets/{dataset_id}/questions", "reading the dataset's questions")["items"]
-    metadata = api.call("GET", f"/api/v1/me/datasets/{dataset_id}/metadata-properties",
-                        "reading the dataset's metadata properties")["items"]
-    return _shape(fields, questions, metadata)
-
-
-def _create_dataset(api: _Api, name: str, workspace: str, k: int, annotators: int, guidelines: str,
-                    info: dict) -> dict:
-    workspace_id = _workspace_id(api, workspace)  # created if missing
-    dataset = api.call("POST", "/api/v1/datasets", f"creating dataset '{name}'", expect=(201,), json_body={
-        "name": name, "guidelines": guidelines, "allow_extra_metadata": False, "workspace_id": workspace_id,
-        "distribution": {"strategy": "overlap", "min_submitted": annotators}, "metadata": {METADATA_KEY: info}})
-    layout = _layout(k)
-    for kind, path in (("fields", "fields"), ("questions", "questions"), ("metadata", "metadata-properties")):
-        for item in layout[kind]:
-            api.call("POST", f"/api/v1/datasets/{dataset['id']}/{path}", f"adding '{item['name']}' to dataset '{name}'",
-                     json_body=item, expect=(201,))
-    # Until published the dataset is a draft: a push that dies before this line starts over next time.
-    return api.call("PUT", f"/api/v1/datasets/{dataset['id']}/publish", f"publishing dataset '{name}'")
 
 
 # --- Push ----------------------------------------------------------------------------------------------------
@@ -259,26 +215,16 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
     sampling = sampling or SamplingConfig(temperature=1.0)
     _check_push_args(k, annotators_per_record, sampling, log_every, dataset)
     # Before the server is reached (and an existing dataset's settings updated): not a model that generates text.
-    require_model_kind(resolve_model(model), "--model", model, "align label push", hint=GENERATION_HINT)
+    require_model_kind(resolve_model(model), "--model", model, COMMAND, hint=GENERATION_HINT)
     prompts = read_prompts(prompts_path)
     unique = list(dict.fromkeys(prompts))
-    guidelines = _guidelines(guidelines_file, k)
-    api = _Api.connect()
+    guidelines = task.read_guidelines(guidelines_file, DEFAULT_GUIDELINES.format(k=k))
+    api = Api.connect()
     label = model_label(model)
     wanted_info = {"format": FORMAT, "k": k, "model": label, "sampling": sampling_text(sampling)}
 
-    notes: list[str] = []
-    existing_dataset = _find_dataset(api, dataset, workspace)
-    if existing_dataset is not None and existing_dataset["status"] != "ready":
-        # An earlier push died while creating it (a draft with no records): start it over.
-        api.call("DELETE", f"/api/v1/datasets/{existing_dataset['id']}", f"removing the unfinished dataset '{dataset}'")
-        existing_dataset = None
-        notes.append("an unfinished dataset of that name (an interrupted push) was replaced")
-    existing: dict[str, dict] = {}
-    if existing_dataset is not None:
-        notes += _check_existing(api, existing_dataset, dataset, k, wanted_info, annotators_per_record, guidelines,
-                                 guidelines_file is not None)
-        existing = {r.get("external_id"): r for r in _records(api, existing_dataset["id"], responses=False)}
+    existing_dataset, existing, notes = task.dataset_for_push(api, dataset, workspace, lambda current: _check_existing(
+        api, current, dataset, k, wanted_info, annotators_per_record, guidelines, guidelines_file is not None))
     ids = {prompt: record_id(dataset, prompt) for prompt in unique}
     todo = [prompt for prompt in unique if not _complete(existing.get(ids[prompt]), k)]
 
@@ -291,8 +237,8 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
         if existing_dataset is None:
             info = {**wanted_info, "conversational": form["conversational"], "system": form["system"],
                     "sampling_params": _sampling_params(sampling), "model_ref": model}
-            existing_dataset = _create_dataset(api, dataset, workspace, k, annotators_per_record or 1, guidelines,
-                                               info)
+            existing_dataset = task.create_dataset(api, dataset, workspace, _layout(k), annotators_per_record or 1,
+                                                   guidelines, info)
         created, duplicates = _generate_and_log(api, existing_dataset["id"], loaded, form, todo, ids, k, sampling,
                                                 label, log_every, retries, len(unique))
     result = PushResult(dataset=dataset, dataset_id=existing_dataset["id"], url=annotation_url(api.url,
@@ -306,60 +252,29 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
 def _check_push_args(k: int, annotators: int | None, sampling, log_every: int, dataset: str) -> None:
     if not 2 <= k <= MAX_K:
         raise AlignError(f"--k {k}: rank between 2 and {MAX_K} completions per prompt (InstructGPT used 4-9)")
-    if annotators is not None and annotators < 1:
-        raise AlignError(f"--annotators-per-record {annotators}: at least 1")
+    task.check_annotators(annotators)
     if sampling.temperature <= 0:
         raise AlignError(f"--temperature {sampling.temperature:g}: greedy decoding writes the same completion K "
                          "times; sample with a temperature > 0 (e.g. 1.0)")
     if not 1 <= log_every <= 500:
         raise AlignError(f"--log-every {log_every}: between 1 and 500 prompts")
-    if not dataset.strip() or len(dataset) > 200:
-        raise AlignError(f"--dataset {dataset!r}: a name of 1-200 characters")
+    task.check_dataset_name(dataset)
 
 
-def _guidelines(path: str | None, k: int) -> str:
-    if path is None:
-        return DEFAULT_GUIDELINES.format(k=k)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise AlignError(f"--guidelines: cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise AlignError(f"--guidelines: {path} is not UTF-8 text") from None
-    if not text.strip() or len(text) > 10_000:
-        raise AlignError(f"--guidelines: {path} must hold 1-10,000 characters of markdown (it has {len(text):,})")
-    return text
-
-
-def _check_existing(api: _Api, dataset: dict, name: str, k: int, wanted: dict, annotators: int | None, guidelines: str,
+def _check_existing(api: Api, dataset: dict, name: str, k: int, wanted: dict, annotators: int | None, guidelines: str,
                     guidelines_given: bool) -> list[str]:
     """The dataset exists: its layout and model/sampling must match this push; guidelines (when given) and the
     number of annotators per record are updated when they differ. Returns what was updated."""
-    info = (dataset.get("metadata") or {}).get(METADATA_KEY)
-    where = f"dataset '{name}' on {api.url}"
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise AlignError(f"{where} exists but was not made by `align label push`; push to a new --dataset name")
-    diffs = _differences(_existing_shape(api, dataset["id"]), _shape(**_layout(k)))
-    for key, flag in (("model", "--model"), ("sampling", "sampling flags")):
-        if not diffs and info.get(key) != wanted[key]:
-            diffs.append(f"its completions come from {key} '{info.get(key)}', this push uses '{wanted[key]}' "
-                         f"({flag})")
-    if diffs:
-        raise AlignError(f"{where} already exists with different settings: {'; '.join(diffs)}. Push to a new "
-                         f"--dataset name (or repeat the original command to continue that dataset)")
-    update: dict[str, Any] = {}
-    notes = []
-    before = (dataset.get("distribution") or {}).get("min_submitted")
-    if annotators is not None and before != annotators:
-        update["distribution"] = {"strategy": "overlap", "min_submitted": annotators}
-        notes.append(f"rankings wanted per record changed from {before} to {annotators}")
-    if guidelines_given and dataset.get("guidelines") != guidelines:
-        update["guidelines"] = guidelines
-        notes.append("guidelines updated")
-    if update:
-        api.call("PATCH", f"/api/v1/datasets/{dataset['id']}", f"updating dataset '{name}'", json_body=update)
-        dataset.update(update)
-    return notes
+    def differences(info: dict) -> list[str]:
+        diffs = _differences(_shape(**task.read_layout(api, dataset["id"])), _shape(**_layout(k)))
+        for key, flag in (("model", "--model"), ("sampling", "sampling flags")):
+            if not diffs and info.get(key) != wanted[key]:
+                diffs.append(f"its completions come from {key} '{info.get(key)}', this push uses '{wanted[key]}' "
+                             f"({flag})")
+        return diffs
+
+    task.check_existing(api, dataset, name, FORMAT, COMMAND, differences)
+    return task.update_settings(api, dataset, name, annotators, guidelines, guidelines_given, "rankings")
 
 
 def _complete(record: dict | None, k: int) -> bool:
@@ -399,7 +314,7 @@ def _prompt_form(loaded) -> dict:
             "model_input": model_input}
 
 
-def _generate_and_log(api: _Api, dataset_id: str, loaded, form: dict, todo: list[str], ids: dict[str, str], k: int,
+def _generate_and_log(api: Api, dataset_id: str, loaded, form: dict, todo: list[str], ids: dict[str, str], k: int,
                       sampling, label: str, log_every: int, retries: int, total: int) -> tuple[int, int]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -429,7 +344,7 @@ def _generate_and_log(api: _Api, dataset_id: str, loaded, form: dict, todo: list
                 items.append({"external_id": rid, "fields": fields, "metadata": metadata})
                 duplicates += kept
             try:
-                _upsert_records(api, dataset_id, items)
+                argilla_api.upsert_records(api, dataset_id, items)
             except server.ServerDown as e:  # every record is whole (all K completions): what is logged is kept
                 raise server.ServerDown(e.url, f"the Argilla server at {e.url} stopped responding during push after "
                                         f"{total - len(todo) + logged} of {total} prompts were logged; nothing lost; "
@@ -446,18 +361,18 @@ def _generate_and_log(api: _Api, dataset_id: str, loaded, form: dict, todo: list
 def push_command(**kwargs) -> PushResult:
     """`align label push`: push, then say what happened and what comes next."""
     result = push(**kwargs)
-    _show(f"[bold green]dataset '{_esc(result.dataset)}'[/bold green]: {result.prompts} prompts, "
-          f"{result.created} records written, {result.skipped} already there")
+    show(f"[bold green]dataset '{esc(result.dataset)}'[/bold green]: {result.prompts} prompts, "
+         f"{result.created} records written, {result.skipped} already there")
     for note in result.notes:
-        _show(f"  {_esc(note)}")
+        show(f"  {esc(note)}")
     if result.repeated_prompts:
-        _show(f"  {result.repeated_prompts} repeated prompts in the file were pushed once")
+        show(f"  {result.repeated_prompts} repeated prompts in the file were pushed once")
     if result.duplicates_kept:
-        _show(f"  [yellow]{result.duplicates_kept} completions are identical to another one of the same prompt[/yellow]"
-              " even after re-sampling (metadata 'duplicates'); a higher --temperature gives more variety")
-    _show(f"  annotators rank at {_esc(result.url)}")
-    _show("  add annotators: [bold]align label users add NAME[/bold]; progress: [bold]align label status "
-          f"--dataset {_esc(result.dataset)}[/bold]; then [bold]align label pull[/bold]")
+        show(f"  [yellow]{result.duplicates_kept} completions are identical to another one of the same prompt[/yellow]"
+             " even after re-sampling (metadata 'duplicates'); a higher --temperature gives more variety")
+    show(f"  annotators rank at {esc(result.url)}")
+    show("  add annotators: [bold]align label users add NAME[/bold]; progress: [bold]align label status "
+         f"--dataset {esc(result.dataset)}[/bold]; then [bold]align label pull[/bold]")
     return result
 
 
@@ -465,9 +380,9 @@ def push_command(**kwargs) -> PushResult:
 
 def status(dataset: str, workspace: str = WORKSPACE) -> dict:
     """Progress overall and per annotator: ``{"total", "completed", "pending", "users": {name: {...}}}``."""
-    api = _Api.connect()
+    api = Api.connect()
     found = _require_dataset(api, dataset, workspace)
-    progress = api.call("GET", f"/api/v1/datasets/{found['id']}/progress", "reading progress")
+    progress = task.progress(api, found)
     users = api.call("GET", f"/api/v1/datasets/{found['id']}/users/progress", "reading annotator progress")["users"]
     per_user = {}
     for user in users:
@@ -478,15 +393,11 @@ def status(dataset: str, workspace: str = WORKSPACE) -> dict:
                                       "discarded": totals["discarded"]}
     api.close()
     info = found["metadata"][METADATA_KEY]
-    return {"total": progress["total"], "completed": progress["completed"], "pending": progress["pending"],
-            "min_submitted": (found.get("distribution") or {}).get("min_submitted"), "users": per_user,
-            "model": info.get("model"), "k": info.get("k"), "url": annotation_url(api.url, found["id"])}
+    return {**progress, "users": per_user, "model": info.get("model"), "k": info.get("k")}
 
 
 def status_command(dataset: str, workspace: str = WORKSPACE) -> dict:
-    from rich.table import Table
-
-    from align.reporting import console, print_table
+    from align.reporting import print_table
 
     current = status(dataset, workspace)
     print_table(f"dataset '{dataset}'", [
@@ -494,17 +405,8 @@ def status_command(dataset: str, workspace: str = WORKSPACE) -> dict:
         ("rankings wanted per record", current["min_submitted"]), ("completions per prompt", current["k"]),
         ("model", current["model"]),
     ])
-    _show(f"annotators rank at {_esc(current['url'])}")
-    table = Table(title="annotators", title_justify="left")
-    for column in ("annotator", "submitted", "drafts", "discarded"):
-        table.add_column(column, justify="left" if column == "annotator" else "right")
-    for name, counts in sorted(current["users"].items()):
-        table.add_row(_esc(name) + (" (simulated)" if name.startswith(SIM_PREFIX) else ""),
-                      str(counts["submitted"]), str(counts["draft"]), str(counts["discarded"]))
-    if current["users"]:
-        console.print(table)
-    else:
-        _show("no annotator has answered yet")
+    show(f"annotators rank at {esc(current['url'])}")
+    task.print_annotators(current["users"], ("submitted", "draft", "discarded"), "no annotator has answered yet")
     return current
 
 
@@ -532,25 +434,17 @@ class _Ranking(NamedTuple):
     gold: str | None  # the gold preference a simulated annotator ranked by
 
 
-def annotator_id(user_id: str) -> str:
-    """What the output names an annotator by: a short sha256 of their Argilla user id."""
-    return hashlib.sha256(str(user_id).encode()).hexdigest()[:12]
-
-
 def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", workspace: str = WORKSPACE,
          register: bool = True) -> PullResult:
     """Submitted rankings -> preference pairs in TRL's format, written atomically to ``out`` and registered."""
     if ties not in TIES:
         raise AlignError(f"--ties {ties}: choose one of {', '.join(TIES)}")
-    if aggregate not in AGGREGATES:
-        raise AlignError(f"--aggregate {aggregate}: choose one of {', '.join(AGGREGATES)}")
-    if register:
-        Registry().check_writable()
-    api = _Api.connect()
+    task.check_pull(aggregate, AGGREGATES, register)
+    api = Api.connect()
     try:  # everything is read before anything is written
         found = _require_dataset(api, dataset, workspace)
-        records = _records(api, found["id"], responses=True)
-        usernames = _usernames(api)
+        records = argilla_api.records(api, found["id"], responses=True)
+        usernames = argilla_api.usernames(api)
     except server.ServerDown as e:
         raise server.ServerDown(e.url, f"the Argilla server at {e.url} stopped responding during pull {e.cause}; "
                                 "nothing was written or registered; "
@@ -570,11 +464,7 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
         texts = [""] * k
         for position, sample in enumerate(order):
             texts[sample] = (record.get("fields") or {}).get(_completion(position), "")
-        for response in record.get("responses") or []:
-            if response.get("status") != "submitted":
-                counts[response.get("status") or "unknown"] += 1
-                continue
-            values = response.get("values") or {}
+        for response, values in task.submitted_responses(record, counts):
             ranks = _ranks((values.get("ranking") or {}).get("value"), order, k)
             if ranks is None:
                 counts["unusable"] += 1
@@ -584,10 +474,8 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
                                      username.startswith(SIM_PREFIX), ranks, values,
                                      golds.get(username) if username.startswith(SIM_PREFIX) else None))
     if not rankings:
-        pending = sum(r.get("status") == "pending" for r in records)
-        drafts = f"; drafts, not counted until submitted: {counts['draft']}" if counts["draft"] else ""
-        raise AlignError(f"no submitted rankings in dataset {dataset} yet ({pending} records pending{drafts}); "
-                         f"annotators rank at {annotation_url(api.url, found['id'])}")
+        raise task.nothing_submitted("rankings", dataset, records, counts,
+                                     f"annotators rank at {annotation_url(api.url, found['id'])}")
 
     conversational, system = bool(info.get("conversational")), info.get("system")
     by_record: dict[str, dict[str, dict[int, int]]] = {}
@@ -661,12 +549,8 @@ def pull(dataset: str, out: str, ties: str = "skip", aggregate: str = "each", wo
     if not register:
         write_jsonl(target, rows)
         return result
-    staging = stage_jsonl(target, rows)
-    try:  # the file appears together with its registry row, or neither does
-        result.artifact, note = _register(dataset, target, staging, rows, metrics, info, found, ties, aggregate,
-                                          api.url, result.gold)
-    finally:
-        staging.unlink(missing_ok=True)
+    result.artifact, note = task.write_registered(target, rows, lambda staging: _register(
+        dataset, target, staging, rows, metrics, info, found, ties, aggregate, api.url, result.gold))
     if note:
         result.notes.append(note)
     return result
@@ -745,15 +629,12 @@ def pull_command(dataset: str, out: str, ties: str = "skip", aggregate: str = "e
     ])
     if m["simulated_rankings"]:
         by = f" ranking by the gold {result.gold}" if result.gold else ""
-        _show(f"[yellow]{m['simulated_rankings']} rankings come from simulated annotators{_esc(by)} (marked "
-              "\"simulated\": true): demo data, not human preferences[/yellow]")
+        show(f"[yellow]{m['simulated_rankings']} rankings come from simulated annotators{esc(by)} (marked "
+             "\"simulated\": true): demo data, not human preferences[/yellow]")
     if m.get("unusable") or m.get("records_without_order"):
-        _show(f"[yellow]left out: {m.get('unusable', 0)} partial rankings, {m.get('records_without_order', 0)} "
-              "records without align's 'order' metadata[/yellow]")
-    for note in result.notes:
-        _show(f"note: {_esc(note)}")
-    where = f" and registered as {result.artifact.ref}" if result.artifact is not None else ""
-    _show(f"{len(result.rows)} pairs written to {_esc(result.out)}{where}")
+        show(f"[yellow]left out: {m.get('unusable', 0)} partial rankings, {m.get('records_without_order', 0)} "
+             "records without align's 'order' metadata[/yellow]")
+    task.show_written(result, "pairs")
     return result
 
 
@@ -782,60 +663,37 @@ def simulate(dataset: str, annotators: int, gold: str, noise: float = 0.0, seed:
     simulated annotator used is remembered, so that `pull` and the registry can say. Completions whose gold scores
     are within `tie_margin` share a rank, as people rank near-equal responses as ties. Returns the rankings each
     submitted now."""
-    if not 1 <= annotators <= 100:
-        raise AlignError(f"--annotators {annotators}: between 1 and 100")
-    if not 0 <= noise <= 1:
-        raise AlignError(f"--noise {noise}: a probability between 0 and 1")
+    task.check_simulate_args(annotators, noise)
     if not tie_margin >= 0:
         raise AlignError(f"--tie-margin {tie_margin}: 0 or more (gold scores this close rank as a tie)")
     scorer = None if gold == "random" else load_gold(gold, option="--gold")
-    api = _Api.connect()
+    api = Api.connect()
     found = _require_dataset(api, dataset, workspace)
-    users = _owner_users(api)
-    names = [f"{SIM_PREFIX}{i}" for i in range(1, annotators + 1)]
-    workspace_id = found["workspace_id"]
-    for name in names:
-        if name not in users:
-            password = server.add_user(name, "annotator", workspace)
-            _remember_password(api.url, name, password)
-        else:
-            api.call("POST", f"/api/v1/workspaces/{workspace_id}/users", f"adding {name} to workspace '{workspace}'",
-                     json_body={"user_id": users[name]["id"]}, expect=(201, 409))
-    users = _owner_users(api)
+    users = task.enroll_simulated(api, found, annotators, workspace)
     earlier = argilla_api.simulated_golds(api.url, found["id"])
-    for name in names:
+    for name in users:
         if earlier.get(name, gold) != gold:
             raise AlignError(f"--gold {gold}: {name} already ranked dataset '{dataset}' by the gold {earlier[name]}; "
                              f"one dataset holds the rankings of one gold per annotator: push the completions to a "
                              f"new dataset to rank them by {gold}")
     submitted = {}
-    for name in names:
-        key = users[name].get("api_key")
-        if not key:
-            raise AlignError(f"the API key of {name} is not visible with this key: simulate needs an owner's key")
+    for name, annotator_api in task.annotator_apis(api, users):
         argilla_api.remember_simulated_gold(api.url, found["id"], name, gold)
-        submitted[name] = _annotate(_Api(api.url, key), found["id"], name, scorer, noise, seed, tie_margin)
+        submitted[name] = _annotate(annotator_api, found["id"], name, scorer, noise, seed, tie_margin)
     api.close()
     return submitted
 
 
-def _annotate(api: _Api, dataset_id: str, name: str, gold: Gold | None, noise: float, seed: int,
+def _annotate(api: Api, dataset_id: str, name: str, gold: Gold | None, noise: float, seed: int,
               tie_margin: float) -> int:
-    submitted, seen = 0, set()
-    while True:
-        page = api.call("POST", f"/api/v1/me/datasets/{dataset_id}/records/search", f"{name} reading their queue",
-                        json_body=PENDING_VIEW, params={"limit": 100})
-        records = [item["record"] for item in page["items"] if item["record"]["id"] not in seen]
-        if not records:
-            api.close()
-            return submitted
+    submitted = 0
+    for records in task.pending_queue(api, dataset_id, name):
         scored = [_positions(record) for record in records]
         scores = gold.score([record["fields"]["prompt"] for record, positions in zip(records, scored)
                              for _ in positions],
                             [record["fields"][key] for record, positions in zip(records, scored)
                              for key in positions]) if gold is not None else []
         for record, positions in zip(records, scored):
-            seen.add(record["id"])
             tag = f"{seed}:{name}:{record.get('external_id') or record['id']}"
             if gold is None:
                 ranks = list(range(1, len(positions) + 1))
@@ -844,12 +702,11 @@ def _annotate(api: _Api, dataset_id: str, name: str, gold: Gold | None, noise: f
                 ranks, scores = rank(scores[:len(positions)], tie_margin), scores[len(positions):]
             ranks = add_noise(ranks, noise, random.Random(f"noise:{tag}"))
             quality = random.Random(f"quality:{tag}").randint(3, 7)
-            body = {"status": "submitted", "values": {
+            task.submit(api, record, f"{name} submitting a ranking", {
                 "ranking": {"value": [{"value": key, "rank": r} for key, r in zip(positions, ranks)]},
-                "quality": {"value": quality}}}
-            api.call("POST", f"/api/v1/records/{record['id']}/responses", f"{name} submitting a ranking",
-                     json_body=body, expect=(201, 409))
+                "quality": {"value": quality}})
             submitted += 1
+    return submitted
 
 
 def _positions(record: dict) -> list[str]:
@@ -863,23 +720,9 @@ def simulate_command(dataset: str, annotators: int, gold: str, noise: float = 0.
     from align.reporting import print_table
 
     submitted = simulate(dataset, annotators, gold, noise, seed, workspace, tie_margin)
-    _show("[yellow]simulated annotators are for demos and tests only: `align label pull` marks their pairs "
-          "\"simulated\": true and records their gold[/yellow]")
+    show("[yellow]simulated annotators are for demos and tests only: `align label pull` marks their pairs "
+         "\"simulated\": true and records their gold[/yellow]")
     print_table(f"rankings submitted now (gold {gold}, ties within {tie_margin:g}, noise {noise:g})",
                 [(name, count) for name, count in submitted.items()])
-    _show(f"their passwords (to look in the UI): {_esc(simulated_users_file())}")
+    show(f"their passwords (to look in the UI): {esc(simulated_users_file())}")
     return submitted
-
-
-# --- Output ------------------------------------------------------------------------------------------------------
-
-def _show(markup: str) -> None:
-    from align.reporting import console
-
-    console.print(markup, soft_wrap=True)
-
-
-def _esc(value: Any) -> str:
-    from rich.markup import escape
-
-    return escape(str(value))

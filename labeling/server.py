@@ -2,11 +2,8 @@
 
 Where things live (``<home>`` is the align home, ``$ALIGN_HOME`` or ``./.align``):
 
-- ``<home>/argilla-server-venv`` (or ``$ALIGN_ARGILLA_VENV``): the server's own virtual environment.
-  Its pins (pydantic 2.9, fastapi 0.115, typer < 0.10) clash with ours, so it runs as a separate
-  service, as in production. Built on first use; a stamp file written last marks it complete, and a
-  venv without the right stamp is rebuilt. Several homes (test sessions, CI) may share one through
-  ``$ALIGN_ARGILLA_VENV``; building takes a lock.
+- ``<home>/argilla-server-venv`` (or ``$ALIGN_ARGILLA_VENV``): the server's own virtual environment, built on
+  first use by labeling/server_env.py (standard library only: scripts/setup.sh builds it with that module).
 - ``<home>/argilla/`` (mode 0700): the SQLite database, ``credentials.json`` (the owner's login and
   API key, 0600), ``auth_secret`` (the JWT key, 0600: browser sessions survive restarts),
   ``server.json`` (what is running), ``server.log``, ``worker.log``, ``redis.log``, ``tmp/``.
@@ -14,18 +11,19 @@ Where things live (``<home>`` is the align home, ``$ALIGN_HOME`` or ``./.align``
 Three processes, each in its own session, bound to 127.0.0.1 only: Debian's ``redis-server`` (on a
 free port, password-protected, nothing saved to disk), the API + UI (uvicorn, ``argilla_launcher.py
 server``) and the job worker (``argilla_launcher.py worker``). Search is answered from the SQL
-database by ``argilla_search.py`` (Elasticsearch cannot be installed here).
+database by ``argilla_search.py`` (Elasticsearch cannot be installed here). ``server.json`` names each
+process by pid and start time, so a recycled pid is never taken for ours (psutil); starting and stopping
+take a lock on the home (filelock).
 
 Everything else in align talks to Argilla through :func:`connect`, which prefers an existing
-deployment named by ``ARGILLA_API_URL`` + ``ARGILLA_API_KEY``.
+deployment named by ``ARGILLA_API_URL`` + ``ARGILLA_API_KEY``, and every request goes through an
+httpx client from :func:`http_client` (labeling/argilla_api.py's ``Api`` adds retries on top).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -37,20 +35,18 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from align.files import write_atomically
-from align.errors import AlignError
+import httpx
+import psutil
+from filelock import FileLock
 
-SERVER_VERSION = "2.8.0"
-# click 8.2+ breaks every `python -m argilla_server ...` command of this release.
-SERVER_REQUIREMENTS = (f"argilla-server=={SERVER_VERSION}", "click<8.2")
+from align.errors import AlignError
+from align.files import write_atomically
+from align.labeling.server_env import SERVER_VERSION, align_home, clean_env, ensure_server_venv, last_line, tail_lines
+
 DEFAULT_PORT = 6900
 WORKSPACE = "align"
 OWNER = "owner"
@@ -58,14 +54,11 @@ ROLES = ("annotator", "admin")
 HOST = "127.0.0.1"
 ENGINE_NAME = "align-sql"
 
-VENV_ENV = "ALIGN_ARGILLA_VENV"
 URL_ENV = "ARGILLA_API_URL"
 KEY_ENV = "ARGILLA_API_KEY"
 
 _HERE = Path(__file__).resolve().parent
 _LAUNCHER = _HERE / "argilla_launcher.py"
-_STAMP = "align-server-stamp.json"
-_BUILDING = "align-server-building"
 _START_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 15.0
 _HTTP_TIMEOUT_S = 10.0
@@ -112,25 +105,9 @@ class ServerStatus:
 
 # --- Paths -------------------------------------------------------------------------------------
 
-def _align_home() -> Path:
-    # Imported here: scripts/setup.sh builds the server venv with this module while align's own dependencies
-    # (rich, which align.registry imports) are still being installed.
-    from align.registry import registry_home
-
-    return registry_home().absolute()
-
-
 def argilla_home() -> Path:
     """``<align home>/argilla``: the server's database, secrets, logs and run state."""
-    return _align_home() / "argilla"
-
-
-def venv_dir() -> Path:
-    """The server's virtual environment: ``$ALIGN_ARGILLA_VENV`` or ``<align home>/argilla-server-venv``."""
-    override = os.environ.get(VENV_ENV)
-    if override:
-        return Path(override).expanduser().absolute()
-    return _align_home() / "argilla-server-venv"
+    return align_home() / "argilla"
 
 
 def credentials_file() -> Path:
@@ -139,81 +116,6 @@ def credentials_file() -> Path:
 
 def _state_file() -> Path:
     return argilla_home() / "server.json"
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-# --- The server's virtual environment ------------------------------------------------------------
-
-def _stamp_value() -> dict[str, Any]:
-    return {
-        "requirements": list(SERVER_REQUIREMENTS),
-        "python": ".".join(map(str, sys.version_info[:2])),
-    }
-
-
-def venv_ready(venv: Path | None = None) -> bool:
-    """Whether the server venv is complete (its stamp, written last, matches this align)."""
-    venv = venv or venv_dir()
-    try:
-        stamp = json.loads((venv / _STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    return stamp == _stamp_value() and _venv_python(venv).exists()
-
-
-def ensure_server_venv(say=None) -> Path:
-    """The server venv's python, building the venv first if needed (~1-2 min, once)."""
-    venv = venv_dir()
-    if venv_ready(venv):
-        return _venv_python(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(venv.parent / f".{venv.name}.lock"):
-        if venv_ready(venv):  # another process built it while we waited
-            return _venv_python(venv)
-        _check_replaceable(venv)
-        (say or _say)(f"setting up the Argilla server (once, ~1 min) in {venv} ...")
-        started = time.monotonic()
-        shutil.rmtree(venv, ignore_errors=True)
-        venv.mkdir(parents=True)
-        (venv / _BUILDING).write_text("an unfinished align build of the Argilla server venv\n")
-        log = venv.parent / f"{venv.name}.build.log"
-        with log.open("w") as out:
-            _build_step([sys.executable, "-m", "venv", str(venv)], out, log,
-                        "creating the virtual environment failed (on Debian: apt-get install python3-venv)")
-            _build_step([str(_venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check",
-                         "--no-input", *SERVER_REQUIREMENTS], out, log,
-                        f"installing {' '.join(SERVER_REQUIREMENTS)} failed")
-            _build_step([str(_venv_python(venv)), "-c",
-                         "import importlib.metadata as m; v = m.version('argilla-server'); "
-                         f"assert v == {SERVER_VERSION!r}, v"], out, log,
-                        "the installed argilla-server is not the pinned version")
-        (venv / _STAMP).write_text(json.dumps(_stamp_value()))
-        (venv / _BUILDING).unlink()
-        (say or _say)(f"Argilla server installed ({time.monotonic() - started:.0f} s)")
-    return _venv_python(venv)
-
-
-def _check_replaceable(venv: Path) -> None:
-    """Refuse to delete a folder that is not (an old or unfinished) server venv of ours."""
-    if not venv.exists() or (venv.is_dir() and not any(venv.iterdir())):
-        return
-    if (venv / _STAMP).exists() or (venv / _BUILDING).exists():
-        return
-    raise AlignError(f"{venv} exists but is not an Argilla server environment made by align; remove it or point "
-                     f"{VENV_ENV} at another folder")
-
-
-def _build_step(command: list[str], out, log: Path, message: str) -> None:
-    out.write(f"$ {' '.join(command)}\n")
-    out.flush()
-    result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=_clean_env(), check=False)
-    if result.returncode != 0:
-        raise AlignError(f"Argilla server setup: {message} (exit {result.returncode}); "
-                         f"last output: {_last_line(log)!r}; full log: {log}")
 
 
 # --- Lifecycle -------------------------------------------------------------------------------------
@@ -229,11 +131,11 @@ def serve(port: int | None = None, say=None) -> ServerInfo:
     python = ensure_server_venv(say)
     home = argilla_home()
     make_private_dir(home)
-    with _file_lock(home / ".lock"):
+    with FileLock(home / ".lock"):  # one start at a time: a second one finds the first one's server
         state = _read_state()
         if state is not None:
             info = _info_from_state(state, already_running=True)
-            if _healthy(state) and _alive(state.get("worker_pid"), "argilla_launcher.py"):
+            if _healthy(state) and _running(state, "worker_pid"):
                 if port is not None and port != info.port:
                     raise AlignError(f"the Argilla server is already running at {info.url}; stop it first "
                                      "(`align label serve stop`) to use another port")
@@ -261,9 +163,9 @@ def serve(port: int | None = None, say=None) -> ServerInfo:
             redis_port, redis_password = _start_redis(redis_server, home, state)
             env = _server_env(home, redis_port, redis_password)
             owner_set = _ensure_database(python, home, env, creds)
-            state["pid"] = _spawn([str(python), str(_LAUNCHER), "server", "--port", str(port)],
-                                  home, env, home / "server.log")
-            state["worker_pid"] = _spawn([str(python), str(_LAUNCHER), "worker"], home, env, home / "worker.log")
+            _spawn(state, "pid", [str(python), str(_LAUNCHER), "server", "--port", str(port)], home, env,
+                   home / "server.log")
+            _spawn(state, "worker_pid", [str(python), str(_LAUNCHER), "worker"], home, env, home / "worker.log")
             write_private(_state_file(), json.dumps(state, indent=2))
             _wait_healthy(state, home)
         except BaseException:
@@ -281,11 +183,11 @@ def stop() -> bool:
     home = argilla_home()
     if not _state_file().exists():
         return False
-    with _file_lock(home / ".lock"):
+    with FileLock(home / ".lock"):
         state = _read_state()
         if state is None:
             return False
-        was_running = any(_alive(state.get(key), marker) for key, marker in _PROCESSES)
+        was_running = any(_running(state, key) for key in _RUNS)
         _stop_processes(state)
         _state_file().unlink(missing_ok=True)
         shutil.rmtree(home / "tmp", ignore_errors=True)
@@ -299,14 +201,14 @@ def status() -> ServerStatus:
     if state is None:
         return ServerStatus(running=False, healthy=False, home=home, detail="not running")
     info = _info_from_state(state, already_running=True)
-    if not _alive(state.get("pid"), "argilla_launcher.py"):
+    if not _running(state, "pid"):
         return ServerStatus(running=False, healthy=False, home=home, info=info,
                             detail=f"stopped unexpectedly (see {info.log_file}); start it again with "
                                    "`align label serve`")
     if not _healthy(state):
         return ServerStatus(running=True, healthy=False, home=home, info=info,
                             detail=f"not answering at {info.url}; see {info.log_file}")
-    if not _alive(state.get("worker_pid"), "argilla_launcher.py"):
+    if not _running(state, "worker_pid"):
         return ServerStatus(running=True, healthy=False, home=home, info=info,
                             detail=f"the job worker stopped; see {home / 'worker.log'}")
     return ServerStatus(running=True, healthy=True, home=home, info=info, detail="running")
@@ -315,7 +217,7 @@ def status() -> ServerStatus:
 def server_url() -> str | None:
     """The embedded server's URL if it is running (per its state file), else None."""
     state = _read_state()
-    if state is None or not _alive(state.get("pid"), "argilla_launcher.py"):
+    if state is None or not _running(state, "pid"):
         return None
     return _url(state["port"])
 
@@ -363,6 +265,26 @@ class ServerDown(AlignError):
         self.cause = cause  # what was being done and how it failed, for a command's own wording
 
 
+def http_client(url: str, api_key: str | None = None, timeout: float | httpx.Timeout = _HTTP_TIMEOUT_S) -> httpx.Client:
+    """The httpx client every request to Argilla goes through, with ``api_key`` sent on each request.
+
+    On the loopback the environment's proxy settings are ignored: our own server's key never goes through a proxy.
+    """
+    local = (httpx.URL(url).host or "") in ("127.0.0.1", "localhost", "::1")
+    headers = {"X-Argilla-Api-Key": api_key} if api_key is not None else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, trust_env=not local)
+
+
+def detail(response: httpx.Response) -> str:
+    """The server's error detail for a message (``": ..."``), or ``""``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f": {response.text[:300]}" if response.text else ""
+    said = body.get("detail", body) if isinstance(body, dict) else body
+    return f": {said if isinstance(said, str) else json.dumps(said)[:400]}"
+
+
 def restart_hint(url: str) -> str:
     """What brings the server at ``url`` back: the embedded one is started by `align label serve`."""
     return f"wait until {url} answers again" if _external() else "start it again with `align label serve`"
@@ -388,15 +310,27 @@ def add_user(name: str, role: str = "annotator", workspace: str = WORKSPACE) -> 
                          "(starting with a letter or digit)")
     connection = connect()
     password = secrets.token_urlsafe(12)
-    code, body = _request(connection, "POST", "/api/v1/users",
-                          {"username": name, "first_name": name, "role": role, "password": password})
-    if code == 409:
+    created = _request(connection, "POST", "/api/v1/users",
+                       {"username": name, "first_name": name, "role": role, "password": password})
+    if created.status_code == 409:
         raise AlignError(f"user {name!r} already exists on {connection.api_url}")
-    _expect(connection, code, body, 201, f"creating user {name!r}")
+    _expect(connection, created, 201, f"creating user {name!r}")
     member_of = workspace_id(connection, workspace)
-    code, body = _request(connection, "POST", f"/api/v1/workspaces/{member_of}/users", {"user_id": body["id"]})
-    _expect(connection, code, body, 201, f"adding user {name!r} to workspace {workspace!r}")
+    added = _request(connection, "POST", f"/api/v1/workspaces/{member_of}/users", {"user_id": created.json()["id"]})
+    _expect(connection, added, 201, f"adding user {name!r} to workspace {workspace!r}")
     return password
+
+
+def workspace_id(connection: Connection, name: str) -> str:
+    """The workspace's id; the workspace is created if missing."""
+    listed = _request(connection, "GET", "/api/v1/me/workspaces")
+    _expect(connection, listed, 200, "listing workspaces")
+    for workspace in listed.json().get("items", []):
+        if workspace.get("name") == name:
+            return workspace["id"]
+    created = _request(connection, "POST", "/api/v1/workspaces", {"name": name})
+    _expect(connection, created, 201, f"creating workspace {name!r}")
+    return created.json()["id"]
 
 
 def login_url(username: str, password: str, url: str | None = None) -> str:
@@ -509,7 +443,7 @@ def _auth_secret(home: Path) -> str:
 
 
 def _server_env(home: Path, redis_port: int, redis_password: str) -> dict[str, str]:
-    env = _clean_env()
+    env = clean_env()
     env.update({
         "ARGILLA_HOME_PATH": str(home),
         "ARGILLA_DATABASE_URL": f"sqlite+aiosqlite:///{home / 'argilla.db'}?check_same_thread=False",
@@ -526,12 +460,6 @@ def _server_env(home: Path, redis_port: int, redis_password: str) -> dict[str, s
         "PYTHONUNBUFFERED": "1",
     })
     return env
-
-
-def _clean_env() -> dict[str, str]:
-    """Our environment minus what would leak into the server's Python or settings."""
-    drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
-    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("ARGILLA_")}
 
 
 def _ensure_database(python: Path, home: Path, env: dict[str, str], creds: dict[str, str]) -> bool:
@@ -554,15 +482,17 @@ def _ensure_database(python: Path, home: Path, env: dict[str, str], creds: dict[
                                 stderr=subprocess.STDOUT, env=env, cwd=home, timeout=300, check=False)
     if result.returncode != 0:
         raise AlignError(f"preparing the Argilla database failed (exit {result.returncode}): "
-                         f"{_last_line(log)!r}; see {log}")
+                         f"{last_line(log)!r}; see {log}")
     write_private(marker, json.dumps({"fingerprint": fingerprint}))
     return True
 
 
 # --- Internals: processes ------------------------------------------------------------------------------
 
-# (state key, text its command line must contain): a recycled pid is never mistaken for ours.
-_PROCESSES = (("worker_pid", "argilla_launcher.py"), ("pid", "argilla_launcher.py"), ("redis_pid", "redis-server"))
+# What each process named in server.json runs: its name or command line must show it to count as ours.
+_RUNS = {"worker_pid": "argilla_launcher.py", "pid": "argilla_launcher.py", "redis_pid": "redis-server"}
+# psutil's start times add the boot time, which the kernel gives in whole seconds and moves with clock changes.
+_START_TIME_SLACK_S = 2.0
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
@@ -588,17 +518,17 @@ def _start_redis(redis_server: str, home: Path, state: dict[str, Any]) -> tuple[
             f"bind {HOST}", f"port {port}", "protected-mode yes", f"requirepass {password}",
             'save ""', "appendonly no", f"dir {data_dir}", "daemonize no", 'logfile ""', "",
         ]))
-        pid = _spawn([redis_server, str(conf)], home, _clean_env(), home / "redis.log")
-        state["redis_pid"], state["redis_port"] = pid, port
+        _spawn(state, "redis_pid", [redis_server, str(conf)], home, clean_env(), home / "redis.log")
+        state["redis_port"] = port
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if _redis_ping(port, password):
                 return port, password
-            if not _alive(pid, "redis-server"):
+            if not _running(state, "redis_pid"):
                 break
             time.sleep(0.1)
-        last_error = _last_line(home / "redis.log")
-        _terminate(pid, "redis-server")
+        last_error = last_line(home / "redis.log")
+        _terminate(state, "redis_pid")
     raise AlignError(f"redis-server did not start: {last_error!r}; see {home / 'redis.log'}")
 
 
@@ -617,21 +547,23 @@ def _redis_ping(port: int, password: str) -> bool:
         return False
 
 
-def _spawn(command: list[str], home: Path, env: dict[str, str], log: Path) -> int:
+def _spawn(state: dict[str, Any], key: str, command: list[str], home: Path, env: dict[str, str], log: Path) -> None:
+    """Start ``command`` in its own session, output to ``log``; ``state`` records it under ``key`` (pid, start time)."""
     with log.open("a") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    env=env, cwd=home, start_new_session=True)
     _CHILDREN[process.pid] = process
-    return process.pid
+    state[key] = process.pid
+    state.setdefault("start_times", {})[key] = psutil.Process(process.pid).create_time()
 
 
 def _wait_healthy(state: dict[str, Any], home: Path) -> None:
     url = _url(state["port"])
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _alive(state["pid"], "argilla_launcher.py"):
+        if not _running(state, "pid"):
             raise AlignError(f"the Argilla server exited during startup: {_log_tail(home / 'server.log')}")
-        if not _alive(state["worker_pid"], "argilla_launcher.py"):
+        if not _running(state, "worker_pid"):
             raise AlignError(f"the Argilla job worker exited during startup: {_log_tail(home / 'worker.log')}")
         if _healthy(state):
             return
@@ -642,24 +574,26 @@ def _wait_healthy(state: dict[str, Any], home: Path) -> None:
 
 def _healthy(state: dict[str, Any], check_pid: bool = True) -> bool:
     """Our server process is alive and its status endpoint names our search engine."""
-    if check_pid and not _alive(state.get("pid"), "argilla_launcher.py"):
+    if check_pid and not _running(state, "pid"):
         return False
     try:
-        with _LOCAL.open(f"{_url(state['port'])}/api/v1/status", timeout=3) as response:
-            answer = json.loads(response.read())
-    except (OSError, ValueError):
+        with http_client(_url(state["port"]), timeout=3) as client:
+            answer = client.get("/api/v1/status").json()
+    except (httpx.HTTPError, ValueError):
         return False
     return isinstance(answer, dict) and (answer.get("search_engine") or {}).get("name") == ENGINE_NAME
 
 
 def _stop_processes(state: dict[str, Any]) -> None:
-    for key, marker in _PROCESSES:
-        _terminate(state.get(key), marker)
+    for key in _RUNS:
+        _terminate(state, key)
 
 
-def _terminate(pid: int | None, marker: str) -> None:
-    if not _alive(pid, marker):
+def _terminate(state: dict[str, Any], key: str) -> None:
+    """Stop the process ``state[key]`` names, with its children, if it is still ours: SIGTERM, then SIGKILL."""
+    if not _running(state, key):
         return
+    pid = state[key]
     for sig, wait in ((signal.SIGTERM, _STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)  # its own session: the process group holds it and its children
@@ -669,18 +603,23 @@ def _terminate(pid: int | None, marker: str) -> None:
             return  # not ours to stop
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not _alive(pid, marker):
-                _CHILDREN.pop(pid, None)
+            if not _running(state, key):
                 return
             time.sleep(0.1)
 
 
-def _alive(pid: Any, marker: str) -> bool:
-    """Whether ``pid`` runs and is ours; reaps our zombies.
+def _running(state: dict[str, Any], key: str) -> bool:
+    """Whether the process ``state[key]`` names (from server.json or just started) still runs and is ours; a
+    server.json written before start times were recorded names none, and the name or command line decides alone."""
+    return is_our_process(state.get(key), _RUNS[key], (state.get("start_times") or {}).get(key))
 
-    A child this process started is known by its Popen. Any other pid (from server.json) must name
-    ``marker`` in its command line or executable, so a recycled pid is never mistaken for ours (the
-    executable too: redis-server blanks its command line for a moment while it sets its title).
+
+def is_our_process(pid: Any, runs: str, started: float | None = None) -> bool:
+    """Whether ``pid`` is a live process of ours that runs ``runs``; an exited child of ours is reaped.
+
+    A child this process started is known by its Popen. Any other pid (from server.json) must show ``runs`` in its
+    name or command line and, when its start time ``started`` is known, have started then (psutil): a pid the system
+    recycled for another program, or for another align home's server, is never taken for ours.
     """
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -688,28 +627,17 @@ def _alive(pid: Any, marker: str) -> bool:
     if child is not None:
         if child.poll() is None:
             return True
-        _CHILDREN.pop(pid, None)
+        del _CHILDREN[pid]
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): fall back to "some process has this pid"
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        except PermissionError:
+        if started is not None and abs(process.create_time() - started) > _START_TIME_SLACK_S:
             return False
-        return True
-    if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
-        return False
-    if marker.encode() in cmdline:
-        return True
-    try:
-        return marker in os.readlink(f"/proc/{pid}/exe")
-    except OSError:
+        # The name too: redis-server blanks its command line for a moment while it sets its title.
+        return runs in process.name() or any(runs in part for part in process.cmdline())
+    except psutil.Error:  # gone, or not ours to look at
         return False
 
 
@@ -730,7 +658,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-# --- Internals: state, files, HTTP --------------------------------------------------------------------
+# --- Internals: state, files, requests --------------------------------------------------------------------
 
 def _read_state() -> dict[str, Any] | None:
     try:
@@ -771,17 +699,6 @@ def write_private(path: Path, text: str) -> None:
     write_atomically(path, text, private=True)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _rotate(log: Path) -> None:
     try:
         if log.stat().st_size > _LOG_ROTATE_BYTES:
@@ -790,86 +707,36 @@ def _rotate(log: Path) -> None:
         pass
 
 
-def _last_line(path: Path) -> str:
-    lines = _tail_lines(path, 50)
-    return lines[-1] if lines else "(no output)"
-
-
 def _log_tail(path: Path, count: int = 8) -> str:
-    lines = _tail_lines(path, count)
+    lines = tail_lines(path, count)
     return f"last lines of {path}: " + " | ".join(lines) if lines else f"{path} is empty"
 
 
-def _tail_lines(path: Path, count: int) -> list[str]:
+def _request(connection: Connection, method: str, path: str, body: Any = None) -> httpx.Response:
+    """One request with the connection's API key; ServerDown when the server does not answer."""
     try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 16384))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    return [line.strip() for line in text.splitlines() if line.strip()][-count:]
-
-
-def _request(connection: Connection, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One JSON request with the connection's API key: (status code, parsed body or text)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(connection.api_url + path, data=data, method=method,
-                                     headers={"X-Argilla-Api-Key": connection.api_key,
-                                              "Content-Type": "application/json", "Accept": "application/json"})
-    try:
-        with _opener(connection.api_url).open(request, timeout=_HTTP_TIMEOUT_S) as response:
-            code, raw = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        code, raw = e.code, e.read()
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
+        with http_client(connection.api_url, connection.api_key) as client:
+            return client.request(method, path, json=body)
+    except httpx.TransportError as e:
+        reason = str(e) or type(e).__name__
         raise ServerDown(connection.api_url, f"cannot reach the Argilla server at {connection.api_url} ({reason}); "
                          "is it running? (`align label serve status`)", f"while {method} {path} ({reason})") from None
-    try:
-        return code, json.loads(raw) if raw else None
-    except ValueError:
-        return code, raw.decode("utf-8", "replace")[:200]
-
-
-# Our own server is on the loopback: never send its requests (and keys) through an HTTP proxy.
-_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _opener(url: str):
-    host = urllib.parse.urlsplit(url).hostname or ""
-    return _LOCAL if host in ("127.0.0.1", "localhost", "::1") else urllib.request.build_opener()
 
 
 def _check_key(connection: Connection, source: str) -> Any:
-    code, body = _request(connection, "GET", "/api/v1/me")
-    if code in (401, 403):
+    """The user the key belongs to (GET /api/v1/me; None when the answer is not JSON)."""
+    answer = _request(connection, "GET", "/api/v1/me")
+    if answer.status_code in (401, 403):
         raise AlignError(f"the Argilla server at {connection.api_url} rejected the API key from {source}")
-    if code != 200:
-        raise AlignError(f"the Argilla server at {connection.api_url} answered HTTP {code} to GET /api/v1/me"
-                         f"{_detail(body)}")
-    return body
+    if answer.status_code != 200:
+        raise AlignError(f"the Argilla server at {connection.api_url} answered HTTP {answer.status_code} to "
+                         f"GET /api/v1/me{detail(answer)}")
+    try:
+        return answer.json()
+    except ValueError:
+        return None
 
 
-def _expect(connection: Connection, code: int, body: Any, wanted: int, doing: str) -> None:
-    if code != wanted:
-        raise AlignError(f"{doing} on {connection.api_url} failed: HTTP {code}{_detail(body)}")
-
-
-def _detail(body: Any) -> str:
-    if isinstance(body, dict) and "detail" in body:
-        detail = body["detail"]
-        text = detail if isinstance(detail, str) else json.dumps(detail)[:300]
-        return f": {text}"
-    return f": {body}" if isinstance(body, str) and body else ""
-
-
-def workspace_id(connection: Connection, name: str) -> str:
-    code, body = _request(connection, "GET", "/api/v1/me/workspaces")
-    _expect(connection, code, body, 200, "listing workspaces")
-    for workspace in body.get("items", []):
-        if workspace.get("name") == name:
-            return workspace["id"]
-    code, body = _request(connection, "POST", "/api/v1/workspaces", {"name": name})
-    _expect(connection, code, body, 201, f"creating workspace {name!r}")
-    return body["id"]
+def _expect(connection: Connection, answer: httpx.Response, wanted: int, doing: str) -> None:
+    if answer.status_code != wanted:
+        raise AlignError(f"{doing} on {connection.api_url} failed: HTTP {answer.status_code}{detail(answer)}")

@@ -51,7 +51,7 @@ system_packages() {
 }
 
 argilla_server_venv() {
-  "$PY" -c 'from align.labeling.server import ensure_server_venv, venv_ready
+  "$PY" -c 'from align.labeling.server_env import ensure_server_venv, venv_ready
 if not venv_ready():
     ensure_server_venv(say=lambda m: print("setup:", m, flush=True))'
 }
@@ -75,7 +75,7 @@ else
   rm -rf "$VENV"
   "$BASE_PY" -m venv "$VENV" || die "'$BASE_PY -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
 fi
-# The Argilla server's environment needs only the standard library to build (align.labeling.server imports
+# The Argilla server's environment needs only the standard library to build (align.labeling.server_env imports
 # nothing else), so it is built in the background from here on, while the steps below install align's
 # dependencies (it takes ~1.5 min); step 5 waits for it. align itself goes in first, without dependencies
 # (seconds), so that its namespaced modules (align.labeling lives in labeling/) can be imported.

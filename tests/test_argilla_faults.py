@@ -40,23 +40,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(argilla_env):
     """This module's own server (it gets killed): a temporary ALIGN_HOME, a free port, no external Argilla."""
-    import shutil
-
-    if not shutil.which("redis-server"):
-        pytest.skip("the Argilla server needs redis-server (apt-get install redis-server)")
     from align.labeling import server
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ALIGN_HOME", str(tmp_path_factory.mktemp("faults_home")))
-        mp.setenv("ALIGN_ARGILLA_VENV", os.environ.get("ALIGN_ARGILLA_VENV")
-                  or str(Path.home() / ".cache" / "align" / "argilla-server-venv"))
-        mp.delenv("ARGILLA_API_URL", raising=False)
-        mp.delenv("ARGILLA_API_KEY", raising=False)
+    with argilla_env("faults_home").applied() as environment:
         info = server.serve(port=_free_port())
         try:
-            yield SimpleNamespace(port=info.port, url=info.url, home=Path(os.environ["ALIGN_HOME"]))
+            yield SimpleNamespace(port=info.port, url=info.url, home=environment.home)
         finally:
             server.stop()
 
@@ -65,10 +56,10 @@ def _kill_server() -> None:
     """SIGKILL the API process (uvicorn), as a crash or the OOM killer would; its worker and redis stay."""
     from align.labeling import server
 
-    pid = server._read_state()["pid"]
+    pid = server.status().info.pid
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while server._alive(pid, "argilla_launcher.py"):  # reaps it
+    while server.is_our_process(pid, "argilla_launcher.py"):  # reaps it
         assert time.monotonic() < deadline, "the killed server did not exit"
         time.sleep(0.05)
 
@@ -242,19 +233,19 @@ def test_simulate_killed_midway_continues_where_it_stopped(home, small, monkeypa
 
 def test_pull_killed_writes_and_registers_nothing_then_pulls_everything(home, small, tmp_path, monkeypatch, capsys):
     from align.registry import Registry
-    from align.labeling import rankings
+    from align.labeling import argilla_api, rankings
 
     expected = rankings.pull(small, str(tmp_path / "reference.jsonl"), register=False).rows
     assert expected and all(row["simulated"] for row in expected)
     rows_before = len(Registry().list())
-    real = rankings._records
+    real = argilla_api.records
 
     def then_kill(*args, **kwargs):  # the records are read; the server dies before the user names are
         answer = real(*args, **kwargs)
         _kill_server()
         return answer
 
-    monkeypatch.setattr(rankings, "_records", then_kill)
+    monkeypatch.setattr(argilla_api, "records", then_kill)
     out = tmp_path / "pairs" / "pairs.jsonl"
     assert main(["label", "pull", "--dataset", small, "--out", str(out)]) == 2
     line = _one_error_line(capsys.readouterr().err)
@@ -263,7 +254,7 @@ def test_pull_killed_writes_and_registers_nothing_then_pulls_everything(home, sm
         "; nothing was written or registered; start it again with `align label serve` and re-run the same command")
     assert not out.exists() and not list(tmp_path.rglob(".pairs.jsonl*"))  # no partial or staging file
     assert len(Registry().list()) == rows_before
-    monkeypatch.setattr(rankings, "_records", real)
+    monkeypatch.setattr(argilla_api, "records", real)
 
     _restart(home)
     assert main(["label", "pull", "--dataset", small, "--out", str(out)]) == 0

@@ -51,16 +51,11 @@ def _redis_available() -> bool:
 
 
 @pytest.fixture(scope="module")
-def server_env(tmp_path_factory):
+def server_env(argilla_env):
     """ALIGN_HOME in a temporary folder, the shared server venv, no external Argilla configured."""
     if not _redis_available():
         pytest.skip("redis-server is not installed and cannot be installed here (apt-get install redis-server)")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ALIGN_HOME", str(tmp_path_factory.mktemp("align_home")))
-        mp.setenv("ALIGN_ARGILLA_VENV", os.environ.get("ALIGN_ARGILLA_VENV")
-                  or str(Path.home() / ".cache" / "align" / "argilla-server-venv"))
-        mp.delenv("ARGILLA_API_URL", raising=False)
-        mp.delenv("ARGILLA_API_KEY", raising=False)
+    with argilla_env("align_home").applied():
         yield
 
 
@@ -464,17 +459,18 @@ def test_serve_recovers_from_a_crashed_process(running, ranking_dataset):
     assert server.status().healthy
     assert server.connect().api_url == before.url
     for pid in (before.pid, before.redis_pid):  # the survivors of the crash were stopped
-        assert not server._alive(pid, "argilla_launcher.py") and not server._alive(pid, "redis-server")
+        assert not server.is_our_process(pid, "argilla_launcher.py") and not server.is_our_process(pid, "redis-server")
 
 
-def test_server_module_imports_with_the_standard_library_only():
-    """scripts/setup.sh builds the server's environment with align.labeling.server while align's dependencies are still
-    being installed: it may import nothing beyond the standard library (and align's own stdlib-only modules)."""
+def test_server_env_module_imports_with_the_standard_library_only():
+    """scripts/setup.sh builds the server's environment with align.labeling.server_env while align's dependencies are
+    still being installed: it may import nothing beyond the standard library (and align's own stdlib-only modules)."""
     import subprocess
     import sys
 
-    blocked = ("yaml", "rich", "torch", "transformers", "httpx", "numpy")
-    script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked) + "import align.labeling.server\n")
+    blocked = ("yaml", "rich", "torch", "transformers", "httpx", "numpy", "psutil", "filelock")
+    script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+              + "import align.labeling.server_env\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -149,7 +149,7 @@ def test_annotators_do_not_see_which_side_is_the_model(models):
 
     from align.labeling import server
     from align.labeling.argilla_api import find_dataset
-    from align.labeling.pairwise import PENDING_VIEW
+    from align.labeling.task import PENDING_VIEW
 
     password = server.add_user("ann")
     url = server.connect().api_url

@@ -23,11 +23,7 @@ DATASET = "ranked"
 @pytest.fixture(scope="module")
 def env(argilla_server):
     """This module's environment: the session server's ALIGN_HOME (its registry too), no external Argilla."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in argilla_server.env.items():
-            mp.setenv(key, value)
-        mp.delenv("ARGILLA_API_URL", raising=False)
-        mp.delenv("ARGILLA_API_KEY", raising=False)
+    with argilla_server.applied():
         yield argilla_server
 
 
@@ -58,21 +54,21 @@ def pushed(model, prompts_file):
 
 
 def _api():
-    from align.labeling import rankings
+    from align.labeling import argilla_api
 
-    return rankings._Api.connect()
+    return argilla_api.Api.connect()
 
 
 def _dataset(name: str) -> dict:
-    from align.labeling import rankings
+    from align.labeling import argilla_api
 
-    return rankings._find_dataset(_api(), name, "align")
+    return argilla_api.find_dataset(_api(), name, "align")
 
 
 def _records(name: str, responses: bool = False) -> list[dict]:
-    from align.labeling import rankings
+    from align.labeling import argilla_api
 
-    return rankings._records(_api(), _dataset(name)["id"], responses=responses)
+    return argilla_api.records(_api(), _dataset(name)["id"], responses=responses)
 
 
 def _login(username: str, password: str):
@@ -87,7 +83,7 @@ def _login(username: str, password: str):
 
 
 def _queue(client, dataset_id: str) -> list[dict]:
-    from align.labeling.rankings import PENDING_VIEW
+    from align.labeling.task import PENDING_VIEW
 
     answer = client.post(f"/api/v1/me/datasets/{dataset_id}/records/search", json=PENDING_VIEW)
     assert answer.status_code == 200, answer.text
@@ -161,9 +157,9 @@ def test_push_again_adds_no_duplicates(pushed, model, prompts_file, capsys):
 
 def test_push_interrupted_by_a_server_restart_completes_without_loss_or_duplicates(env, model, prompts_file,
                                                                                    monkeypatch, capsys):
-    from align.labeling import rankings, server
+    from align.labeling import argilla_api, rankings, server
 
-    real_upsert = rankings._upsert_records
+    real_upsert = argilla_api.upsert_records
     calls = []
 
     def upsert_then_stop_the_server(api, dataset_id, items):
@@ -172,13 +168,13 @@ def test_push_interrupted_by_a_server_restart_completes_without_loss_or_duplicat
         if len(calls) == 2:  # two prompts are in: the server goes down mid-push
             server.stop()
 
-    monkeypatch.setattr(rankings, "_upsert_records", upsert_then_stop_the_server)
+    monkeypatch.setattr(argilla_api, "upsert_records", upsert_then_stop_the_server)
     assert _push(model, prompts_file, "resumable", "--log-every", "1") == 2
     err = capsys.readouterr().err
     assert err.strip() == (f"error: the Argilla server at {env.url} stopped responding during push after 2 of 4 "
                            "prompts were logged; nothing lost; start it again with `align label serve` and re-run "
                            "the same command to continue")
-    monkeypatch.setattr(rankings, "_upsert_records", real_upsert)
+    monkeypatch.setattr(argilla_api, "upsert_records", real_upsert)
 
     server.serve(port=env.port)
     first = {r["external_id"]: r["fields"] for r in _records("resumable")}
