@@ -1,7 +1,9 @@
 """Run configs: YAML -> validated dataclasses, before any model is loaded.
 
-A config file has one section per concern (``model``, ``quantization``, ``lora``, ``data``,
-``template``, ``training``, ``output``). Every field below is documented where it is declared.
+This module is the engine (reading YAML, `key=value` overrides, type and range checks, errors at file:line) and
+the sections several stages share; each stage's own run config lives beside it (`stages/sft_config.py`, ...; PPO's
+still below). A config file has one section per concern (``model``, ``quantization``, ``lora``, ``data``,
+``template``, ``training``, ``output``). Every field is documented where it is declared.
 ``training:`` is passed to TRL's own config class (``SFTConfig`` for ``align sft``): every TRL /
 transformers ``TrainingArguments`` field is reachable there without align re-declaring it.
 
@@ -164,23 +166,6 @@ def check_report_to(report_to) -> None:
                              f"remove it from report_to")
 
 
-# The losses TRL 1.16's DPOTrainer implements (DPOConfig declares them as plain strings): a typo fails with the config,
-# not at the first training step.
-LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
-FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
-
-
-def _loss_type_problem(losses: Any) -> str | None:
-    """A loss in a list of DPO losses that TRL does not implement (a single loss is checked by its type)."""
-    for loss in [losses] if isinstance(losses, str) else losses:
-        if loss not in typing.get_args(LossType):
-            close = difflib.get_close_matches(str(loss), typing.get_args(LossType), n=1)
-            return (f"{loss!r} is not a loss TRL implements{f' (did you mean {close[0]!r}?)' if close else ''}; one "
-                    f"of {', '.join(typing.get_args(LossType))}")
-    return None
-
-
 # align's checks of `training:` fields, on top of their types: `range` (inclusive), `above` (exclusive lower bound),
 # `check` (value -> a problem, or None), `type` (narrower than TRL's). Each is a value TRL and transformers accept and
 # then fail on after the model has loaded, or train on without a word.
@@ -201,35 +186,6 @@ TRAINING_FIELDS: dict[str, dict] = {
     "dataloader_num_workers": {"range": (0, None)},
     "report_to": {"check": _report_to_problem},
 }
-DPO_TRAINING_FIELDS: dict[str, dict] = TRAINING_FIELDS | {
-    "beta": {"above": 0},  # at 0 the DPO loss is a constant: nothing trains
-    "label_smoothing": {"range": (0, 0.5)},
-    "loss_type": {"type": LossType | list[str], "check": _loss_type_problem},
-    "f_divergence_type": {"type": FDivergence},
-}
-
-
-@dataclass
-class SFTRunConfig:
-    """`align sft`: supervised fine-tuning (InstructGPT stage 1)."""
-
-    model: ModelConfig
-    data: DataConfig
-    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    template: TemplateConfig = field(default_factory=TemplateConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    training: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Fields of TRL's SFTConfig (transformers TrainingArguments + SFT options: max_length, packing, "
-                "completion_only_loss, ...). align sets CPU-safe defaults: bf16 only on a supporting GPU, "
-                "gradient_checkpointing off, report_to none.", "trl": "SFTConfig", "fields": TRAINING_FIELDS})
-    early_stopping_patience: int | None = field(default=None, metadata={
-        "help": "Stop after this many evaluations without improvement of `training.metric_for_best_model` "
-                "(eval_loss by default). Needs training.load_best_model_at_end and an eval/save strategy.",
-        "range": (1, None)})
-    early_stopping_threshold: float = field(default=0.0, metadata={
-        "help": "Smallest improvement that counts for early stopping.", "range": (0, None)})
-    seed: int = field(default=42, metadata={"help": "Seed for model init of new weights, data order and sampling."})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +221,15 @@ def load_config(path: str | Path, overrides: list[str], schema: type, extra_sect
     then checked in full. `check(config)` runs last, e.g. building TRL's config object from the section; a
     `ConfigError` it raises is reported at the file:line of its key.
     """
+    return read_config(path, overrides, schema, extra_sections).finish(check=check)
+
+
+def read_config(path: str | Path, overrides: list[str], schema: type,
+                extra_sections: dict[str, type] | None = None) -> LoadedConfig:
+    """The first part of `load_config`: the config read and checked by align's own rules (TRL's fields read from its
+    source unless `extra_sections` names its classes), kept with where each key came from, so that checks made once
+    the libraries are imported (`LoadedConfig.finish`) are reported at the same file:line. `align <stage>` reads its
+    config once this way: a typo is reported in a second, and the stage finishes the same object."""
     path = Path(path)
     text = read_text(path, "config", hint="check the --config path")
     try:
@@ -288,12 +253,33 @@ def load_config(path: str | Path, overrides: list[str], schema: type, extra_sect
     validator = _Validator(schema, source, extra_sections or {})
     config = validator.build(schema, data, "")
     _cross_check(config, source)
-    if check is not None:
-        try:
-            check(config)
-        except ConfigError as e:
-            raise AlignError(_located(e, source)) from None
-    return config
+    return LoadedConfig(config, path, source, validator)
+
+
+@dataclass
+class LoadedConfig:
+    """A config read by `read_config`, its file, and where each of its keys came from."""
+
+    config: Any
+    path: Path
+    source: Source
+    validator: _Validator
+
+    def finish(self, sections: dict[str, type] | None = None, check: typing.Callable[[Any], None] | None = None):
+        """The config, checked in full: each free-form section of `sections` typed again against the library's own
+        class (TRL's SFTConfig for `training`: its enums and classes, which reading its source leaves unchecked),
+        then `check(config)` (TRL's config object built, say), a `ConfigError` it raises reported at its key's
+        file:line."""
+        fields = {f.name: f for f in dataclasses.fields(self.config)}
+        for key, target in (sections or {}).items():
+            setattr(self.config, key, self.validator.free_section(getattr(self.config, key), key, target,
+                                                                  fields[key].metadata.get("fields", {})))
+        if check is not None:
+            try:
+                check(self.config)
+            except ConfigError as e:
+                raise AlignError(_located(e, self.source)) from None
+        return self.config
 
 
 class ConfigError(AlignError):
@@ -730,6 +716,8 @@ def _cross_check(config: Any, source: Source) -> None:
             raise AlignError(f"{source.where('training.load_best_model_at_end')}: training.load_best_model_at_end "
                              f"needs a validation set: set data.val_set_size or data.eval_path")
         strategy = training.get("eval_strategy")
+        if strategy is False:  # YAML 1.1 reads `eval_strategy: no` as false; TRL's config reads it back as "no"
+            strategy = "no"
         if strategy is not None and str(getattr(strategy, "value", strategy)).lower() != "no" and not has_eval:
             raise AlignError(f"{source.where('training.eval_strategy')}: training.eval_strategy: {strategy} needs a "
                              f"validation set: set data.val_set_size or data.eval_path (or eval_strategy: no)")
@@ -741,11 +729,8 @@ def _cross_check(config: Any, source: Source) -> None:
     if isinstance(training, dict) and training.get("num_train_epochs") == 0 and training.get("max_steps", -1) <= 0:
         raise AlignError(f"{source.where('training.num_train_epochs')}: training.num_train_epochs: 0 and no "
                          f"training.max_steps: nothing would train; set one of them")
-    if isinstance(config, EvalRunConfig) and not config.models:
-        raise AlignError(f"{source.where('models')}: models: no model to compare with the baseline; list at least one "
-                         f"(a registry reference or a folder) under models: or after `align eval compare`")
-    if isinstance(config, PPORunConfig):
-        _check_policy_optimization(config, source)
+    if hasattr(config, "cross_check"):  # a run config's own checks across its keys (`where(key)`: its file:line)
+        config.cross_check(source.where)
 
 
 # `ppo` fields of PPO's value function, GAE and KL controller: GRPO and RLOO would ignore them.
@@ -753,12 +738,12 @@ PPO_ONLY = ("value_learning_rate", "value_warmup_steps", "value_layers", "gamma"
             "adaptive_kl", "whiten_rewards")
 
 
-def _check_policy_optimization(cfg: PPORunConfig, source: Source) -> None:
+def _check_policy_optimization(cfg: PPORunConfig, where: typing.Callable[[str], str]) -> None:
     """`align ppo`'s settings that its algorithm cannot honour (align's PPO, or TRL's GRPO / RLOO trainers)."""
     ppo, rollout, defaults = cfg.ppo, cfg.rollout, PPOConfig()
 
     def fail(key: str, message: str) -> None:
-        raise AlignError(f"{source.where(key)}: {message}")
+        raise AlignError(f"{where(key)}: {message}")
 
     if cfg.algorithm == "ppo":
         if ppo.mini_batch_size > ppo.batch_size:
@@ -944,12 +929,8 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def save_yaml(data: dict, path: Path) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
 # --------------------------------------------------------------------------------------------------
-# `align reward` (stages/reward.py): preference data, reward normalization, the run config
+# Preference data: `align reward` and `align dpo`
 
 # The fields the preference formats read (align.data.PREFERENCE_FORMATS); `data.columns` maps onto these.
 PREFERENCE_FIELD_NAMES = ("prompt", "chosen", "rejected", "completions", "ranks", "margin", "category", "tie")
@@ -982,39 +963,6 @@ class PreferenceDataConfig:
     use_margin: bool = field(default=True, metadata={
         "help": "When pairs have a numeric `margin` (e.g. a rating difference), train on "
                 "-log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin loss)."})
-
-
-@dataclass
-class NormalizationConfig:
-    enabled: bool = field(default=True, metadata={
-        "help": "After training, score a reference set and store its mean/std in `reward_normalization.json`, so "
-                "the scorer returns rewards where the reference outputs average 0 (InstructGPT)."})
-    reference: str | None = field(default=None, metadata={
-        "help": "File of {prompt, response} (or completion / chosen) records, e.g. SFT completions from "
-                "`align generate --out`. Default: the distinct chosen responses of the training pairs."})
-    max_examples: int | None = field(default=2048, metadata={
-        "help": "Score at most this many reference examples (a seeded random subset).", "range": (1, None)})
-    divide_by_std: bool = field(default=False, metadata={
-        "help": "Also divide by the reference std (unit variance). InstructGPT only subtracts the mean."})
-
-
-@dataclass
-class RewardRunConfig:
-    """`align reward`: a reward model from human preference pairs (InstructGPT stage 2)."""
-
-    model: ModelConfig
-    data: PreferenceDataConfig
-    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    training: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Fields of TRL's RewardConfig (transformers TrainingArguments + max_length, "
-                "center_rewards_coefficient, ...). `per_device_train_batch_size` counts PAIRS: batches are built from "
-                "whole prompts. align sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing "
-                "off, report_to none; and one epoch (InstructGPT: reward models overfit after one).",
-        "trl": "RewardConfig", "fields": TRAINING_FIELDS})
-    seed: int = field(default=42, metadata={"help": "Seed for the new score head and LoRA weights, and data order."})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1176,183 +1124,6 @@ class PPORunConfig:
                 "overoptimization curve (Gao et al. 2022), and the summary says when the gold fell while the proxy "
                 "rose. Checked at start-up. `align pipeline` sets it to the gold its simulated annotators ranked by."})
 
-
-# --------------------------------------------------------------------------------------------------
-# `align dpo` (stages/dpo.py): Direct Preference Optimization on preference pairs, reference = the SFT model
-
-@dataclass
-class DPOTemplateConfig(TemplateConfig):
-    name: Literal["auto", "chat", "alpaca", "question_answer", "plain", "custom"] = field(default="auto", metadata={
-        "help": "How prompts become model input. `auto`: the template the SFT model was trained with (from its "
-                "align_config.yaml; `chat` for a model align did not train). Or as in `align sft`: `chat` (the "
-                "tokenizer's chat template; a text prompt becomes one user turn), `alpaca`, `question_answer`, "
-                "`plain`, `custom` (needs `prompt`)."})
-
-
-@dataclass
-class DPORunConfig:
-    """`align dpo`: DPO (Rafailov et al. 2023) on preference pairs, against a frozen reference (the SFT model)."""
-
-    model: ModelConfig = field(metadata={"help": "The policy to start from: an SFT artifact (`sft:latest`), a causal "
-                                                 "LM folder or hub id. An SFT LoRA adapter is merged once into its "
-                                                 "base and a fresh LoRA is trained on top."})
-    data: PreferenceDataConfig
-    reference: str | None = field(default=None, metadata={
-        "help": "The frozen reference of the DPO loss: a registry reference (`sft:2`) or a causal LM folder with the "
-                "policy's tokenizer. Default: the starting policy itself; with LoRA that is the policy with its "
-                "adapter disabled (no second copy of the weights), with full fine-tuning a frozen copy (none with "
-                "training.precompute_ref_log_probs)."})
-    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    template: DPOTemplateConfig = field(default_factory=DPOTemplateConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    training: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Fields of TRL's DPOConfig (transformers TrainingArguments + beta, loss_type (sigmoid, ipo, hinge, "
-                "...), precompute_ref_log_probs, max_length, ...). `per_device_train_batch_size` counts PAIRS. align "
-                "sets CPU-safe defaults: bf16 only on a supporting GPU, gradient_checkpointing off, report_to none.",
-        "trl": "DPOConfig", "fields": DPO_TRAINING_FIELDS})
-    seed: int = field(default=42, metadata={"help": "Seed for the new LoRA weights and the data order."})
-
-
-# --------------------------------------------------------------------------------------------------
-# `align eval` (stages/eval.py): helpfulness (win rates against a baseline) and alignment tax
-
-@dataclass
-class EvalPromptsConfig:
-    path: str = field(metadata={"help": "Held-out prompts: .txt or .jsonl/.json/.csv records with a prompt field "
-                                        "(prompt, question, instruction, input or text). A `reference` / `answer` / "
-                                        "`completion` field (a text, or a list: its first item) enables the task "
-                                        "metrics (ROUGE-L, exact match, token F1)."})
-    max_examples: int | None = field(default=None, metadata={
-        "help": "Use a random subset of N prompts (drawn with `seed`).", "range": (1, None)})
-    seed: int = field(default=1234, metadata={"help": "Seed of the subset."})
-
-
-@dataclass
-class JudgeConfig:
-    path: str | None = field(default=None, metadata={
-        "help": "Judge reward model (registry reference or folder) for pairwise win rates. A warning is printed and "
-                "written in the report when a compared model was optimized against this very reward model (its "
-                "win rate is then optimistic: reward hacking). Unset: no judge win rates."})
-    tie_margin: float = field(default=0.0, metadata={
-        "help": "Rewards within this margin count as a tie.", "range": (0, None)})
-    batch_size: int = field(default=16, metadata={"help": "Responses scored per forward pass.", "range": (1, None)})
-
-
-@dataclass
-class GoldConfig:
-    preference: str | None = field(default=None, metadata={
-        "help": "Gold preference (align/gold.py) the models never trained on: a built-in rule (sentiment, shorter, "
-                "longer, keyword:WORD), a Python callable `module:function(prompt, response) -> number`, or a reward "
-                "model that is not the judge. Win rates under it lead the report; the judge's (a proxy) follow. "
-                "Unset: no gold win rates (`align pipeline` sets the gold its simulated annotators ranked by)."})
-    tie_margin: float = field(default=0.0, metadata={
-        "help": "Gold scores within this margin count as a tie.", "range": (0, None)})
-
-
-@dataclass
-class BenchmarkConfig:
-    path: str = field(metadata={"help": "Multiple-choice file: MMLU-style {question, choices|options, answer}, BoolQ "
-                                        "{question, passage, answer}, or generic {context, options, label}; "
-                                        "`pkg:<package>/<file>` for files shipped in a package."})
-    name: str | None = field(default=None, metadata={"help": "Name in the report; default: the file name."})
-    max_examples: int | None = field(default=None, metadata={
-        "help": "Score a random subset of N questions (seeded, the same for every model).", "range": (1, None)})
-
-
-@dataclass
-class EvalGenerationConfig:
-    max_new_tokens: int = field(default=128, metadata={"help": "Response length limit in tokens.",
-                                                       "range": (1, None)})
-    temperature: float = field(default=0.0, metadata={"help": "0: greedy decoding (reproducible).",
-                                                      "range": (0, None)})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass when sampling.", "range": (0, 1)})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass.", "range": (1, None)})
-
-
-@dataclass
-class EvalRunConfig:
-    """`align eval compare`: every model against a baseline on helpfulness, and on what alignment cost."""
-
-    models: list[str] = field(metadata={"help": "Models to evaluate: registry references (`sft:latest`, `ppo:2`), "
-                                                "folders or `pkg:` files. `align eval compare A B ...` replaces it."})
-    baseline: str = field(metadata={"help": "The model every other model is compared with (win rates, tax, KL); "
-                                            "usually the SFT model. Evaluated too."})
-    prompts: EvalPromptsConfig
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    gold: GoldConfig = field(default_factory=GoldConfig)
-    benchmarks: list[BenchmarkConfig] = field(default_factory=list, metadata={
-        "help": "Capability benchmarks for the alignment tax: a list of {path, name, max_examples}."})
-    perplexity: list[str] = field(default_factory=list, metadata={
-        "help": "Held-out text files (.txt: one text per line, or records with a text field) for perplexity."})
-    perplexity_max_texts: int = field(default=200, metadata={"help": "Texts per perplexity file at most.",
-                                                             "range": (1, None)})
-    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
-    samples_in_report: int = field(default=8, metadata={"help": "Side-by-side sample generations in the report.",
-                                                         "range": (0, None)})
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-
-# --------------------------------------------------------------------------------------------------
-# `align pipeline` (cli/pipeline.py): the InstructGPT chain, each step a normal registered run
-
-@dataclass
-class PipelineStepConfig:
-    config: str = field(metadata={"help": "The stage's own YAML config (e.g. configs/ppo.yaml).", "file": True})
-    overrides: list[str] = field(default_factory=list, metadata={
-        "help": "`key=value` overrides for that config (sizes for the demo, ...). The pipeline adds the references "
-                "to the steps before (model.path, data.path, reward.path) and output.name itself; an override given "
-                "here wins over what it wires (e.g. a reward model on another backbone: model.path=...)."})
-    enabled: bool = field(default=True, metadata={"help": "false: skip this step (a later step needing its output "
-                                                          "then fails with a clear message)."})
-
-
-@dataclass
-class PipelineLabelConfig:
-    prompts: str = field(metadata={"help": "Prompts to rank completions for: .txt or records with a prompt field."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts.", "range": (1, None)})
-    k: int = field(default=4, metadata={"help": "Completions per prompt to rank (InstructGPT: 4-9).",
-                                        "range": (2, 9)})
-    max_new_tokens: int = field(default=64, metadata={"help": "Completion length limit in tokens.",
-                                                      "range": (1, None)})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the completions.",
-                                                      "range": (0.01, None)})
-    batch_size: int = field(default=16, metadata={"help": "Generations per forward pass.", "range": (1, None)})
-    annotators: Literal["simulated", "human"] = field(default="simulated", metadata={
-        "help": "`human`: push to Argilla and wait until every record is ranked (annotators rank in the web UI); "
-                "`simulated` (demos): scripted annotators rank by the `gold` preference, marked simulated "
-                "everywhere."})
-    gold: str = field(default="shorter", metadata={
-        "help": "The gold preference simulated annotators rank by (align/gold.py): a built-in rule (sentiment, "
-                "shorter, longer, keyword:WORD), a Python callable `module:function(prompt, response) -> number`, "
-                "or a reward model. The pipeline also measures the policies under it in the eval step (`gold:` of "
-                "the eval config), and PPO tracks it per iteration: the models never see it."})
-    gold_tie_margin: float = field(default=0.0, metadata={
-        "help": "Simulated annotators rank completions whose gold scores are this close as a tie (people do not "
-                "tell near-equal responses apart either); tied pairs are left out of the preference data.",
-        "range": (0, None)})
-    simulate_annotators: int = field(default=1, metadata={"help": "How many simulated annotators.",
-                                                          "range": (1, 100)})
-    simulate_noise: float = field(default=0.0, metadata={
-        "help": "Probability that a simulated annotator swaps two adjacent ranks.", "range": (0, 1)})
-    wait_timeout_s: int = field(default=86400, metadata={
-        "help": "With human annotators: how long to wait for the rankings before stopping (re-run to keep "
-                "waiting; finished steps are skipped).", "range": (1, None)})
-
-
-@dataclass
-class PipelineRunConfig:
-    """`align pipeline`: SFT -> completions -> rankings in Argilla -> reward model -> PPO and DPO -> evaluation."""
-
-    name: str = field(metadata={"help": "Pipeline name: every step's run is `<name>-<step>` in the registry."})
-    sft: PipelineStepConfig
-    label: PipelineLabelConfig
-    reward: PipelineStepConfig
-    ppo: PipelineStepConfig
-    dpo: PipelineStepConfig
-    eval: PipelineStepConfig
-    seed: int | None = field(default=None, metadata={
-        "help": "One seed for the whole chain: set as `seed` of sft, reward, ppo and dpo and as the sampling seed of "
-                "the label completions (a new seed is a new, independent run of every step). Unset: each step's "
-                "config keeps its own."})
+    def cross_check(self, where: typing.Callable[[str], str]) -> None:
+        """Checks across keys, at file:line (`where`), run when the config loads."""
+        _check_policy_optimization(self, where)

@@ -5,7 +5,8 @@ weights; a reward model or an encoder-decoder is refused) -> preference data (ra
 ties and identical pairs dropped, whole prompts held out) rendered with the SFT model's training template -> policy
 with a fresh LoRA / QLoRA / full -> reference: the policy with its adapter disabled (one copy of the weights), a frozen
 copy (full fine-tuning) or a named artifact -> TRL DPOTrainer -> held-out implicit-reward accuracy and margin before
-and after -> artifact (adapter, tokenizer, card, log, plots) renamed into place -> registry row.
+and after -> artifact (adapter, tokenizer, card, log, plots) renamed into place -> registry row. The config is loaded
+by the CLI (TRL's checks finished by `check`); the head and tail every stage shares are align/run.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
-                             mean_train_loss, save_run_config, save_training_log, write_model_card)
-from align.config import DPORunConfig, TemplateConfig, check_report_to, load_config, to_dict
+from align.artifacts import CHECKPOINTS, RunDir, evaluate_at_end, evaluate_at_start, mean_train_loss
+from align.config import LoadedConfig, TemplateConfig, read_config, to_dict
 from align.data import Dropped, fingerprint, format_prompt, read_preferences, read_records, split_by_prompt
 from align.errors import AlignError
 from align.memory import DPO_LOGIT_COPIES, check_memory, trainer_workload
@@ -26,7 +26,9 @@ from align.modeling import (ModelSource, apply_tuning, load_model, load_tokenize
                             save_merged, trainer_defaults, training_config, training_template)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import human_bytes, plot_training_curves, print_table
+from align.run import print_finished, publish_model, save_run_record, start_run
 from align.scoring import as_messages, as_text
+from align.stages.dpo_config import DPORunConfig
 
 STAGE = "dpo"
 
@@ -35,34 +37,34 @@ EVAL_KEYS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "ev
              "eval_rewards/rejected")
 
 
-def load(config_path: str, overrides: list[str]) -> DPORunConfig:
-    """The validated config: every `training:` key checked against TRL's DPOConfig (loss_type and f_divergence_type
-    against the values TRL implements: align.config.DPO_TRAINING_FIELDS), and the DPOConfig that training uses built
-    once (its own checks, reported at file:line) before anything heavy."""
+def check(loaded: LoadedConfig) -> DPORunConfig:
+    """The config align has read (`align.config.read_config`), checked in full: every `training:` key against TRL's
+    DPOConfig (loss_type and f_divergence_type against the values TRL implements: stages/dpo_config.py), and the
+    DPOConfig that training uses built once (its own checks, reported at file:line)."""
     from trl import DPOConfig
 
-    def check(cfg: DPORunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
+    def build(cfg: DPORunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
         training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
                                                                                       cfg.data.val_set_size))
 
-    return load_config(config_path, overrides, DPORunConfig, extra_sections={"training": DPOConfig}, check=check)
+    return loaded.finish({"training": DPOConfig}, build)
 
 
-def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
-    # 1. Config: validated in full before anything heavy happens; registry references resolved; the policy and the
-    #    reference must be causal LMs.
-    cfg = load(config_path, overrides)
-    name = cfg.output.name or Path(config_path).stem
-    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = run_dir.open(resume, is_main)
-    check_report_to(cfg.training.get("report_to"))
-    registry = Registry()
-    source = resolve_model(cfg.model.path, registry, cfg.model.gguf_file)
+def load(config_path: str, overrides: list[str]) -> DPORunConfig:
+    """The validated config, as `align dpo` loads it."""
+    return check(read_config(config_path, overrides, DPORunConfig))
+
+
+def run(cfg: DPORunConfig, config_path: str, resume: bool = False) -> Artifact | None:
+    """`align dpo`: `cfg` checked by `check`, read from `config_path` (its file name is the default run name)."""
+    # 1. The run: its name, output folder (and the checkpoint to resume from) and registry; references resolved;
+    #    the policy and the reference must be causal LMs.
+    job = start_run(STAGE, cfg.output, Path(config_path).stem, resume, report_to=cfg.training.get("report_to"))
+    source = resolve_model(cfg.model.path, job.registry, cfg.model.gguf_file)
     _require_causal_lm(source, "model.path", cfg.model.path, cfg)
-    reference = _reference_source(cfg, registry, source)
-    data_path, data_artifact = resolve_path(cfg.data.path, registry)
-    eval_path, eval_artifact = resolve_path(cfg.data.eval_path, registry) if cfg.data.eval_path else (None, None)
+    reference = _reference_source(cfg, job.registry, source)
+    data_path, data_artifact = resolve_path(cfg.data.path, job.registry)
+    eval_path, eval_artifact = resolve_path(cfg.data.eval_path, job.registry) if cfg.data.eval_path else (None, None)
 
     # 2. Data: every format to pairs, ties and identical pairs dropped, prompts held out whole; rendered with the
     #    template the SFT model was trained with. Bad data fails here, before any model loads.
@@ -80,7 +82,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     tokenizer_changes = prepare_tokenizer(tokenizer)
     train_rows, eval_rows = _dpo_rows(train, template), _dpo_rows(evaluation, template)
     data_fingerprint = fingerprint([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in train])
-    args = training_arguments(cfg, run_dir, has_eval=bool(eval_rows))  # TrainingArguments' checks, before loading
+    args = training_arguments(cfg, job.folder, has_eval=bool(eval_rows))  # TrainingArguments' checks, before loading
 
     # 3. Models: the policy (an SFT adapter merged once) with a fresh LoRA / QLoRA / full; the reference.
     with args.main_process_first(desc="merging the SFT adapter"):  # one process merges, the others reuse it
@@ -98,7 +100,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 
     # 4. Train. TRL's own checks of the loss settings run as the trainer is made, before the folder is created.
     if "tensorboard" in str(args.report_to):
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir.work / "tensorboard"))
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(job.work / "tensorboard"))
     trainer = _make_trainer(model, ref_model, tokenizer, args, train_rows, eval_rows)
     rows = trainer.train_dataset
     longest = max((len(p) + max(len(c), len(r)) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"],
@@ -106,7 +108,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     memory = check_memory(trainer.model, trainer_workload(args, min(longest, args.max_length or longest),
                                                           sequences_per_item=2, logit_copies=DPO_LOGIT_COPIES),
                           extra_weight_bytes=parameter_summary(ref_model).memory_bytes if ref_model is not None else 0)
-    run_dir.create()
+    job.folder.create()
     max_length = args.max_length
     truncated_train, dropped_train = _over_length(trainer.train_dataset, len(train_rows), max_length)
     truncated_eval, dropped_eval = _over_length(trainer.eval_dataset, len(eval_rows), max_length)
@@ -114,7 +116,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         raise AlignError(f"data: every training prompt alone fills training.max_length={max_length} tokens; raise it")
     train_prompts = len({p["group"] for p in train})
     if trainer.is_world_process_zero():  # one summary, not one per process
-        print_table(f"align dpo: {name}", [
+        print_table(f"align dpo: {job.name}", [
             ("policy", backbone + (" (4-bit)" if cfg.quantization.load_in_4bit else
                                    " (8-bit)" if cfg.quantization.load_in_8bit else "")),
             *([("backbone", backbone_note)] if backbone_note else []),
@@ -137,19 +139,19 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             ("over max_length", f"{truncated_train + truncated_eval} pairs truncated, {dropped_train + dropped_eval} "
                                 f"dropped (prompt alone >= {max_length} tokens)"),
             *[("tokenizer", change) for change in tokenizer_changes],
-            ("output", str(run_dir.final)),
+            ("output", str(job.final)),
         ])
-    before = evaluate_at_start(trainer, run_dir, checkpoint, EVAL_KEYS) if eval_rows else None
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    before = evaluate_at_start(trainer, job.folder, job.checkpoint, EVAL_KEYS) if eval_rows else None
+    result = trainer.train(resume_from_checkpoint=job.checkpoint)
     after = evaluate_at_end(trainer) if eval_rows else None
-    trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
+    trainer.save_model(str(job.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return None
 
     # 5. Artifact: adapter (or weights), tokenizer, config (with the template resolved, so `align generate` and a
     #    later stage prompt as trained), card, log, plots; renamed into place, registered.
-    work = run_dir.work
+    work = job.work
     tokenizer.save_pretrained(str(work))
     metrics = {
         "eval_reward_accuracy_before": _get(before, "eval_rewards/accuracies"),
@@ -174,26 +176,20 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     metrics = {k: v for k, v in metrics.items() if v is not None}
     if cfg.output.merge and cfg.lora.enabled:
         save_merged(work, backbone, work / "merged", cfg.model.dtype, cfg.model.trust_remote_code)
-    (work / EVAL_BEFORE_FILE).unlink(missing_ok=True)  # folded into the metrics and the log
     config = to_dict(replace(cfg, template=replace(cfg.template, name=template.name, prompt=template.prompt,
                                                    system=template.system)))
-    save_run_config(config, work)
     history = ([{"step": 0, **before}] if before else []) + trainer.state.log_history
-    save_training_log(history, work)
+    save_run_record(job, config, history)
     plots = plot_training_curves(history, work) + _plot_rewards(history, work)
-    write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=backbone,
-                     model_source=_described(cfg.model.path, source.artifact, source.path), adapter=cfg.lora.enabled,
-                     data_source=_described(cfg.data.path, data_artifact, data_path),
-                     data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots,
-                     usage=_card_usage(run_dir.final, cfg.lora.enabled, template))
-    parents = [a.id for a in (source.artifact, data_artifact, eval_artifact, reference and reference.artifact)
-               if a is not None]
-    artifact = run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage=STAGE, name=name,
-                               base_model=backbone, parents=list(dict.fromkeys(parents)), config=config,
-                               data_fingerprint=data_fingerprint, metrics=metrics)
-    final = run_dir.final
+    artifact = publish_model(job, config=config, metrics=metrics, plots=plots, base_model=backbone,
+                             model_source=_described(cfg.model.path, source.artifact, source.path),
+                             adapter=cfg.lora.enabled, data_source=_described(cfg.data.path, data_artifact, data_path),
+                             data_fingerprint=data_fingerprint,
+                             parents=[source.artifact, data_artifact, eval_artifact, reference and reference.artifact],
+                             keep_checkpoints=cfg.output.keep_checkpoints,
+                             usage=_card_usage(job.final, cfg.lora.enabled, template))
     m = metrics
-    print_table(f"finished: {artifact.ref} ({name})", [
+    print_finished(job, artifact, [
         *([("held-out reward accuracy", f"{m['eval_reward_accuracy_before']:.3f} -> {m['eval_reward_accuracy']:.3f}"
             + (" (at the start the policy is the reference: every implicit reward is 0)"
                if m["eval_reward_margin_before"] == 0 else "")),
@@ -204,10 +200,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("train loss", metrics["train_loss"]),
         ("steps", result.global_step),
         ("runtime", f"{m['train_runtime_s']:.1f} s"),
-        ("artifact", str(final)),
-        ("plots", ", ".join(plots) or "none"),
-        ("registry", f"{artifact.ref} (id {artifact.id})"),
-    ])
+    ], plots)
     return artifact
 
 

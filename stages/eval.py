@@ -10,7 +10,8 @@ rule, a function or a reward model no model trained on: align/gold.py) -> statis
 tie / loss rates with 95% CIs and length-controlled win rates under the gold and the judge, alignment tax with
 paired bootstrap CIs -> report, led by the gold's verdict (Markdown +
 one self-contained HTML file with plots and side-by-side samples), generations.jsonl, results.json -> registry row
-(stage `eval`, kind `evaluation`, parents: every model measured and the judge).
+(stage `eval`, kind `evaluation`, parents: every model measured and the judge). The config is loaded by the CLI;
+the head and tail every stage shares are align/run.py.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.artifacts import RunDir, save_run_config
-from align.config import EvalRunConfig, load_config, read_text, to_dict
+from align.config import load_config, read_text, to_dict
 from align.data import PROMPT_FIELDS, read_records
 from align.errors import AlignError
 from align.evaluation import (Benchmark, Question, alignment_tax, judgments_from_rewards,
@@ -37,18 +37,21 @@ from align.gold import Gold, load_gold
 from align.modeling import GENERATION_HINT, require_model_kind
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, print_table
+from align.run import print_finished, publish_evaluation, save_run_record, start_run
+from align.stages.eval_config import EvalRunConfig
 
 STAGE = "eval"
 REFERENCE_FIELDS = ("reference", "answer", "completion", "output")
 
 
 def load(config_path: str, overrides: list[str]) -> EvalRunConfig:
+    """The validated config, as `align eval compare` loads it (align's own checks are all it has)."""
     return load_config(config_path, overrides, EvalRunConfig)
 
 
-def run(config_path: str, overrides: list[str]) -> Artifact:
-    # 1. Config and inputs: every reference resolved and every file read before a model loads.
-    cfg = load(config_path, overrides)
+def run(cfg: EvalRunConfig) -> Artifact:
+    """`align eval compare`: `cfg` as `load` validated it."""
+    # 1. Inputs and the run: every reference resolved and every file read before a model loads.
     sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
                               top_p=cfg.generation.top_p, seed=cfg.generation.seed,
                               batch_size=cfg.generation.batch_size)
@@ -68,15 +71,13 @@ def run(config_path: str, overrides: list[str]) -> Artifact:
         artifacts[name] = source.artifact
     judge_artifact = _source(cfg.judge.path, registry).artifact if cfg.judge.path else None
     gold = _load_gold(cfg, registry, artifacts)
-    run_name = cfg.output.name or "-vs-".join(_short(n) for n in names[1:] + names[:1])[:80]
-    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / run_name, cfg.output.overwrite)
-    run_dir.open(resume=False)
+    job = start_run(STAGE, cfg.output, "-vs-".join(_short(n) for n in names[1:] + names[:1])[:80], registry=registry)
     prompts, references = _read_prompts(cfg)
     benchmarks = [(b.name or _file_label(b.path), _subset_questions(read_benchmark(b.path), b.max_examples))
                   for b in cfg.benchmarks]
     texts = {_file_label(path): _read_texts(path, cfg.perplexity_max_texts) for path in cfg.perplexity}
     hacked = _optimized_against(judge_artifact, artifacts, registry)
-    print_table(f"align eval: {run_name}", [
+    print_table(f"align eval: {job.name}", [
         ("baseline", names[0]),
         ("models", ", ".join(names[1:]) or "(only the baseline)"),
         ("prompts", f"{cfg.prompts.path}: {len(prompts)}" + (" (with references: task metrics)" if references
@@ -86,7 +87,7 @@ def run(config_path: str, overrides: list[str]) -> Artifact:
         ("benchmarks", ", ".join(f"{name} ({len(b.questions)} questions, {b.format})" for name, b in benchmarks)
          or "none"),
         ("perplexity", ", ".join(f"{name} ({len(t)} texts)" for name, t in texts.items()) or "none"),
-        ("output", str(run_dir.final)),
+        ("output", str(job.final)),
     ])
     for name in hacked:
         console.print(f"[bold red]warning:[/bold red] {name} was optimized against the judge {cfg.judge.path}: its "
@@ -111,9 +112,10 @@ def run(config_path: str, overrides: list[str]) -> Artifact:
     stats = _statistics(results, names, gold_pairs, cfg, hacked, dict(benchmarks))
 
     # 5. Report and registry row.
-    run_dir.create()
-    work = run_dir.work
-    save_run_config(to_dict(cfg), work)
+    job.folder.create()
+    work = job.work
+    config = to_dict(cfg)
+    save_run_record(job, config)
     _write_generations(results, names, prompts, work / "generations.jsonl")
     if "judge_vs_gold" in stats:  # `align eval reward --data` reads it: any reward model against the same gold
         _write_gold_pairs(gold_pairs, results, prompts, work / "gold_pairs.jsonl")
@@ -123,14 +125,10 @@ def run(config_path: str, overrides: list[str]) -> Artifact:
     markdown = _markdown(stats, names, prompts, results, cfg, plots, training)
     (work / "report.md").write_text(markdown)
     (work / "report.html").write_text(_html(markdown, work))
-    parents = [a.id for a in list(artifacts.values()) + [judge_artifact] if a is not None]
-    if gold is not None and gold.kind == "reward_model":
-        gold_artifact = _source(gold.spec, registry).artifact
-        parents += [gold_artifact.id] if gold_artifact is not None and gold_artifact.id not in parents else []
-    artifact = run_dir.publish(registry, stage=STAGE, name=run_name, kind="evaluation", parents=parents,
-                               config=to_dict(cfg), metrics=_registry_metrics(stats, names))
-    final = run_dir.final
-    _print_summary(stats, names, final, artifact, cfg)
+    gold_artifact = _source(gold.spec, registry).artifact if gold is not None and gold.kind == "reward_model" else None
+    artifact = publish_evaluation(job, config=config, metrics=_registry_metrics(stats, names),
+                                  parents=[*artifacts.values(), judge_artifact, gold_artifact])
+    print_finished(job, artifact, _summary_rows(stats, names, job.final, cfg))
     return artifact
 
 
@@ -472,7 +470,7 @@ def _plots(results: dict[str, ModelResult], stats: dict, names: list[str], folde
              if "win_rate" in stats["models"][n]]
     if bars:
         fig, ax = plt.subplots(figsize=(6.4, 1.8 + 0.6 * len(bars)))
-        for row, (label, w) in enumerate(bars):
+        for row, (_, w) in enumerate(bars):
             left = 0.0
             for key, color in (("win", "#2e7d32"), ("tie", "#9e9e9e"), ("loss", "#c62828")):
                 share = w[key]["estimate"]
@@ -754,7 +752,8 @@ def _write_gold_pairs(pairs: list, results: dict[str, ModelResult], prompts: lis
                                     ensure_ascii=False) + "\n")
 
 
-def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifact, cfg: EvalRunConfig) -> None:
+def _summary_rows(stats: dict, names: list[str], final: Path, cfg: EvalRunConfig) -> list[tuple[str, str]]:
+    """The closing table's rows: each model's win rates, tax and KL against the baseline; where the report is."""
     rows = []
     for name in names[1:]:
         entry = stats["models"][name]
@@ -777,5 +776,4 @@ def _print_summary(stats: dict, names: list[str], final: Path, artifact: Artifac
         j = stats["judge_vs_gold"]
         rows.append(("judge vs gold", f"{_pct(j['accuracy'])} agreement on {j['pairs']} gold-ranked pairs (longer "
                                       f"wins: {_pct(j['longer_wins'])})"))
-    rows += [("report", f"{final / 'report.html'} (and report.md)"), ("registry", f"{artifact.ref} (id {artifact.id})")]
-    print_table(f"finished: {artifact.ref}", rows)
+    return rows + [("report", f"{final / 'report.html'} (and report.md)")]

@@ -8,7 +8,7 @@ model (align.scoring.RewardScorer: decoder or encoder, its own tokenizer and for
 length bias beside the "longer response wins" heuristic, calibration (ECE of sigmoid(margin)), mean margin, each with
 a 95% CI -> results.json, report.md, scores.jsonl (one row per pair) and plots/ written in `<dir>.incomplete` and
 renamed into place -> registry row (stage `eval`, kind `evaluation`, parents: the reward model and the registered
-datasets).
+datasets). The head and tail every stage shares are align/run.py.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.artifacts import RunDir
+from align.config import OutputConfig
 from align.data import Preferences, read_preferences, read_records
 from align.errors import AlignError
 from align.evaluation import (CALIBRATION_BINS, Interval, PairwiseStats, RewardModelMetrics, reward_model_metrics,
                               sigmoid)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, plot_reliability, print_table, pyplot
+from align.run import print_finished, publish_evaluation, start_run
 
 STAGE = "eval"
 LENGTH_UNIT = "characters"  # of the response text (a message list: as align.scoring.as_text writes it)
@@ -63,25 +64,26 @@ def run(model: str, data: list[str], out: str | None = None, batch_size: int = 1
     model_artifact = source.artifact or _registered(source.path, registry)
     model_ref = model_artifact.ref if model_artifact else model
     run_name = Path(out).name if out else f"reward-{_short(model_artifact.ref if model_artifact else model)}"
-    run_dir = RunDir(out or Path("runs") / STAGE / run_name)
-    if run_dir.final.exists():
-        raise AlignError(f"--out: {run_dir.final} already exists (an earlier evaluation); give another --out folder "
-                         f"or delete that one")
+    folder = Path(out or Path("runs") / STAGE / run_name).absolute()
+    if folder.exists():
+        raise AlignError(f"--out: {folder} already exists (an earlier evaluation); give another --out folder or "
+                         f"delete that one")
     sources = _read(data, registry)
     pairs = [(pair, s) for s in sources for pair in s.prefs.pairs]
     locations = [where for s in sources for where in s.prefs.locations]
-    run_dir.open(resume=False)  # clears what a killed run left in <dir>.incomplete
+    # The run's head: clears what a killed run left in <dir>.incomplete.
+    job = start_run(STAGE, OutputConfig(dir=str(folder), name=run_name), run_name, registry=registry)
 
     # 2. Scores: each distinct (prompt, response) once, raw, by the reward model with its own tokenizer.
     from align.scoring import RewardScorer, as_text
 
     scorer = RewardScorer.load(model, registry)  # not a reward model: fails here, before anything is written
-    print_table(f"align eval reward: {run_name}", [
+    print_table(f"align eval reward: {job.name}", [
         ("reward model", model_ref + (f" ({source.path})" if source.path != model_ref else "")),
         *[("data", f"{s.label}: {len(s.prefs.pairs)} pairs [{s.prefs.format}]" + _dropped(s.prefs)) for s in sources],
         ("scores", f"raw (not normalized), {'encoder' if scorer.is_encoder else 'decoder'} with its own tokenizer; "
                    f"a tie when |score_chosen - score_rejected| <= {tie_margin:g}"),
-        ("output", str(run_dir.final)),
+        ("output", str(job.final)),
     ])
     slots: dict[str, int] = {}
     items: list[tuple] = []
@@ -111,8 +113,8 @@ def run(model: str, data: list[str], out: str | None = None, batch_size: int = 1
     results = _results(metrics, model_ref, source.path, sources, tie_margin, truncated)
 
     # 4. The folder: results.json, report.md, scores.jsonl, plots/; renamed into place only when complete.
-    run_dir.create()
-    work = run_dir.work
+    job.folder.create()
+    work = job.work
     try:
         (work / "results.json").write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n")
         with (work / "scores.jsonl").open("w", encoding="utf-8") as handle:
@@ -128,16 +130,14 @@ def run(model: str, data: list[str], out: str | None = None, batch_size: int = 1
         (work / "report.md").write_text(_markdown(results, metrics, sources, plots))
 
         # 5. Into place with its registry row (parents: the reward model and registered datasets); the summary.
-        parents = [a.id for a in [model_artifact] + [s.artifact for s in sources] if a is not None]
         config = {"evaluation": "reward", "model": model_ref, "data": [s.label for s in sources],
                   "batch_size": batch_size, "tie_margin": tie_margin, "length_unit": LENGTH_UNIT}
-        artifact = run_dir.publish(registry, stage=STAGE, name=run_name, kind="evaluation",
-                                   parents=list(dict.fromkeys(parents)), config=config,
-                                   metrics=registry_metrics(metrics, results["label_ties"]))
+        artifact = publish_evaluation(job, config=config, metrics=registry_metrics(metrics, results["label_ties"]),
+                                      parents=[model_artifact, *(s.artifact for s in sources)])
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # nothing half-written stays behind
         raise
-    _print_summary(metrics, run_dir.final, artifact)
+    print_finished(job, artifact, _summary_rows(metrics, job.final))
     return artifact
 
 
@@ -383,10 +383,11 @@ def _plot_accuracy(metrics: RewardModelMetrics, folder: Path) -> list[str]:
     return ["plots/accuracy.png"]
 
 
-def _print_summary(metrics: RewardModelMetrics, final: Path, artifact: Artifact) -> None:
+def _summary_rows(metrics: RewardModelMetrics, final: Path) -> list[tuple[str, str]]:
+    """The closing table's rows: accuracy beside "the longer response wins", calibration, subsets; the report."""
     length, accuracy = metrics.length, metrics.accuracy
     subsets = metrics.subsets if len(metrics.subsets) > 1 else {}
-    print_table(f"finished: {artifact.ref} ({artifact.name})", [
+    return [
         ("accuracy", f"{_pct(accuracy.win_rate)} ({metrics.pairs} pairs, {accuracy.ties} ties)"),
         (LONGER_WINS, f"{_pct(length.longer_wins)} on the same pairs"),
         ("length", _length_verdict(metrics)),
@@ -399,5 +400,4 @@ def _print_summary(metrics: RewardModelMetrics, final: Path, artifact: Artifact)
         *([("warning", accuracy.warning)] if accuracy.warning else []),
         ("note", LENGTH_RULE),
         ("report", f"{final / 'report.md'} (results.json, scores.jsonl, plots/)"),
-        ("registry", f"{artifact.ref} (id {artifact.id})"),
-    ])
+    ]

@@ -6,7 +6,8 @@ formatting the scorer uses) -> backbone (an SFT LoRA adapter is merged once into
 head (AutoModelForSequenceClassification, num_labels=1) -> LoRA (SEQ_CLS: the head is trained in full and saved with
 the adapter) / QLoRA / full -> TRL RewardTrainer, batches built from whole prompts (InstructGPT) -> reward
 normalization and held-out metrics with the scorer -> artifact (weights, tokenizer, normalization, card, log,
-plots) renamed into place -> registry row.
+plots) renamed into place -> registry row. The config is loaded by the CLI (TRL's checks finished by `check`); the
+head and tail every stage shares are align/run.py.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import torch
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
-                             mean_train_loss, save_run_config, save_training_log, write_model_card)
-from align.config import RewardRunConfig, check_report_to, load_config, to_dict
+from align.artifacts import CHECKPOINTS, RunDir, evaluate_at_end, evaluate_at_start, mean_train_loss
+from align.config import LoadedConfig, read_config, to_dict
 from align.data import (fingerprint, read_preferences, read_prompt_responses, read_records, split_by_prompt)
 from align.errors import AlignError
 from align.evaluation import CALIBRATION_BINS, calibration
@@ -35,36 +35,37 @@ from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_mod
                             training_config)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import human_bytes, plot_reliability, plot_training_curves, print_table, pyplot
+from align.run import print_finished, publish_model, save_run_record, start_run
 from align.scoring import Normalization, RewardScorer, as_text, encode_pair, load_sequence_classifier
+from align.stages.reward_config import RewardRunConfig
 
 STAGE = "reward"
 
 
-def load(config_path: str, overrides: list[str]) -> RewardRunConfig:
-    """The validated config: every `training:` key checked against TRL's RewardConfig, and the RewardConfig that
-    training uses built once (its own checks, reported at file:line) before anything heavy."""
+def check(loaded: LoadedConfig) -> RewardRunConfig:
+    """The config align has read (`align.config.read_config`), checked in full: every `training:` key against TRL's
+    RewardConfig, and the RewardConfig that training uses built once (its own checks, reported at file:line)."""
     from trl import RewardConfig
 
-    def check(cfg: RewardRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
+    def build(cfg: RewardRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
         training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
                                                                                       cfg.data.val_set_size))
 
-    return load_config(config_path, overrides, RewardRunConfig, extra_sections={"training": RewardConfig},
-                       check=check)
+    return loaded.finish({"training": RewardConfig}, build)
 
 
-def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
-    # 1. Config: validated in full before anything heavy happens; registry references resolved.
-    cfg = load(config_path, overrides)
-    name = cfg.output.name or Path(config_path).stem
-    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = run_dir.open(resume, is_main)
-    check_report_to(cfg.training.get("report_to"))
-    registry = Registry()
-    source = resolve_model(cfg.model.path, registry, cfg.model.gguf_file)
-    data_path, data_artifact = resolve_path(cfg.data.path, registry)
-    eval_path, eval_artifact = resolve_path(cfg.data.eval_path, registry) if cfg.data.eval_path else (None, None)
+def load(config_path: str, overrides: list[str]) -> RewardRunConfig:
+    """The validated config, as `align reward` loads it."""
+    return check(read_config(config_path, overrides, RewardRunConfig))
+
+
+def run(cfg: RewardRunConfig, config_path: str, resume: bool = False) -> Artifact | None:
+    """`align reward`: `cfg` checked by `check`, read from `config_path` (its file name is the default run name)."""
+    # 1. The run: its name, output folder (and the checkpoint to resume from) and registry; references resolved.
+    job = start_run(STAGE, cfg.output, Path(config_path).stem, resume, report_to=cfg.training.get("report_to"))
+    source = resolve_model(cfg.model.path, job.registry, cfg.model.gguf_file)
+    data_path, data_artifact = resolve_path(cfg.data.path, job.registry)
+    eval_path, eval_artifact = resolve_path(cfg.data.eval_path, job.registry) if cfg.data.eval_path else (None, None)
 
     # 2. Data: every format to pairs, rankings to all their pairs, ties and identical pairs dropped; prompts are
     #    held out whole. Bad data fails here, before any model loads.
@@ -84,7 +85,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         train = prefs.pairs
     else:
         train, evaluation = split_by_prompt(prefs.pairs, cfg.data.val_set_size, cfg.data.seed)
-    reference = _reference_set(cfg, train, registry)
+    reference = _reference_set(cfg, train, job.registry)
 
     # 3. Tokenizer and encoding: the reward model's own tokenizer, formatted as the scorer will format (one function).
     tokenizer = load_tokenizer(source.path, cfg.model)
@@ -96,7 +97,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         raise AlignError(f"data: every training pair is longer than training.max_length={max_length} tokens; raise it")
     data_fingerprint = fingerprint([{k: p[k] for k in ("prompt", "chosen", "rejected", "margin") if k in p}
                                     for p in train])
-    args = training_arguments(cfg, run_dir, has_eval=bool(eval_rows))  # TrainingArguments' checks, before loading
+    args = training_arguments(cfg, job.folder, has_eval=bool(eval_rows))  # TrainingArguments' checks, before loading
     batches = PromptGroupedBatchSampler([r["group"] for r in train_rows], args.per_device_train_batch_size,
                                         args.data_seed if args.data_seed is not None else args.seed)
 
@@ -115,7 +116,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     longest = max(len(ids) for r in train_rows for ids in (r["chosen_ids"], r["rejected_ids"]))
     memory = check_memory(model, trainer_workload(args, longest, sequences_per_item=2, logit_positions=0))
     train_groups = len({r["group"] for r in train_rows})
-    print_table(f"align reward: {name}", [
+    print_table(f"align reward: {job.name}", [
         ("model", backbone + (" (4-bit)" if cfg.quantization.load_in_4bit else
                               " (8-bit)" if cfg.quantization.load_in_8bit else "")),
         *([("backbone", backbone_note)] if backbone_note else []),
@@ -135,25 +136,25 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("batches", f"{len(batches)} per epoch of whole prompts, <= {args.per_device_train_batch_size} pairs"
                     + (f"; {batches.split_groups} prompts larger than a batch split" if batches.split_groups else "")),
         *[("tokenizer", change) for change in tokenizer_changes],
-        ("output", str(run_dir.final)),
+        ("output", str(job.final)),
     ])
 
     # 5. Train.
-    run_dir.create()
+    job.folder.create()
     if "tensorboard" in str(args.report_to):
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir.work / "tensorboard"))
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(job.work / "tensorboard"))
     trainer = _make_trainer(model, tokenizer, args, train_rows, eval_rows)
     if quantized:
         _match_head_dtype(trainer.model, cfg)
-    before = evaluate_at_start(trainer, run_dir, checkpoint, ("eval_loss", "eval_accuracy", "eval_margin")) \
+    before = evaluate_at_start(trainer, job.folder, job.checkpoint, ("eval_loss", "eval_accuracy", "eval_margin")) \
         if eval_rows else None
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=job.checkpoint)
     after = evaluate_at_end(trainer) if eval_rows else None
-    trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
+    trainer.save_model(str(job.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return None
-    work = run_dir.work
+    work = job.work
     tokenizer.save_pretrained(str(work))
 
     # 6. Normalization and held-out metrics, with the scorer PPO and evaluation will use.
@@ -195,27 +196,21 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     metrics = {k: v for k, v in metrics.items() if v is not None}
     if cfg.output.merge and cfg.lora.enabled:
         _save_merged(work, cfg)
-    (work / EVAL_BEFORE_FILE).unlink(missing_ok=True)  # folded into the metrics and the log
     config = to_dict(cfg)
-    save_run_config(config, work)
     history = ([{"step": 0, **before}] if before else []) + trainer.state.log_history
-    save_training_log(history, work)
+    save_run_record(job, config, history)
     plots = plot_training_curves(history, work) + _plot_accuracy(history, work)
     if heldout:
         plots += _plot_rewards(heldout, normalization, work)
         plots += plot_reliability(heldout.calibration, heldout.metrics["ece"], work)
-    write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=backbone,
-                     model_source=_described(cfg.model.path, source.artifact, source.path), adapter=cfg.lora.enabled,
-                     data_source=_described(cfg.data.path, data_artifact, data_path),
-                     data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots,
-                     usage=_reward_card_usage(run_dir.final, backbone, cfg.lora.enabled, resized))
-    parents = [a.id for a in (source.artifact, data_artifact, eval_artifact) if a is not None]
-    artifact = run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage=STAGE, name=name,
-                               base_model=backbone, parents=list(dict.fromkeys(parents)), config=config,
-                               data_fingerprint=data_fingerprint, metrics=metrics)
-    final = run_dir.final
+    artifact = publish_model(job, config=config, metrics=metrics, plots=plots, base_model=backbone,
+                             model_source=_described(cfg.model.path, source.artifact, source.path),
+                             adapter=cfg.lora.enabled, data_source=_described(cfg.data.path, data_artifact, data_path),
+                             data_fingerprint=data_fingerprint, parents=[source.artifact, data_artifact, eval_artifact],
+                             keep_checkpoints=cfg.output.keep_checkpoints,
+                             usage=_reward_card_usage(job.final, backbone, cfg.lora.enabled, resized))
     m = metrics
-    print_table(f"finished: {artifact.ref} ({name})", [
+    print_finished(job, artifact, [
         ("held-out accuracy", f"{m['eval_accuracy_before']:.3f} -> {m['eval_accuracy']:.3f}"
          if "eval_accuracy_before" in m and "eval_accuracy" in m else m.get("eval_accuracy", "no held-out set")),
         *([("held-out margin", m["eval_margin"]), ("calibration error (ECE)", m["eval_ece"]),
@@ -227,10 +222,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         ("steps", result.global_step),
         ("normalization", f"reference mean {normalization.mean:.4g}, std {normalization.std:.4g} "
                           f"({normalization.count} {reference.name})" if normalization else "off (raw rewards)"),
-        ("artifact", str(final)),
-        ("plots", ", ".join(plots) or "none"),
-        ("registry", f"{artifact.ref} (id {artifact.id})"),
-    ])
+    ], plots)
     return artifact
 
 

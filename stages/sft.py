@@ -1,8 +1,8 @@
 """`align sft`: supervised fine-tuning on instruction data (InstructGPT stage 1).
 
-Reads top to bottom: config -> output folder -> data -> model -> TRL SFTTrainer (or a seq2seq
-Trainer for encoder-decoder models) -> artifact (adapter or full model, tokenizer, card, log,
-plots) renamed into place -> registry row.
+Reads top to bottom: config (loaded by the CLI; TRL's checks finished here) -> output folder -> data -> model ->
+TRL SFTTrainer (or a seq2seq Trainer for encoder-decoder models) -> artifact (adapter or full model, tokenizer, card,
+log, plots) renamed into place -> registry row. The head and tail every stage shares are align/run.py.
 """
 
 from __future__ import annotations
@@ -10,44 +10,44 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-from align.artifacts import (CHECKPOINTS, EVAL_BEFORE_FILE, RunDir, evaluate_at_end, evaluate_at_start,
-                             mean_train_loss, save_run_config, save_training_log, write_model_card)
-from align.config import SFTRunConfig, check_report_to, load_config, to_dict
+from align.artifacts import CHECKPOINTS, RunDir, evaluate_at_end, evaluate_at_start, mean_train_loss
+from align.config import LoadedConfig, read_config, to_dict
 from align.data import fingerprint, read_records, split_validation, to_examples, token_lengths
 from align.errors import AlignError
 from align.memory import SFT_LOGIT_COPIES, check_memory, trainer_workload
 from align.modeling import (apply_tuning, load_model, load_tokenizer, match_model_to_tokenizer, parameter_summary,
                             prepare_tokenizer, require_model_kind, resolve_model, save_merged, trainer_defaults,
                             training_config, training_flops)
-from align.registry import Artifact, Registry
+from align.registry import Artifact
 from align.reporting import human_bytes, plot_training_curves, print_table
+from align.run import print_finished, publish_model, save_run_record, start_run
+from align.stages.sft_config import SFTRunConfig
 
 STAGE = "sft"
 
 
-def load(config_path: str, overrides: list[str]) -> SFTRunConfig:
-    """The validated config: every `training:` key checked against TRL's SFTConfig, and the SFTConfig that training
-    uses built once (its own checks, reported at file:line) before anything heavy."""
+def check(loaded: LoadedConfig) -> SFTRunConfig:
+    """The config align has read (`align.config.read_config`), checked in full: every `training:` key against TRL's
+    SFTConfig, and the SFTConfig that training uses built once (its own checks, reported at file:line)."""
     from trl import SFTConfig
 
-    def check(cfg: SFTRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
+    def build(cfg: SFTRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
         training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
                                                                                       cfg.data.val_set_size))
 
-    return load_config(config_path, overrides, SFTRunConfig, extra_sections={"training": SFTConfig}, check=check)
+    return loaded.finish({"training": SFTConfig}, build)
 
 
-def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
-    # 1. Config: validated in full before anything heavy happens.
-    cfg = load(config_path, overrides)
-    name = cfg.output.name or Path(config_path).stem
-    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = run_dir.open(resume, is_main)
-    check_report_to(cfg.training.get("report_to"))
-    registry = Registry()
-    source = resolve_model(cfg.model.path, registry, cfg.model.gguf_file)
+def load(config_path: str, overrides: list[str]) -> SFTRunConfig:
+    """The validated config, as `align sft` loads it."""
+    return check(read_config(config_path, overrides, SFTRunConfig))
+
+
+def run(cfg: SFTRunConfig, config_path: str, resume: bool = False) -> Artifact | None:
+    """`align sft`: `cfg` checked by `check`, read from `config_path` (its file name is the default run name)."""
+    # 1. The run: its name, output folder (and the checkpoint to resume from) and registry; the starting model.
+    job = start_run(STAGE, cfg.output, Path(config_path).stem, resume, report_to=cfg.training.get("report_to"))
+    source = resolve_model(cfg.model.path, job.registry, cfg.model.gguf_file)
     if source.adapter_of:
         raise AlignError(f"model.path: {cfg.model.path} is a LoRA adapter; fine-tune its merged model instead "
                          f"(run that stage with output.merge=true and use <dir>/merged)")
@@ -77,7 +77,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     if evaluation and max_length and cfg.data.overlong == "drop":
         evaluation = [e for e, n in zip(evaluation, token_lengths(evaluation, tokenizer)) if n <= max_length]
     data_fingerprint = fingerprint(train)
-    args = training_arguments(cfg, run_dir, has_eval=bool(evaluation))  # TrainingArguments' checks, before loading
+    args = training_arguments(cfg, job.folder, has_eval=bool(evaluation))  # TrainingArguments' checks, before loading
 
     # 3. Model: dtype, quantization, LoRA / full / partial.
     quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
@@ -95,7 +95,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     if args.max_steps > 0:  # steps, not epochs, end the run
         epochs = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
             args.world_size / len(train)
-    print_table(f"align sft: {name}", [
+    print_table(f"align sft: {job.name}", [
         ("model", f"{source.path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
                                       " (8-bit)" if cfg.quantization.load_in_8bit else "")),
         ("method", "LoRA" if cfg.lora.enabled else ("partial" if cfg.model.train_only else "full fine-tuning")),
@@ -111,19 +111,20 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                        f"(no flash-attention: same loss, less attention compute)")]
           if args.packing and args.per_device_train_batch_size != cfg.training.get("per_device_train_batch_size", 8)
           else []),
-        ("output", str(run_dir.final)),
+        ("output", str(job.final)),
     ])
 
     # 4. Train.
-    run_dir.create()
+    job.folder.create()
     if "tensorboard" in str(args.report_to):  # TensorBoard's files belong with the artifact, not its checkpoints
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir.work / "tensorboard"))
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(job.work / "tensorboard"))
     trainer = _make_trainer(model, tokenizer, args, train, evaluation, seq2seq, cfg)
-    eval_before = evaluate_at_start(trainer, run_dir, checkpoint, ("eval_loss",))["eval_loss"] if evaluation else None
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_before = evaluate_at_start(trainer, job.folder, job.checkpoint, ("eval_loss",))["eval_loss"] \
+        if evaluation else None
+    result = trainer.train(resume_from_checkpoint=job.checkpoint)
     eval_after = evaluate_at_end(trainer)["eval_loss"] if evaluation else None
     # Every rank takes part in saving: ZeRO-3 / FSDP gather sharded weights (only rank 0 writes).
-    trainer.save_model(str(run_dir.work))
+    trainer.save_model(str(job.work))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return None
@@ -144,37 +145,27 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         "total_parameters": params.total,
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
-    work = run_dir.work
-    tokenizer.save_pretrained(str(work))
+    tokenizer.save_pretrained(str(job.work))
     if cfg.output.merge and cfg.lora.enabled:
-        save_merged(work, source.path, work / "merged", cfg.model.dtype, cfg.model.trust_remote_code)
-    (work / EVAL_BEFORE_FILE).unlink(missing_ok=True)  # folded into the metrics and the log
+        save_merged(job.work, source.path, job.work / "merged", cfg.model.dtype, cfg.model.trust_remote_code)
     config = to_dict(cfg)
-    save_run_config(config, work)
     # The loss before training is the first point of the eval curve.
     history = ([{"step": 0, "eval_loss": eval_before}] if eval_before is not None else []) + trainer.state.log_history
-    save_training_log(history, work)
-    plots = plot_training_curves(history, work)
+    save_run_record(job, config, history)
+    plots = plot_training_curves(history, job.work)
     base_model = source.artifact.base_model if source.artifact else source.path
-    write_model_card(work, final_path=run_dir.final, title=name, stage=STAGE, base_model=base_model,
-                     model_source=cfg.model.path, adapter=cfg.lora.enabled,
-                     data_source=cfg.data.path, data_fingerprint=data_fingerprint, metrics=metrics,
-                     config=config, plots=plots)
-    artifact = run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage=STAGE, name=name,
-                               base_model=base_model, parents=[source.artifact.id] if source.artifact else [],
-                               config=config, data_fingerprint=data_fingerprint, metrics=metrics)
-    final = run_dir.final
-    print_table(f"finished: {artifact.ref} ({name})", [
+    artifact = publish_model(job, config=config, metrics=metrics, plots=plots, base_model=base_model,
+                             model_source=cfg.model.path, adapter=cfg.lora.enabled, data_source=cfg.data.path,
+                             data_fingerprint=data_fingerprint, parents=[source.artifact],
+                             keep_checkpoints=cfg.output.keep_checkpoints)
+    print_finished(job, artifact, [
         ("eval loss", f"{eval_before:.4f} -> {eval_after:.4f}" if eval_before is not None and eval_after is not None
          else eval_after if eval_after is not None else "no eval set"),
         ("train loss", metrics["train_loss"]),
         ("steps", result.global_step),
         ("trained tokens", metrics["trained_tokens"]),
         ("tokens/s", metrics["trained_tokens"] / max(metrics["train_runtime_s"], 1e-9)),
-        ("artifact", str(final)),
-        ("plots", ", ".join(plots) or "none"),
-        ("registry", f"{artifact.ref} (id {artifact.id})"),
-    ])
+    ], plots)
     return artifact
 
 

@@ -11,7 +11,8 @@ import textwrap
 import pytest
 import yaml
 
-from align.config import DataConfig, LoraConfig, SFTRunConfig, load_config, to_dict
+from align.config import DataConfig, LoraConfig, load_config, to_dict
+from align.stages.sft_config import SFTRunConfig
 from align.errors import AlignError
 
 BASE = """\

@@ -23,7 +23,7 @@ SFT_CONFIGS = DEFAULTS + EXAMPLES
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 REWARD_CONFIGS = sorted(CONFIGS.glob("reward*.yaml"))  # `align reward` (stages/reward.py)
 DPO_CONFIGS = sorted(CONFIGS.glob("dpo*.yaml"))  # `align dpo` (stages/dpo.py)
-PPO_CONFIGS = sorted(CONFIGS.glob("ppo*.yaml"))  # `align ppo` (stages/ppo.py)
+PPO_CONFIGS = sorted(CONFIGS.glob("ppo*.yaml"))  # `align ppo` (stages/ppo/)
 EVAL_CONFIGS = sorted(CONFIGS.glob("eval*.yaml"))  # `align eval compare` (stages/eval.py)
 PIPELINE_CONFIGS = sorted(CONFIGS.glob("pipeline*.yaml"))  # `align pipeline` (cli/pipeline.py)
 EXPECTED_DISTRIBUTED_TYPE = {
@@ -344,7 +344,7 @@ def test_eval_config_loads_and_its_benchmark_files_read(path):
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=_name)
 def test_pipeline_config_steps_load_with_their_overrides(path):
     """Every step's config and overrides validate as the pipeline will run them (references wired in)."""
-    from align import pipeline
+    from align.cli import pipeline
     from align.stages import dpo, eval as evaluation, ppo, reward, sft
 
     cfg = pipeline.load(str(path), [])

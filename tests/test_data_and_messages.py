@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from align.config import DataConfig, PipelineRunConfig, SFTRunConfig, TemplateConfig, load_config, read_text
+from align.cli.pipeline_config import PipelineRunConfig
+from align.config import DataConfig, TemplateConfig, load_config, read_text
 from align.data import Dropped, Records, read_preferences, read_prompts, read_records, to_examples
+from align.stages.sft_config import SFTRunConfig
 from tests.test_data import align_error
 
 

@@ -290,7 +290,7 @@ def test_loss_types_are_the_ones_trl_implements():
 
     from trl import DPOConfig
 
-    from align.config import LossType
+    from align.stages.dpo_config import LossType
 
     documented = set(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
     assert set(typing.get_args(LossType)) == documented

@@ -293,3 +293,14 @@ def test_cli_latency_benchmark_quick(tmp_path):
     assert {"python -c pass", "import torch", "align --help", "align registry list", "typo: sft", "typo: reward",
             "typo: ppo", "typo: dpo", "typo: eval compare", "typo: pipeline"} == set(report["results"])
     assert all(r["median_s"] > 0 for r in report["results"].values())
+
+
+def test_eval_strategy_no_reads_as_text_without_a_validation_set(tmp_path, monkeypatch):
+    """YAML 1.1 reads `no` as false: `eval_strategy: no` (HF's spelling) must still mean "no", not a strategy that
+    needs a validation set."""
+    from align.stages import sft
+
+    (tmp_path / "run.yaml").write_text(SFT.replace("  val_set_size: 0.5\n", "") + "  eval_strategy: no\n")
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert sft.load("run.yaml", []).training["eval_strategy"] == "no"
