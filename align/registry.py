@@ -131,6 +131,13 @@ class Artifact:
         """The short reference users type, e.g. ``sft:3``."""
         return f"{self.stage}:{self.version}"
 
+    @property
+    def algorithm(self) -> str | None:
+        """The method that made the row, where its stage has several (`align ppo --algorithm grpo`: ``grpo``), as
+        the stage recorded it in its metrics; None where the stage's name says it."""
+        value = self.metrics.get("algorithm")
+        return value if isinstance(value, str) and value != self.stage else None
+
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> Artifact:
         fields = dict(row)
@@ -664,7 +671,7 @@ def print_list(
         table.add_column(column, no_wrap=column in ("ref", "id", "created"))
     for a in artifacts:
         table.add_row(
-            Text(a.ref, style="bold cyan"),
+            Text.assemble((a.ref, "bold cyan"), f" ({a.algorithm})" if a.algorithm else ""),
             str(a.id),
             Text(a.name),
             a.kind,
@@ -687,7 +694,7 @@ def print_show(console: Console, artifact: Artifact, registry: Registry) -> None
         ("ref", artifact.ref),
         ("id", str(artifact.id)),
         ("name", artifact.name),
-        ("stage", artifact.stage),
+        ("stage", artifact.stage + (f" ({artifact.algorithm})" if artifact.algorithm else "")),
         ("version", str(artifact.version)),
         ("kind", artifact.kind),
         ("path", artifact.path + missing),

@@ -10,7 +10,7 @@ model, LoRA r/alpha/targets on the policy, rollout batch, minibatch, PPO epochs,
 temperature, learning rate and schedule, KL / clip / value / GAE coefficients, missing-EOS penalty, seed, float32,
 OMP threads):
 
-  align  `python -m align ppo --config <generated yaml>` (stages/ppo.py), at align's defaults: the policy is the SFT
+  align  `python -m align ppo --config <generated yaml>` (stages/ppo/), at align's defaults: the policy is the SFT
          folder with a LoRA adapter, the reward model is the LoRA + score-head adapter that `align reward` saved on
          that same base, so `reward.share_base: auto` scores with the policy's own base weights; the value function
          starts as that reward model and trains its top quarter of layers (`ppo.value_layers`). Episodes and
@@ -462,8 +462,8 @@ def main() -> int:
                       f"prompts repeat[/]")
     variants = args.only or list(VARIANTS)
     trl_python = ensure_trl_venv(args.trl_venv, console.print, args.reinstall) if "trl" in variants else None
-    if "align" in variants and not (ROOT / "stages" / "ppo.py").is_file():
-        console.print("[yellow]stages/ppo.py does not exist yet: `align ppo` cannot run; measuring TRL only[/]")
+    if "align" in variants and not (ROOT / "stages" / "ppo" / "stage.py").is_file():
+        console.print("[yellow]stages/ppo/stage.py does not exist yet: `align ppo` cannot run; measuring TRL only[/]")
         variants = [v for v in variants if v != "align"]
         if not variants:
             return 1

@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=_run_score)
     # --- end reward model ---
 
-    # --- policy optimization: PPO (stages/ppo.py) and DPO (stages/dpo.py) ---
+    # --- policy optimization: PPO (stages/ppo/) and DPO (stages/dpo.py) ---
     ppo = commands.add_parser("ppo", help="PPO against a reward model, KL-penalized to the SFT model (stage 3)")
     ppo.add_argument("--config", required=True, help="YAML config (see configs/ppo.yaml)")
     ppo.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. ppo.steps=50")
@@ -274,6 +274,13 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--top-k", type=_sampling("top_k"), default=0)
     push.add_argument("--seed", type=_sampling("seed"), default=0)
     push.add_argument("--batch-size", type=_sampling("batch_size"), default=16, help="generations per forward pass")
+    push.add_argument("--select", choices=("random", "uncertainty", "disagreement", "diversity"),
+                      help="treat --prompts as a pool and push only --budget of them, chosen at random, by the reward "
+                           "model's uncertainty, by the disagreement of several reward models, or for diversity")
+    push.add_argument("--budget", type=int, help="with --select: how many prompts of the pool go to annotators")
+    push.add_argument("--reward-model", action="append", default=[], dest="reward_models",
+                      help="with --select uncertainty|disagreement: the reward model scoring the candidates "
+                           "(repeat it for an ensemble); without one, selection falls back to diversity")
     push.add_argument("--log-every", type=int, default=32,
                       help="prompts generated and logged at a time (a crash loses at most these)")
     push.set_defaults(handler=_label_push)
@@ -339,28 +346,31 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found")
 
 
-# Stage handlers validate the config with align's checks first (TRL's `training:` fields read from its source): a
-# mistake in it is reported in a second, not after torch, transformers and TRL have imported. The stage then checks
-# it again in full (TRL's own config object built), still before any model or data loads.
+# Stage handlers read the config once, with align's own checks (TRL's `training:` fields read from its source): a
+# mistake in it is reported in a second, not after torch, transformers and TRL have imported. The stage's `check`
+# then finishes the same object (TRL's own config object built, errors at the same file:line), still before any
+# model or data loads, and its `run` takes it.
 
 def _run_sft(args) -> None:
-    from align.config import SFTRunConfig, load_config
+    from align.config import read_config
+    from align.stages.sft_config import SFTRunConfig
 
-    load_config(args.config, args.overrides, SFTRunConfig)
+    loaded = read_config(args.config, args.overrides, SFTRunConfig)
     from align.stages import sft
 
-    sft.run(args.config, args.overrides, resume=args.resume)
+    sft.run(sft.check(loaded), args.config, resume=args.resume)
 
 
 # --- reward model handlers ---
 
 def _run_reward(args) -> None:
-    from align.config import RewardRunConfig, load_config
+    from align.config import read_config
+    from align.stages.reward_config import RewardRunConfig
 
-    load_config(args.config, args.overrides, RewardRunConfig)
+    loaded = read_config(args.config, args.overrides, RewardRunConfig)
     from align.stages import reward
 
-    reward.run(args.config, args.overrides, resume=args.resume)
+    reward.run(reward.check(loaded), args.config, resume=args.resume)
 
 
 def _run_score(args) -> None:
@@ -378,7 +388,7 @@ def _run_ppo(args) -> None:
     if load_config(args.config, overrides, PPORunConfig).algorithm == "ppo":
         from align.stages import ppo as stage
     else:  # grpo, rloo: TRL's trainers
-        from align.stages import grpo as stage
+        from align.stages.ppo import grpo as stage
     stage.run(args.config, overrides, resume=args.resume)
 
 
@@ -409,22 +419,23 @@ def _human_simulate(args) -> None:
 
 
 def _run_pipeline(args) -> None:
-    from align import pipeline
+    from align.cli import pipeline
 
-    pipeline.run(args.config, args.overrides)
+    pipeline.run(pipeline.load(args.config, args.overrides), args.config)
 
 
 def _run_eval_compare(args) -> None:
-    from align.config import EvalRunConfig, load_config
+    from align.config import load_config
+    from align.stages.eval_config import EvalRunConfig
 
     overrides = [item for item in args.items if "=" in item]
     models = [item for item in args.items if "=" not in item]
     if models:  # they replace the config's `models:`
         overrides.append(f"models={json.dumps(models)}")
-    load_config(args.config, overrides, EvalRunConfig)
+    cfg = load_config(args.config, overrides, EvalRunConfig)
     from align.stages import eval as evaluation
 
-    evaluation.run(args.config, overrides)
+    evaluation.run(cfg)
 
 
 def _run_eval_reward(args) -> None:
@@ -434,12 +445,13 @@ def _run_eval_reward(args) -> None:
 
 
 def _run_dpo(args) -> None:
-    from align.config import DPORunConfig, load_config
+    from align.config import read_config
+    from align.stages.dpo_config import DPORunConfig
 
-    load_config(args.config, args.overrides, DPORunConfig)
+    loaded = read_config(args.config, args.overrides, DPORunConfig)
     from align.stages import dpo
 
-    dpo.run(args.config, args.overrides, resume=args.resume)
+    dpo.run(dpo.check(loaded), args.config, resume=args.resume)
 
 
 def _run_generate(args) -> None:
@@ -526,7 +538,8 @@ def _label_push(args) -> None:
                               top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
     rankings.push_command(model=args.model, prompts_path=args.prompts, k=args.k, dataset=args.dataset,
                           sampling=sampling, annotators_per_record=args.annotators_per_record,
-                          workspace=args.workspace, guidelines_file=args.guidelines, log_every=args.log_every)
+                          workspace=args.workspace, guidelines_file=args.guidelines, log_every=args.log_every,
+                          select=args.select, budget=args.budget, reward_models=args.reward_models)
 
 
 def _label_status(args) -> None:

@@ -8,9 +8,11 @@ With simulated annotators, the gold preference they rank by (`label.gold`, align
 
 Each step runs its stage with the step's own YAML, plus what the pipeline wires in: the registry references of the
 steps before (`model.path`, `data.path`, `reward.path`), `output.name` = `<pipeline>-<step>` and an output folder
-named by a digest of the resolved config. A re-run finds a finished step in the registry by that folder (same
-config, same inputs -> skipped), resumes a step that was interrupted after a checkpoint, and re-runs a step whose
-config or inputs changed (into a new folder: earlier artifacts stay as registered).
+named by a digest of the resolved config. Every step's config is read and checked once, before the first step
+runs, with stand-ins for the references of the steps before; the real ones replace them when the step runs. A
+re-run finds a finished step in the registry by its folder (same config, same inputs -> skipped), resumes a step
+that was interrupted after a checkpoint, and re-runs a step whose config or inputs changed (into a new folder:
+earlier artifacts stay as registered).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from pathlib import Path
 
 from align.artifacts import RunDir
 from align.files import write_atomically
-from align.config import (DPORunConfig, EvalRunConfig, PipelineRunConfig, PipelineStepConfig, PPORunConfig,
-                          RewardRunConfig, SFTRunConfig, load_config, to_dict)
+from align.cli.pipeline_config import PipelineRunConfig, PipelineStepConfig
+from align.config import LoadedConfig, PPORunConfig, load_config, read_config, to_dict
 from align.errors import AlignError
 from align.gold import load_gold
 from align.registry import Artifact, Registry, looks_like_ref, redact_secrets
 from align.reporting import console, print_table
+from align.stages.dpo_config import DPORunConfig
+from align.stages.eval_config import EvalRunConfig
+from align.stages.reward_config import RewardRunConfig
+from align.stages.sft_config import SFTRunConfig
 
 STEPS = ("sft", "label", "reward", "ppo", "dpo", "eval")
 STAGE_CONFIGS = {"sft": SFTRunConfig, "reward": RewardRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig,
@@ -66,10 +72,10 @@ def simulated_gold(cfg: PipelineRunConfig) -> str | None:
     return label.gold if label.annotators == "simulated" and label.gold != "random" else None
 
 
-def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
-    cfg = load(config_path, overrides)
+def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
+    """`align pipeline`: `cfg` as `load` validated it from `config_path`."""
     gold = simulated_gold(cfg)
-    modules = _check_steps(cfg, gold)
+    modules, configs = _check_steps(cfg, gold)
     home = Path("runs") / "pipeline" / cfg.name
     done: dict[str, Artifact] = {}
     started = time.monotonic()
@@ -88,13 +94,14 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Artifact]:
 
     def run_stage(name: str) -> tuple[Artifact, str]:
         refs = {done_step: artifact.ref for done_step, artifact in done.items()}
-        return _stage(modules[name], name, getattr(cfg, name), home, _step_overrides(cfg, name, refs, gold))
+        config = _with_references(configs[name], name, refs, getattr(cfg, name))
+        return _stage(modules[name], name, getattr(cfg, name), config, home, _step_overrides(cfg, name, refs, gold))
 
     step("sft", lambda: run_stage("sft"))
     step("label", lambda: _label(cfg, home, done["sft"]))
     for name in ("reward", "ppo", "dpo", "eval"):
         if getattr(cfg, name).enabled:
-            step(name, lambda: run_stage(name))
+            step(name, lambda name=name: run_stage(name))
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
             for how, seconds in [timings[name]]]
     rows.append(("total", f"{(time.monotonic() - started) / 60:.1f} min"))
@@ -113,60 +120,90 @@ def _write_summary(path: Path, summary: dict) -> None:
     write_atomically(path, json.dumps(summary, indent=2) + "\n")
 
 
-def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> dict:
-    """Every step's config checked before the first step runs (a typo in the eval config must not wait for the
-    training before it): align's checks first, in a second, then each stage's own (TRL's config objects built) once
-    the stages are imported. Returns the stage module of each step."""
+def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> tuple[dict, dict]:
+    """Every step's config read and checked before the first step runs (a typo in the eval config must not wait for
+    the training before it): align's checks first, in a second, then each stage's own on the same object (TRL's
+    config objects built) once the stages are imported. Returns each step's stage module and its config, which holds
+    stand-ins (`sft:latest`, ...) for the references of the steps before (`_with_references` puts in the real ones)."""
     enabled = _enabled(cfg)
     steps = [name for name in STAGE_CONFIGS if name in enabled]
     refs = {name: f"{name}:latest" for name in enabled}  # stand-ins for the references of the steps before
 
-    def check(name: str, load_step):
+    def checked(name: str, check, *args):
         try:
-            return load_step(getattr(cfg, name).config, _step_overrides(cfg, name, refs, gold))
+            return check(*args)
         except AlignError as e:
             raise AlignError(f"pipeline step '{name}': {e} (nothing has run yet)") from None
 
-    configs = {name: check(name, lambda path, items: load_config(path, items, STAGE_CONFIGS[name])) for name in steps}
-    from align.stages import dpo, eval as evaluation, grpo, ppo, reward, sft
+    loaded = {name: checked(name, read_config, getattr(cfg, name).config, _step_overrides(cfg, name, refs, gold),
+                            STAGE_CONFIGS[name]) for name in steps}
+    from align.stages import dpo, eval as evaluation, ppo, reward, sft
+    from align.stages.ppo import grpo
 
-    algorithm = configs["ppo"].algorithm if "ppo" in configs else "ppo"  # grpo / rloo: TRL's trainers, stages/grpo.py
+    algorithm = loaded["ppo"].config.algorithm if "ppo" in loaded else "ppo"  # grpo / rloo: TRL's, stages/ppo/grpo.py
     modules = {"sft": sft, "reward": reward, "ppo": ppo if algorithm == "ppo" else grpo, "dpo": dpo,
                "eval": evaluation}
-    for name in steps:
-        check(name, modules[name].load)
-    return modules
+    # eval and ppo have no checks beyond align's (ppo's run reads its config itself: it is given the overrides).
+    finish = {"sft": sft.check, "reward": reward.check, "ppo": LoadedConfig.finish, "dpo": dpo.check,
+              "eval": LoadedConfig.finish}
+    return modules, {name: checked(name, finish[name], loaded[name]) for name in steps}
+
+
+def _references(stage: str, refs: dict[str, str]) -> dict[str, str | list[str]]:
+    """The keys of a step's config that name the output of the steps before (`refs`: their registry references)."""
+    if stage == "eval":
+        wired: dict = {"models": [refs[s] for s in ("ppo", "dpo") if s in refs], "baseline": refs.get("sft")}
+        if "reward" in refs:  # without a reward model: no judge win rates, the tax and KL still
+            wired["judge.path"] = refs["reward"]
+        return wired
+    return {"reward": {"model.path": refs.get("sft"), "data.path": refs.get("label")},
+            "ppo": {"model.path": refs.get("sft"), "reward.path": refs.get("reward")},
+            "dpo": {"model.path": refs.get("sft"), "data.path": refs.get("label")}}.get(stage, {})
 
 
 def _step_overrides(cfg: PipelineRunConfig, stage: str, refs: dict[str, str], gold: str | None) -> list[str]:
-    """The overrides a step runs with: what the pipeline wires in (`refs`: the registry references of the steps
-    before; the gold; the seed), then the step's own overrides, which win (a reward model on another backbone than
-    the SFT model: `model.path=...` among the reward step's overrides), then its run name."""
-    wired: dict = {"reward": {"model.path": refs.get("sft"), "data.path": refs.get("label")},
-                   "ppo": {"model.path": refs.get("sft"), "reward.path": refs.get("reward"),
-                           **({"gold": gold} if gold else {})},
-                   "dpo": {"model.path": refs.get("sft"), "data.path": refs.get("label")}}.get(stage, {})
-    if stage == "eval":
-        wired = {"models": "[" + ", ".join(refs[s] for s in ("ppo", "dpo") if s in refs) + "]",
-                 "baseline": refs.get("sft")}
-        if "reward" in refs:  # without a reward model: no judge win rates, the tax and KL still
-            wired["judge.path"] = refs["reward"]
-        if gold:  # scores compared exactly: the annotators' tie margin models what people can tell apart
-            wired["gold.preference"] = gold
-    elif cfg.seed is not None:
+    """The overrides a step runs with: what the pipeline wires in (the references of the steps before; the gold; the
+    seed), then the step's own overrides, which win (a reward model on another backbone than the SFT model:
+    `model.path=...` among the reward step's overrides), then its run name."""
+    wired = {key: "[" + ", ".join(value) + "]" if isinstance(value, list) else value
+             for key, value in _references(stage, refs).items()}
+    if gold and stage == "ppo":
+        wired["gold"] = gold
+    # The eval's gold scores are compared exactly: the annotators' tie margin models what people can tell apart.
+    if gold and stage == "eval":
+        wired["gold.preference"] = gold
+    if stage != "eval" and cfg.seed is not None:
         wired = {"seed": cfg.seed, **wired}
     return [f"{key}={value}" for key, value in wired.items()] + list(getattr(cfg, stage).overrides) + \
         [f"output.name={cfg.name}-{stage}"]
 
 
-def _stage(module, stage: str, step: PipelineStepConfig, home: Path, overrides: list[str]) -> tuple[Artifact, str]:
-    """Run one stage unless the registry already has it for this exact config; resume it when interrupted."""
+def _with_references(config, stage: str, refs: dict[str, str], step: PipelineStepConfig):
+    """`config`, checked with stand-ins for the references of the steps before, with the real ones (`refs`) in their
+    place; a key the step's own overrides set (or a section around it) keeps their value, as it did at the check."""
+    own = [item.partition("=")[0].strip() for item in step.overrides]
+    for key, value in _references(stage, refs).items():
+        if any(key == mine or key.startswith(mine + ".") or mine.startswith(key + ".") for mine in own):
+            continue
+        *sections, last = key.split(".")
+        target = config
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, last, value)
+    return config
+
+
+def _stage(module, stage: str, step: PipelineStepConfig, config, home: Path,
+           overrides: list[str]) -> tuple[Artifact, str]:
+    """Run one stage with its checked `config` unless the registry already has it for this exact config; resume it
+    when interrupted. `overrides`: how the step would be run by hand, for the log (and for ppo, which reads its
+    config itself)."""
     if not step.enabled:
         raise AlignError(f"{stage}: disabled")
-    resolved = module.load(step.config, overrides)
-    digest = hashlib.sha256(json.dumps(redact_secrets(to_dict(resolved)), sort_keys=True, default=str)
+    digest = hashlib.sha256(json.dumps(redact_secrets(to_dict(config)), sort_keys=True, default=str)
                             .encode()).hexdigest()[:10]
     folder = (home / f"{stage}-{digest}").absolute()
+    config.output.dir = str(folder)
     overrides.append(f"output.dir={folder}")
     for artifact in Registry().list(stage=stage):
         if Path(artifact.path) == folder and folder.is_dir():
@@ -176,10 +213,12 @@ def _stage(module, stage: str, step: PipelineStepConfig, home: Path, overrides: 
     if resume:
         console.print(f"{stage}: resuming the interrupted run in {RunDir(folder).work}")
     console.print(f"{stage}: align {stage} --config {step.config} " + " ".join(overrides))
-    if stage == "eval":
-        artifact = module.run(step.config, overrides)
-    else:
+    if stage == "ppo":  # stages/ppo/ still reads its config itself, from the file and the overrides
         artifact = module.run(step.config, overrides, resume=resume)
+    elif stage == "eval":
+        artifact = module.run(config)
+    else:
+        artifact = module.run(config, step.config, resume=resume)
     if artifact is None:
         raise AlignError(f"{stage}: the stage registered nothing")
     return artifact, "resumed" if resume else "ran"

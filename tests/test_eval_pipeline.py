@@ -700,11 +700,11 @@ def test_pipeline_changed_override_reruns_only_ppo_and_eval_and_resumes_after_in
     """ppo.steps changes: a new PPO run (new folder), so a new evaluation; the rest is skipped. The first attempt is
     interrupted (Ctrl-C) at iteration 3 after checkpoints at 1 and 2; the next attempt resumes it."""
     from align.artifacts import RunDir
-    from align.stages import ppo as ppo_stage
+    from align.stages.ppo.trainer import PPOTrainer
 
     before = _pipeline_rows()
     changed = "ppo.overrides=[ppo.logging_steps=2, ppo.steps=4, ppo.save_steps=1]"
-    iteration = ppo_stage.PPOTrainer.iteration
+    iteration = PPOTrainer.iteration
 
     def interrupted(self):
         if self.step >= 2:
@@ -712,7 +712,7 @@ def test_pipeline_changed_override_reruns_only_ppo_and_eval_and_resumes_after_in
         return iteration(self)
 
     with monkeypatch.context() as mp:
-        mp.setattr(ppo_stage.PPOTrainer, "iteration", interrupted)
+        mp.setattr(PPOTrainer, "iteration", interrupted)
         result = _pipeline(capsys, changed)
     assert result.code == 130 and "interrupted" in result.err, result.err[-3000:]
     assert _pipeline_rows() == before

@@ -147,17 +147,17 @@ def _run(dev, name: str, *overrides: str, **sections) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def learn(dev):
     """The main run (seed 42, 60 iterations), LoRA + shared-base reward. Keeps the trainer for in-memory checks."""
-    from align.stages import ppo
+    from align.stages.ppo.trainer import PPOTrainer
 
     trainers = []
-    init = ppo.PPOTrainer.__init__
+    init = PPOTrainer.__init__
 
     def capture(self, *args, **kwargs):
         init(self, *args, **kwargs)
         trainers.append(self)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ppo.PPOTrainer, "__init__", capture)
+        mp.setattr(PPOTrainer, "__init__", capture)
         run = _run(dev, "learn")
     run.trainer = trainers[0]
     return run
@@ -171,12 +171,12 @@ def tight(dev):
 
 def _ptx_run(dev, name: str, coef: float, **ppo_changes) -> SimpleNamespace:
     """8 iterations with ptx data; records which ptx batches the trainer asked for."""
-    from align.stages import ppo
+    from align.stages.ppo.data import PtxData
 
     asked = []
-    batch = ppo.PtxData.batch
+    batch = PtxData.batch
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ppo.PtxData, "batch", lambda self, index: asked.append(index) or batch(self, index))
+        mp.setattr(PtxData, "batch", lambda self, index: asked.append(index) or batch(self, index))
         run = _run(dev, name, ppo={"steps": 8, **ppo_changes}, ptx={"path": dev.ptx_data, "coef": coef})
     run.ptx_indices = asked
     return run
@@ -235,7 +235,7 @@ def test_large_kl_coefficient_keeps_the_policy_near_the_reference(learn, tight):
 def test_ptx_term_lowers_the_ptx_loss(ptx_on, ptx_off):
     # Measured (8 iterations, 200 plain-text examples): ptx_loss first -> last with coef 1 | last with coef 0
     #   seed 42: 3.35 -> 2.27 | 7.99   seed 1: 3.44 -> 2.30 | 5.30   seed 2: 3.44 -> 2.38 | 7.48
-    #   seed 3:  3.37 -> 2.27 | 4.09   (with the fixes proposed for stages/ppo.py: 2.29-2.32 | 4.19-5.47)
+    #   seed 3:  3.37 -> 2.27 | 4.09   (with the fixes proposed for stages/ppo/: 2.29-2.32 | 4.19-5.47)
     #   ratio on/off <= 0.56, drop >= 1.0.
     on, off = ptx_on.m, ptx_off.m
     assert "ptx_loss_last" in off and math.isfinite(off["ptx_loss_last"]), "coef 0 still measures the ptx loss"
@@ -259,16 +259,16 @@ def test_ptx_batches_are_read_in_order_without_gaps(ptx_on):
 # Runs `align` and pauses (for good) before iteration PAUSE_AT + 1: the test kills it there.
 DRIVER = """
 import os, sys, time
-from align.stages import ppo
+from align.stages.ppo.trainer import PPOTrainer
 
-_iteration = ppo.PPOTrainer.iteration
+_iteration = PPOTrainer.iteration
 
 def iteration(self):
     if self.step >= int(os.environ["PAUSE_AT"]):
         time.sleep(300)
     return _iteration(self)
 
-ppo.PPOTrainer.iteration = iteration
+PPOTrainer.iteration = iteration
 from align.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -346,16 +346,17 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(dev, ptx_on, capsys)
 
 def test_single_base_copy_holds_policy_reference_value_and_reward(dev, learn):
     from align.scoring import RewardScorer
-    from align.stages import ppo
+    from align.stages.ppo.adapters import base_weight_copies
+    from align.stages.ppo.rewards import SharedBaseReward
 
     trainer = learn.trainer
     model = trainer.model
     assert learn.m["base_weight_copies"] == 1
     assert trainer.reference is None
     assert set(model.peft_config) == {"default", "value", "reward"}
-    assert isinstance(trainer.reward, ppo.SharedBaseReward) and trainer.value.adapters is trainer.adapters
+    assert isinstance(trainer.reward, SharedBaseReward) and trainer.value.adapters is trainer.adapters
     assert trainer.value.upper is not None, "the value function's training passes run its trained layers only"
-    assert ppo.base_weight_copies(model) == 1
+    assert base_weight_copies(model) == 1
     # The reward adapter is frozen and outside the optimizer; the value adapter is trained.
     trained = {id(p) for p in trainer.params}
     for name, param in model.named_parameters():
@@ -387,13 +388,14 @@ def test_optimizer_state_of_another_layout_fails_to_resume_with_one_line(learn, 
     """A checkpoint whose optimizer groups do not match this run's (e.g. written before the value head had a group
     of its own) is refused with an AlignError naming the file, not a torch traceback."""
     from align.errors import AlignError
+    from align.stages.ppo.checkpoints import load_optimizer
 
     state = learn.trainer.optimizer.state_dict()
     state["param_groups"] = state["param_groups"][:-1]
     file = tmp_path / "optimizer.pt"
     torch.save(state, file)
     with pytest.raises(AlignError, match=r"--resume: .*optimizer.pt does not fit this run's optimizer"):
-        learn.trainer._load_optimizer(file)
+        load_optimizer(learn.trainer.optimizer, file)
 
 
 def test_value_adapter_is_trained(dev, learn):
@@ -422,14 +424,14 @@ def test_value_adapter_is_trained(dev, learn):
 def test_value_upper_layers_alone_give_the_whole_models_values_and_gradients(learn):
     """The shortcut behind ppo.value_layers: the upper layers run on the hidden states captured where they begin
     give the values the whole model gives, and the value loss's gradient reaches only the trained weights."""
-    from align.stages import ppo
+    from align.stages.ppo.adapters import decoder_layers, layer_input
 
     trainer = learn.trainer
     model, value = trainer.model, trainer.value
     ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70], [0, 0, 5, 6, 7, 8, 9]])
     mask = (ids != 0).long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    with ppo._layer_input(ppo._decoder_layers(model)[value.first_layer]) as captured:
+    with layer_input(decoder_layers(model)[value.first_layer]) as captured:
         whole = value(model, ids, mask, positions)
     assert len(captured) == 1
     upper = value(model, ids, mask, positions, inputs=captured[0].detach())
@@ -450,7 +452,8 @@ def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_
     from peft import LoraConfig, get_peft_model
     from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from align.stages import ppo
+    from align.stages.ppo.adapters import AdapterSwitch, ValueFunction
+    from align.stages.ppo.distributed import Distributed
 
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
@@ -463,10 +466,10 @@ def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_
         # Dropout on the adapters and the model left in training mode: the check runs the model as PPO does (eval).
         model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                                                 lora_dropout=0.5))
-        value = ppo.ValueFunction.create(model, cfg, ppo.AdapterSwitch(model))
+        value = ValueFunction.create(model, cfg, AdapterSwitch(model))
         assert value.first_layer == 3 and value.upper is not None
         assert len(value.frozen(model)) == 3 * 2 * 2, "value A and B of q/v in layers 0-2 stay as they are"
-        assert value.check_upper(model, probe, ppo.Distributed()) is (name == "llama"), name
+        assert value.check_upper(model, probe, Distributed()) is (name == "llama"), name
         assert (value.upper is not None) is (name == "llama")
         assert value.layers_note(model) == "1 of 4 decoder layers"
         # Whole passes or not, the value loss trains the top layer only (set_adapter re-enables the whole adapter).
@@ -478,8 +481,8 @@ def test_value_layers_shortcut_is_checked_and_falls_back_to_the_whole_model(tmp_
         assert all(p.grad is None for p in value.frozen(model)), name
         assert all(p.grad is not None for p in value.parameters(model)), name
         model.delete_adapter("value")
-    every = ppo.ValueFunction.create(model, SimpleNamespace(ppo=SimpleNamespace(value_layers=0)),
-                                     ppo.AdapterSwitch(model))
+    every = ValueFunction.create(model, SimpleNamespace(ppo=SimpleNamespace(value_layers=0)),
+                                 AdapterSwitch(model))
     assert every.first_layer == 0 and every.upper is None and not every.frozen(model)
     assert every.layers_note(model) == "every layer"
 
@@ -667,9 +670,9 @@ def test_fsdp_full_finetuning_equals_ddp_and_saves_plain_weights(dev):
 
 def test_nan_rewards_skip_iterations_then_stop_with_a_checkpoint(dev, monkeypatch, capsys):
     from align.artifacts import RunDir
-    from align.stages import ppo
+    from align.stages.ppo.rewards import SharedBaseReward
 
-    monkeypatch.setattr(ppo.SharedBaseReward, "__call__",
+    monkeypatch.setattr(SharedBaseReward, "__call__",
                         lambda self, model, prompts, responses: ([float("nan")] * len(prompts),) * 2)
     config = _config(dev.home, "nan", ppo={"steps": 4, "max_bad_steps": 2})
     final = dev.home / "runs" / "ppo" / "nan"
@@ -929,8 +932,8 @@ def test_grpo_prompts_tokenize_as_align_renders_them(dev):
     """TRL tokenizes the prompt text again, adding the tokenizer's BOS: the chat template's own BOS (as in Llama's
     templates, and the test tokenizer's) must not become a second one."""
     from align.modeling import load_tokenizer, training_template
-    from align.stages.policy import encode_prompts
-    from align.stages import grpo
+    from align.stages.ppo import grpo
+    from align.stages.ppo.common import encode_prompts
 
     tokenizer = load_tokenizer(str(dev.sft_folder))
     encoded, truncated = encode_prompts(tokenizer, dev.prompts[:8] + ["reverse: " + "a " * 60],
@@ -973,7 +976,7 @@ def test_grpo_bad_input_fails_with_one_line_and_writes_nothing(case, dev, capsys
 # 11. Pure logic on constructed tensors.
 
 def _bare_trainer(**attributes):
-    from align.stages.ppo import PPOTrainer
+    from align.stages.ppo.trainer import PPOTrainer
 
     trainer = object.__new__(PPOTrainer)
     for key, value in attributes.items():
@@ -982,7 +985,7 @@ def _bare_trainer(**attributes):
 
 
 def _rollout(response_mask, values):
-    from align.stages.ppo import Rollout
+    from align.stages.ppo.trainer import Rollout
 
     n, width = response_mask.shape
     empty = torch.zeros((n, width))
@@ -992,7 +995,8 @@ def _rollout(response_mask, values):
 
 def test_shape_rewards_gae_matches_a_hand_computation():
     from align.config import PPOConfig
-    from align.stages.ppo import AdaptiveKL, Distributed
+    from align.stages.ppo.distributed import Distributed
+    from align.stages.ppo.trainer import AdaptiveKL
 
     trainer = _bare_trainer(kl=AdaptiveKL(0.5, None, 1), ppo=PPOConfig(gamma=1.0, lam=0.95), dist=Distributed())
     # Row 0: 3 response tokens. Row 1: 2 tokens and a padded position (its value and KL must not leak in).
@@ -1001,7 +1005,7 @@ def test_shape_rewards_gae_matches_a_hand_computation():
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, -0.2, 0.0]]) * mask
     scores = torch.tensor([1.0, -2.0])
     rollout = _rollout(mask, values)
-    trainer.shape_rewards(rollout, scores, kl)
+    trainer.advantages(rollout, trainer.shape_rewards(rollout, scores, kl))
 
     # Row 0: rewards -beta*kl + score on the last token = [-0.05, -0.1, 0.85].
     #   A2 = 0.85 - 0.6 = 0.25; A1 = (-0.1 + 0.6 - 0.4) + 0.95 * 0.25 = 0.3375;
@@ -1017,7 +1021,7 @@ def test_shape_rewards_gae_matches_a_hand_computation():
 
 
 def test_adaptive_kl_moves_beta_towards_the_target_with_clipped_steps():
-    from align.stages.ppo import AdaptiveKL
+    from align.stages.ppo.trainer import AdaptiveKL
 
     def after(kl, episodes=100):
         controller = AdaptiveKL(0.1, 6.0, 10_000)
@@ -1053,17 +1057,17 @@ def test_cut_responses_stop_at_the_first_eos_and_mask_the_rest():
 
 
 def test_epoch_order_visits_every_prompt_once_per_epoch_deterministically():
-    from align.stages import ppo
+    from align.stages.ppo import data
 
     n, seed = 10, 3
-    order = ppo._epoch_order(n, 0, 3 * n, seed)
+    order = data.epoch_order(n, 0, 3 * n, seed)
     for epoch in range(3):
         assert sorted(order[epoch * n:(epoch + 1) * n]) == list(range(n))
     assert order[:n] != order[n:2 * n], "each epoch has its own permutation"
-    assert ppo._epoch_order(n, 7, 11, seed) == order[7:18], "any window of the same endless sequence"
-    ppo._PERMUTATIONS.clear()
-    assert ppo._epoch_order(n, 0, 3 * n, seed) == order, "the same with a cold cache (a resumed process)"
-    assert ppo._epoch_order(n, 0, n, seed + 1) != order[:n]
+    assert data.epoch_order(n, 7, 11, seed) == order[7:18], "any window of the same endless sequence"
+    data.PERMUTATIONS.clear()
+    assert data.epoch_order(n, 0, 3 * n, seed) == order, "the same with a cold cache (a resumed process)"
+    assert data.epoch_order(n, 0, n, seed + 1) != order[:n]
 
 
 def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny_llama):
@@ -1074,7 +1078,8 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from align.stages.ppo import _generate_without_model_defaults, _SampledLogprobs, _token_logprobs
+    from align.stages.ppo.losses import token_logprobs
+    from align.stages.ppo.trainer import SampledLogprobs, generate_without_model_defaults
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
@@ -1082,18 +1087,18 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny_llama):
     model.get_base_model().generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=1)
     queries = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     query_mask = (queries != 0).long()
-    recorder = _SampledLogprobs(temperature=0.7)
+    recorder = SampledLogprobs(temperature=0.7)
     sampling = GenerationConfig(do_sample=True, max_new_tokens=12, temperature=0.7, top_k=5, top_p=1.0,
                                 pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        generated = _generate_without_model_defaults(model, sampling, input_ids=queries, attention_mask=query_mask,
-                                                     logits_processor=[recorder])
+        generated = generate_without_model_defaults(model, sampling, input_ids=queries, attention_mask=query_mask,
+                                                    logits_processor=[recorder])
         response = generated[:, queries.shape[1]:]
         recorded = recorder.logprobs(response)
         mask = torch.cat([query_mask, torch.ones_like(response)], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=generated, attention_mask=mask, position_ids=positions).logits
-    forward = _token_logprobs(logits[:, queries.shape[1] - 1:-1], response, 0.7)
+    forward = token_logprobs(logits[:, queries.shape[1] - 1:-1], response, 0.7)
     assert recorded.shape == response.shape and response.shape[1] >= 4, response.shape
     assert torch.allclose(recorded, forward, atol=1e-4), (recorded - forward).abs().max()
     assert (recorded < -1e-3).any(), "the full distribution: a top-5 renormalized one would put more mass on each"

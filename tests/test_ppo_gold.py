@@ -1,8 +1,8 @@
 """`align ppo` (and `--algorithm grpo|rloo`) with a gold preference (`gold:`): every iteration's responses are
 scored under it and logged as `gold`, measured and never trained on (Gao et al. 2022's overoptimization curve).
 
-- The pure decision (`align.stages.policy.overoptimization`) on constructed histories: it fires when the proxy rises while
-  the gold falls by more than its noise, not when both rise or the gold only wanders within its noise.
+- The pure decision (`align.stages.ppo.common.overoptimization`) on constructed histories: it fires when the proxy
+  rises while the gold falls by more than its noise, not when both rise or the gold only wanders within its noise.
 - A tiny PPO run (tests/test_ppo.py's `dev` setup: a toy SFT model, a reward model preferring `z`) with a gold
   callable written into the run folder: `gold` in every log entry and sample, the overoptimization plot, the
   summary; and the very same run without the gold: identical rewards, losses and trained weights.
@@ -80,7 +80,7 @@ WIGGLE = [0.03, -0.02, 0.01, -0.04, 0.02, 0.0, -0.01, 0.03, -0.03, 0.02] * 3  # 
 
 
 def test_overoptimization_fires_when_the_proxy_rises_and_the_gold_falls():
-    from align.stages.policy import overoptimization, summarize
+    from align.stages.ppo.common import overoptimization, summarize
 
     n = 30
     reward = [0.1 * i + w for i, w in enumerate(WIGGLE[:n])]  # 0 -> 2.9
@@ -100,7 +100,7 @@ def test_overoptimization_fires_when_the_proxy_rises_and_the_gold_falls():
 
 @pytest.mark.parametrize("case", ["both_rise", "gold_flat_within_noise", "proxy_flat", "too_short", "no_gold"])
 def test_overoptimization_stays_quiet_otherwise(case):
-    from align.stages.policy import finished_rows, overoptimization, summarize
+    from align.stages.ppo.common import finished_rows, overoptimization, summarize
 
     n = 30
     rising = [0.1 * i + w for i, w in enumerate(WIGGLE[:n])]
@@ -126,7 +126,7 @@ def test_overoptimization_stays_quiet_otherwise(case):
 
 
 def test_overoptimization_skips_skipped_and_non_finite_iterations():
-    from align.stages.policy import overoptimization
+    from align.stages.ppo.common import overoptimization
 
     n = 30
     history = _history([0.1 * i + w for i, w in enumerate(WIGGLE[:n])],
@@ -137,7 +137,8 @@ def test_overoptimization_skips_skipped_and_non_finite_iterations():
 
 
 def test_finished_rows_and_plots_show_the_gold(tmp_path, capsys):
-    from align.stages.policy import PLOT_PANELS, finished_rows, plot_overoptimization, print_overoptimization, summarize
+    from align.stages.ppo.common import (PLOT_PANELS, finished_rows, plot_overoptimization, print_overoptimization,
+                                         summarize)
     from align.reporting import plot_metric_grid
 
     n = 12
@@ -255,7 +256,8 @@ BAD_GOLD = {
 }
 
 
-# Both trainers check the gold with the same function (align.stages.policy.load_run_gold): GRPO runs two of the cases.
+# Both trainers check the gold with the same function (align.stages.ppo.common.load_run_gold): GRPO runs two of the
+# cases.
 @pytest.mark.parametrize("case, algorithm", [(case, "ppo") for case in sorted(BAD_GOLD)] +
                          [("raises", "grpo"), ("the_proxy_itself", "grpo")])
 def test_bad_gold_fails_with_one_line_before_a_model_loads(case, algorithm, dev, gold_module, monkeypatch,  # noqa: F811

@@ -1,7 +1,8 @@
-"""What the policy-optimization stages share (`align ppo`: stages/ppo.py, and its `--algorithm grpo|rloo`:
-stages/grpo.py): their per-iteration metrics' summary, plots and closing table, the samples file, and the gold
-preference they measure each iteration's responses under (`gold`: never trained on), with the overoptimization
-curve it draws (Gao et al. 2022) and the test that says when the gold fell while the proxy reward rose."""
+"""What `align ppo` (stage.py) and its `--algorithm grpo|rloo` (grpo.py) share: the policy they start from and
+the prompts they read, the learning-rate schedule's name, their per-iteration metrics' summary, plots and closing
+table, the samples file, the registry row, and the gold preference they measure each iteration's responses under
+(`gold`: never trained on), with the overoptimization curve it draws (Gao et al. 2022) and the test that says when
+the gold fell while the proxy reward rose."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import random
 from pathlib import Path
 
 from align.artifacts import RunDir, write_model_card
-from align.config import PPORunConfig, PromptDataConfig, TemplateConfig
+from align.config import PPOConfig, PPORunConfig, PromptDataConfig, TemplateConfig
 from align.data import fingerprint, read_prompts
 from align.errors import AlignError
 from align.generation import render_prompts
@@ -27,6 +28,12 @@ PLOT_PANELS = [
     ("value loss", ["vf_loss"]), ("explained variance", ["explained_variance"]),
     ("response length (tokens)", ["response_length"]), ("EOS rate", ["eos_rate"]), ("ptx loss", ["ptx_loss"]),
 ]
+
+
+def lr_scheduler_name(ppo: PPOConfig) -> str:
+    """ppo.lr_scheduler_type as transformers' get_scheduler names it: align's schedules all warm up first (for
+    ppo.warmup_steps, from 0), and transformers' "constant" would ignore the warmup."""
+    return "constant_with_warmup" if ppo.lr_scheduler_type == "constant" else ppo.lr_scheduler_type
 
 
 def summarize(history: list[dict], iterations: int, episodes: int, train_time: float, skipped: int,
@@ -112,6 +119,19 @@ def finished_rows(summary: dict) -> list[tuple[str, object]]:
     ]
 
 
+def resolve_models(cfg: PPORunConfig, registry: Registry):
+    """The SFT policy (decoder-only) and the reward model the config names, resolved and checked before anything
+    loads: (policy source, reward source), as align.modeling.resolve_model gives them."""
+    from align.modeling import require_model_kind, resolve_model
+
+    policy_source = resolve_model(cfg.model.path, registry)
+    require_model_kind(policy_source, "model.path", cfg.model.path, "align ppo", kinds=("causal",),
+                       hint="the SFT model (e.g. sft:latest) or a decoder-only model folder", model_cfg=cfg.model)
+    reward_source = resolve_model(cfg.reward.path, registry)
+    check_reward_artifact(reward_source, cfg.reward.path)
+    return policy_source, reward_source
+
+
 def check_reward_artifact(source, given: str) -> None:
     """A LoRA reward model is a SEQ_CLS adapter (what `align reward` saves), not an SFT one."""
     if source.adapter_of:
@@ -194,6 +214,17 @@ def read_policy_prompts(path: str, data: PromptDataConfig) -> list[str]:
     return prompts
 
 
+def load_policy_tokenizer(path: str, cfg: PPORunConfig):
+    """The SFT model's tokenizer, given a pad token of its own where it has none or pads with EOS (a response's EOS
+    must stay visible); and what was changed, for the start table."""
+    from align.modeling import load_tokenizer, prepare_tokenizer
+
+    tokenizer = load_tokenizer(path, cfg.model)
+    changes = prepare_tokenizer(tokenizer) if tokenizer.pad_token is None or \
+        tokenizer.pad_token_id == tokenizer.eos_token_id else []
+    return tokenizer, changes
+
+
 def encode_prompts(tokenizer, prompts: list[str], template: TemplateConfig,
                    max_length: int) -> tuple[list[tuple[str, str, list[int]]], int]:
     """(prompt as written, rendered as the SFT model saw its prompts, its token ids), and how many were too long.
@@ -229,7 +260,9 @@ def load_policy(base_path: str, cfg: PPORunConfig, tokenizer):
 def register_policy(run_dir: RunDir, registry: Registry, cfg: PPORunConfig, name: str, policy_source, base_path: str,
                     prompts: list[str], metrics: dict, config: dict, plots: list[str], parents: list) -> Artifact:
     """The finished run: model card, the folder renamed into place, the registry row (stage ppo) with `parents`
-    (artifacts or None) as its lineage."""
+    (artifacts or None) as its lineage. The row's metrics record the algorithm (ppo, grpo, rloo): `align registry
+    list` shows a GRPO/RLOO row as `ppo:N (grpo)`."""
+    metrics = {**metrics, "algorithm": cfg.algorithm}
     data_fingerprint = fingerprint([{"prompt": p} for p in prompts])
     base_model = policy_source.artifact.base_model if policy_source.artifact and policy_source.artifact.base_model \
         else base_path
@@ -268,6 +301,19 @@ def print_overoptimization(summary: dict) -> None:
 
     if summary.get("overoptimization"):
         console.print(f"[bold yellow]{summary['overoptimization']}[/bold yellow]", highlight=False)
+
+
+def print_finished(artifact: Artifact, title: str, summary: dict, plots: list[str]) -> None:
+    """The closing table (`finished: ppo:N (title)`) and, if the gold fell while the proxy rose, that line."""
+    from align.reporting import print_table
+
+    print_table(f"finished: {artifact.ref} ({title})", [
+        *finished_rows(summary),
+        ("artifact", artifact.path),
+        ("plots", ", ".join(plots) or "none"),
+        ("registry", f"{artifact.ref} (id {artifact.id})"),
+    ])
+    print_overoptimization(summary)
 
 
 def write_samples(samples: list[dict], path: Path) -> None:

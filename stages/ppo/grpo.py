@@ -4,13 +4,15 @@ GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024) drop PPO's value functio
 `ppo.group_size` responses, and a response's advantage is its reward against the others' in its group. TRL's
 GRPOTrainer / RLOOTrainer do the sampling and the updates; align gives them the same inputs as `align ppo` (the SFT
 policy and its template, the registered reward model, the prompts, the same `rollout`/`ppo` settings, mapped below),
-and reads back the same per-iteration metrics, samples, plots, summary and registry row (stage `ppo`).
+and reads back the same per-iteration metrics, samples, plots, summary and registry row (stage `ppo`, with the
+algorithm in its metrics: `align registry list` shows `ppo:N (grpo)`).
 
 Reads top to bottom: config (checked for what only PPO has) -> output folder -> prompts rendered as the SFT model
 was trained (longer ones keep their last tokens, counted) -> the SFT policy (an adapter merged once) with LoRA,
 QLoRA or full weights; the reference of the KL term is the SFT model (TRL's frozen copy of the new adapter) -> the
-reward model, loaded on its own and reading (prompt, response) text as `align reward` trained it, normalized, minus
-`rollout.missing_eos_penalty` without EOS -> TRL's trainer -> artifact renamed into place -> registry row.
+reward model, loaded on its own and reading (prompt, response) text as `align reward` trained it, normalized (the
+TextReward `align ppo` uses for such a model), minus `rollout.missing_eos_penalty` without EOS -> TRL's trainer
+-> artifact renamed into place -> registry row.
 
 With `gold` (align/gold.py), TRL gets a second reward function, the gold, with weight 0 (GRPOConfig/RLOOConfig
 `reward_weights` [1, 0]): TRL scores and logs it per step (`rewards/gold/mean`, read back as the iteration's `gold`)
@@ -33,15 +35,15 @@ from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_
 from align.config import PPORunConfig, load_config, to_dict
 from align.errors import AlignError
 from align.memory import check_memory, trainer_workload
-from align.modeling import (load_tokenizer, merge_adapter, parameter_summary, prepare_tokenizer, require_model_kind,
-                            resolve_model, trainer_defaults, training_config, training_template)
+from align.modeling import merge_adapter, parameter_summary, trainer_defaults, training_config, training_template
 from align.gold import Gold
-from align.stages.policy import (PLOT_PANELS, check_reward_artifact, encode_prompts, finished_rows, load_policy,
-                          load_run_gold, plot_overoptimization, print_overoptimization, print_samples,
-                          read_policy_prompts, register_policy, summarize, write_samples)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
 from align.scoring import RewardScorer
+from align.stages.ppo.common import (PLOT_PANELS, encode_prompts, load_policy, load_policy_tokenizer, load_run_gold,
+                                     lr_scheduler_name, plot_overoptimization, print_finished, print_samples,
+                                     read_policy_prompts, register_policy, resolve_models, summarize, write_samples)
+from align.stages.ppo.rewards import TextReward
 
 STAGE = "ppo"
 
@@ -50,7 +52,7 @@ def load(config_path: str, overrides: list[str]) -> PPORunConfig:
     """The validated config (what GRPO / RLOO cannot honour is refused by align.config, with file:line)."""
     cfg = load_config(config_path, overrides, PPORunConfig)
     if cfg.algorithm == "ppo":
-        raise AlignError("algorithm: ppo runs in stages/ppo.py (`align ppo` picks it)")
+        raise AlignError("algorithm: ppo runs in stages/ppo/stage.py (`align ppo` picks it)")
     return cfg
 
 
@@ -61,11 +63,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
     checkpoint = run_dir.open(resume, int(os.environ.get("RANK", "0")) == 0)
     registry = Registry()
-    policy_source = resolve_model(cfg.model.path, registry)
-    require_model_kind(policy_source, "model.path", cfg.model.path, "align ppo", kinds=("causal",),
-                       hint="the SFT model (e.g. sft:latest) or a decoder-only model folder", model_cfg=cfg.model)
-    reward_source = resolve_model(cfg.reward.path, registry)
-    check_reward_artifact(reward_source, cfg.reward.path)
+    policy_source, reward_source = resolve_models(cfg, registry)
     if cfg.reward.share_base == "true":
         raise AlignError(f"reward.share_base: true: TRL's {cfg.algorithm.upper()} trainer scores with a reward model "
                          f"of its own; set reward.share_base: auto or false")
@@ -76,9 +74,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
 
     # 2. Prompts, rendered as the SFT model was trained (its template, its tokenizer).
     prompts = read_policy_prompts(prompt_path, cfg.data)
-    tokenizer = load_tokenizer(policy_source.path, cfg.model)
-    tokenizer_changes = prepare_tokenizer(tokenizer) if tokenizer.pad_token is None or \
-        tokenizer.pad_token_id == tokenizer.eos_token_id else []
+    tokenizer, tokenizer_changes = load_policy_tokenizer(policy_source.path, cfg)
     encoded, truncated = encode_prompts(tokenizer, prompts, training_template(policy_source.path),
                                         cfg.rollout.max_prompt_length)
     if len(prompts) < cfg.ppo.batch_size * args.world_size:
@@ -93,7 +89,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     params = parameter_summary(model)
     ends = model.generation_config.eos_token_id
     eos_ids = {tokenizer.eos_token_id, *([ends] if isinstance(ends, int) else ends or [])}
-    reward = GroupReward(RewardScorer.load(reward_source.path, registry), cfg, eos_ids)
+    text_reward = TextReward(RewardScorer.load(reward_source.path, registry), cfg.reward)
+    reward = GroupReward(text_reward, cfg.rollout.missing_eos_penalty, eos_ids)
     measure = GoldReward(gold, reward) if gold else None
     log = IterationLog(cfg, steps_per_iteration, reward)
 
@@ -107,7 +104,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         args, longest, logit_positions=cfg.rollout.max_new_tokens + 1,
         generation_tokens=cfg.ppo.batch_size * cfg.ppo.group_size * longest, batch_key="ppo.mini_batch_size",
         accumulation_key=None, checkpointing_key=None, length_key=None),
-        extra_weight_bytes=parameter_summary(reward.scorer.model).memory_bytes +
+        extra_weight_bytes=parameter_summary(text_reward.model).memory_bytes +
         (parameter_summary(reference).memory_bytes if reference is not None else 0))
     run_dir.create()
     if is_main:
@@ -119,7 +116,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                           f"per prompt compared with each other; no value function"),
             ("reference (KL)", "the SFT model: a frozen copy of the new (identity) adapter (TRL's 'ref')"
              if cfg.lora.enabled else "a frozen copy of the SFT model"),
-            ("reward model", f"{cfg.reward.path}: {reward.describe()}"),
+            ("reward model", f"{cfg.reward.path}: {text_reward.describe()}"),
             ("gold (measured only)", f"{gold.spec}: {gold.description}; scored on every iteration's responses as a "
                                      f"reward function of weight 0 (never trained on)" if gold else "none"),
             ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
@@ -163,19 +160,11 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                         loop_time, 0, cfg.ppo.kl_coef)
     plots = plot_metric_grid(history, work, f"{cfg.algorithm}_curves.png", PLOT_PANELS) + \
         plot_overoptimization(history, work, summary.get("overoptimization"))
-    metrics = {**summary, "algorithm": cfg.algorithm, "group_size": cfg.ppo.group_size,
-               "truncated_prompts": truncated, "prompts": len(prompts), "trainable_parameters": params.trainable,
-               "total_parameters": params.total}
+    metrics = {**summary, "group_size": cfg.ppo.group_size, "truncated_prompts": truncated, "prompts": len(prompts),
+               "trainable_parameters": params.trainable, "total_parameters": params.total}
     artifact = register_policy(run_dir, registry, cfg, name, policy_source, base_path, prompts, metrics, config,
                                plots, [policy_source.artifact, reward_source.artifact, prompt_artifact])
-    final = Path(artifact.path)
-    print_table(f"finished: {artifact.ref} ({name}, {cfg.algorithm})", [
-        *finished_rows(summary),
-        ("artifact", str(final)),
-        ("plots", ", ".join(plots) or "none"),
-        ("registry", f"{artifact.ref} (id {artifact.id})"),
-    ])
-    print_overoptimization(summary)
+    print_finished(artifact, f"{name}, {cfg.algorithm}", summary, plots)
     return artifact
 
 
@@ -205,8 +194,7 @@ def _trl_config(cfg: PPORunConfig, run_dir: RunDir):
         per_device_train_batch_size=ppo.mini_batch_size, gradient_accumulation_steps=1,
         steps_per_generation=per_generation, num_generations=ppo.group_size, num_iterations=ppo.ppo_epochs,
         max_steps=ppo.steps * steps_per_iteration, learning_rate=ppo.learning_rate,
-        # transformers' "constant" ignores warmup steps; align's schedules all warm up first
-        lr_scheduler_type="constant_with_warmup" if ppo.lr_scheduler_type == "constant" else ppo.lr_scheduler_type,
+        lr_scheduler_type=lr_scheduler_name(ppo),
         warmup_steps=ppo.warmup_steps * steps_per_iteration, disable_dropout=True,
         weight_decay=ppo.weight_decay, max_grad_norm=ppo.max_grad_norm, beta=ppo.kl_coef,
         epsilon=ppo.cliprange, max_completion_length=rollout.max_new_tokens, temperature=rollout.temperature,
@@ -240,29 +228,22 @@ def _make_trainer(algorithm: str, model, rewards: list, args, rows: list[dict], 
 # The reward and the per-iteration log
 
 class GroupReward:
-    """TRL's reward function: the registered reward model's score of (prompt as written, response), normalized as
-    stored with it, minus rollout.missing_eos_penalty for a response that reached max_new_tokens without EOS. Keeps
-    the last batch's samples for the log."""
+    """TRL's reward function: the run's TextReward (the registered reward model's score of (prompt as written,
+    response), normalized as stored with it), minus rollout.missing_eos_penalty for a response that reached
+    max_new_tokens without EOS. Keeps the last batch's samples for the log."""
 
     __name__ = "reward"  # TRL names the logged reward after its function
 
-    def __init__(self, scorer: RewardScorer, cfg: PPORunConfig, eos_ids: set[int]):
-        self.scorer = scorer
-        self.normalized = cfg.reward.normalized
-        self.batch_size = cfg.reward.batch_size
-        self.penalty = cfg.rollout.missing_eos_penalty
+    def __init__(self, reward: TextReward, missing_eos_penalty: float, eos_ids: set[int]):
+        self.reward = reward
+        self.penalty = missing_eos_penalty
         self.eos_ids = eos_ids
         self.samples: list[dict] = []  # the last batch's
         self.rewards: list[float] = []  # the last batch's
 
-    def describe(self) -> str:
-        return f"separate model ({type(self.scorer.model).__name__}), reads responses as text with its own tokenizer"
-
     def __call__(self, prompts, completions, completion_ids, raw_prompt, **kwargs) -> list[float]:
         responses = [c.strip() for c in completions]
-        raw = self.scorer.score(raw_prompt, responses, self.batch_size, normalized=False)
-        norm = self.scorer.normalization
-        scores = [norm.apply(r) for r in raw] if norm is not None and self.normalized else list(raw)
+        _, scores = self.reward.score(raw_prompt, responses)
         ended = [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
         rewards = [s - (0.0 if end else self.penalty) for s, end in zip(scores, ended)]
         self.samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in zip(raw_prompt, responses, rewards)]
