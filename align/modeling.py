@@ -383,7 +383,8 @@ def require_model_kind(source: ModelSource, option: str, given: str, command: st
     if kind in kinds:
         return kind
     label = f"{given} ({source.artifact.ref})" if source.artifact and source.artifact.ref != given else given
-    needed = "a causal LM (decoder-only)" if kinds == ("causal",) else "a language model (causal or encoder-decoder)"
+    needed = {("causal",): "a causal LM (decoder-only)", ("reward",): "a reward model"}.get(
+        kinds, "a language model (causal or encoder-decoder)")
     raise AlignError(f"{option}: {label} is {description}; {command} needs {needed}: give {hint}")
 
 

@@ -39,6 +39,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from align.files import write_jsonl
@@ -48,6 +49,7 @@ from align.gold import Gold, load_gold, rank
 from align.labeling import argilla_api, server, task
 from align.labeling.argilla_api import SIM_PREFIX, Api, annotation_url, simulated_users_file
 from align.labeling.preferences import TIES, majority, pairwise_agreement, ranking_to_pairs
+from align.labeling.selection import DEFAULT_ENCODER, STRATEGIES, Selection
 from align.labeling.task import METADATA_KEY, annotator_id, esc, show
 
 WORKSPACE = server.WORKSPACE
@@ -109,7 +111,7 @@ def _completion(position: int) -> str:
     return f"completion_{position + 1}"
 
 
-def _layout(k: int) -> dict[str, Any]:
+def layout(k: int) -> dict[str, Any]:
     """Fields, questions and metadata properties of a rankings dataset, as Argilla's REST API takes them."""
     fields = [{"name": "prompt", "title": "Prompt", "required": True,
                "settings": {"type": "text", "use_markdown": True}}]
@@ -130,7 +132,16 @@ def _layout(k: int) -> dict[str, Any]:
                                   "model_input": "Prompt as the model saw it"})
     metadata.append({"name": "duplicates", "title": "Identical completions kept", "visible_for_annotators": False,
                      "settings": {"type": "integer"}})
-    return {"fields": fields, "questions": questions, "metadata": metadata}
+    return {"fields": fields, "questions": questions, "metadata": metadata + SELECTION_PROPERTIES}
+
+
+# Why a record was chosen for ranking (`push --select`): added to a dataset created before selection existed.
+SELECTION_PROPERTIES = task.hidden_terms({"selection": "Chosen by (active selection)"}) + [
+    {"name": "selection_score", "title": "Score behind the choice", "visible_for_annotators": False,
+     "settings": {"type": "float"}},
+    {"name": "selection_rank", "title": "Order of the choice", "visible_for_annotators": False,
+     "settings": {"type": "integer"}},
+]
 
 
 def _shape(fields: list[dict], questions: list[dict], metadata: list[dict]) -> dict[str, dict]:
@@ -156,7 +167,8 @@ def _differences(have: dict[str, dict], want: dict[str, dict]) -> list[str]:
             if found != wanted and (name.startswith("completion_") or name == "ranking"):
                 continue  # already said
             if name not in have[part]:
-                diffs.append(f"it has no '{name}' {noun}")
+                if not any(name == p["name"] for p in SELECTION_PROPERTIES):  # added by the push that needs them
+                    diffs.append(f"it has no '{name}' {noun}")
             elif name not in want[part]:
                 if part != "metadata":  # extra metadata properties (added in the UI) do no harm
                     diffs.append(f"it has a '{name}' {noun} that align's rankings layout does not")
@@ -178,6 +190,7 @@ class PushResult:
     duplicates_kept: int  # completions still identical to another of the same prompt after the retries
     repeated_prompts: int  # prompts that appeared more than once in the file (pushed once)
     notes: list[str] = field(default_factory=list)  # settings updated, an unfinished dataset replaced
+    selection: Selection | None = None  # `--select`: which prompts of the pool were chosen, and why
 
 
 def sampling_text(sampling) -> str:
@@ -202,11 +215,14 @@ def model_label(ref: str) -> str:
 
 def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
          annotators_per_record: int | None = None, workspace: str = WORKSPACE, guidelines_file: str | None = None,
-         log_every: int = 32, retries: int = 3) -> PushResult:
+         log_every: int = 32, retries: int = 3, select: str | None = None, budget: int | None = None,
+         reward_models: Sequence[str] = (), encoder: str = DEFAULT_ENCODER) -> PushResult:
     """Sample K completions per prompt and log one Argilla record per prompt (see the module docstring).
 
     ``annotators_per_record`` (rankings wanted per prompt; 1 for a new dataset when None) and ``guidelines_file``
-    change an existing dataset only when given.
+    change an existing dataset only when given. With ``select`` the prompts file is a pool: only ``budget`` of its
+    prompts are pushed, chosen by labeling/selection.py (``reward_models`` score the candidates for ``uncertainty``
+    and ``disagreement``; ``encoder`` embeds the prompts for ``diversity``); each record keeps why it was chosen.
     """
     from align.data import read_prompts
     from align.generation import SamplingConfig
@@ -214,8 +230,12 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
 
     sampling = sampling or SamplingConfig(temperature=1.0)
     _check_push_args(k, annotators_per_record, sampling, log_every, dataset)
+    _check_selection_args(select, budget, reward_models)
     # Before the server is reached (and an existing dataset's settings updated): not a model that generates text.
     require_model_kind(resolve_model(model), "--model", model, COMMAND, hint=GENERATION_HINT)
+    for ref in reward_models:
+        require_model_kind(resolve_model(ref), "--reward-model", ref, COMMAND, kinds=("reward",),
+                           hint="a reward model (reward:latest, or a folder saved by align reward)")
     prompts = read_prompts(prompts_path)
     unique = list(dict.fromkeys(prompts))
     guidelines = task.read_guidelines(guidelines_file, DEFAULT_GUIDELINES.format(k=k))
@@ -228,25 +248,99 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
     ids = {prompt: record_id(dataset, prompt) for prompt in unique}
     todo = [prompt for prompt in unique if not _complete(existing.get(ids[prompt]), k)]
 
-    created, duplicates = 0, 0
+    created, duplicates, chosen, loaded, presampled = 0, 0, None, None, {}
+    if select is not None:
+        from align.modeling import load_for_inference
+
+        if reward_models and select in ("uncertainty", "disagreement"):
+            loaded = load_for_inference(model, option="--model")
+        chosen, presampled = _select_prompts(select, budget, unique, k, sampling, retries, loaded, reward_models,
+                                             encoder)
+        unique = [unique[i] for i in chosen.indices]
+        todo = [prompt for prompt in unique if not _complete(existing.get(ids[prompt]), k)]
+        notes += chosen.notes
+        if existing_dataset is not None:
+            _add_selection_properties(api, existing_dataset)
     if todo or existing_dataset is None:
         from align.modeling import load_for_inference
 
-        loaded = load_for_inference(model, option="--model")
+        loaded = loaded or load_for_inference(model, option="--model")
         form = _prompt_form(loaded)
         if existing_dataset is None:
             info = {**wanted_info, "conversational": form["conversational"], "system": form["system"],
                     "sampling_params": _sampling_params(sampling), "model_ref": model}
-            existing_dataset = task.create_dataset(api, dataset, workspace, _layout(k), annotators_per_record or 1,
+            existing_dataset = task.create_dataset(api, dataset, workspace, layout(k), annotators_per_record or 1,
                                                    guidelines, info)
         created, duplicates = _generate_and_log(api, existing_dataset["id"], loaded, form, todo, ids, k, sampling,
-                                                label, log_every, retries, len(unique))
+                                                label, log_every, retries, len(unique), presampled,
+                                                chosen.metadata_by(unique) if chosen else {})
     result = PushResult(dataset=dataset, dataset_id=existing_dataset["id"], url=annotation_url(api.url,
                         existing_dataset["id"]), prompts=len(unique), created=created,
                         skipped=len(unique) - len(todo), duplicates_kept=duplicates,
-                        repeated_prompts=len(prompts) - len(unique), notes=notes)
+                        repeated_prompts=len(prompts) - len(dict.fromkeys(prompts)), notes=notes, selection=chosen)
     api.close()
     return result
+
+
+def _check_selection_args(select: str | None, budget: int | None, reward_models: Sequence[str]) -> None:
+    if select is None:
+        if budget is not None or reward_models:
+            raise AlignError("--budget / --reward-model choose prompts from a pool: give --select "
+                             f"{'|'.join(STRATEGIES)} too")
+        return
+    if select not in STRATEGIES:
+        raise AlignError(f"--select {select}: choose one of {', '.join(STRATEGIES)}")
+    if budget is None or budget < 1:
+        raise AlignError(f"--select {select}: give --budget N, how many prompts of the pool go to annotators "
+                         f"(at least 1{'' if budget is None else f', got {budget}'})")
+    if select == "disagreement" and len(reward_models) == 1:
+        raise AlignError("--select disagreement asks an ensemble: give --reward-model at least twice (reward models "
+                         "trained with different seeds), or use --select uncertainty with one")
+
+
+def _select_prompts(strategy: str, budget: int, pool: list[str], k: int, sampling, retries: int, loaded,
+                    reward_models: Sequence[str], encoder: str) -> tuple[Selection, dict[str, tuple[list[str], int]]]:
+    """Which `budget` prompts of `pool` to push (labeling/selection.py) and, when the reward models had to score
+    candidates first, those candidates (prompt -> (K completions, identical ones kept)) so that annotators rank
+    exactly what was scored."""
+    from align.labeling.selection import deduplicated, embed, select
+
+    keep, repeats = deduplicated(pool)
+    notes = [f"{repeats} prompts of the pool repeat another (ignoring case and spacing): each counted once"
+             ] if repeats else []
+    pool = [pool[i] for i in keep]
+    rewards = member_rewards = embeddings = None
+    samples: dict[str, tuple[list[str], int]] = {}
+    if strategy in ("uncertainty", "disagreement") and reward_models:
+        from align.generation import sample_k
+        from align.scoring import RewardScorer
+
+        show(f"sampling {k} candidates for each of the pool's {len(pool)} prompts to score them ...")
+        texts, kept = sample_k(loaded.model, loaded.tokenizer, pool, k, sampling, template=loaded.template,
+                               retries=retries)
+        samples = {prompt: (texts[i], kept[i]) for i, prompt in enumerate(pool)}
+        member_rewards = []
+        for ref in reward_models:
+            scores = RewardScorer.load(ref).score([p for p in pool for _ in range(k)], [t for ts in texts for t in ts])
+            member_rewards.append([scores[i * k:(i + 1) * k] for i in range(len(pool))])
+        rewards = [[sum(member[i][j] for member in member_rewards) / len(member_rewards) for j in range(k)]
+                   for i in range(len(pool))]
+    elif strategy != "random":
+        embeddings = embed(pool, encoder)
+    chosen = select(strategy, len(pool), budget, seed=sampling.seed, rewards=rewards,
+                    member_rewards=member_rewards if len(reward_models) > 1 else None, embeddings=embeddings)
+    chosen.indices = [keep[i] for i in chosen.indices]  # back to positions in the caller's pool
+    chosen.notes = notes + chosen.notes
+    return chosen, samples
+
+
+def _add_selection_properties(api: Api, dataset: dict) -> None:
+    """A dataset created before `--select` existed gets the metadata properties that say why a record was chosen."""
+    have = {m["name"] for m in task.read_layout(api, dataset["id"])["metadata"]}
+    for item in SELECTION_PROPERTIES:
+        if item["name"] not in have:
+            api.call("POST", f"/api/v1/datasets/{dataset['id']}/metadata-properties",
+                     f"adding '{item['name']}' to dataset '{dataset['name']}'", json_body=item, expect=(201,))
 
 
 def _check_push_args(k: int, annotators: int | None, sampling, log_every: int, dataset: str) -> None:
@@ -266,7 +360,7 @@ def _check_existing(api: Api, dataset: dict, name: str, k: int, wanted: dict, an
     """The dataset exists: its layout and model/sampling must match this push; guidelines (when given) and the
     number of annotators per record are updated when they differ. Returns what was updated."""
     def differences(info: dict) -> list[str]:
-        diffs = _differences(_shape(**task.read_layout(api, dataset["id"])), _shape(**_layout(k)))
+        diffs = _differences(_shape(**task.read_layout(api, dataset["id"])), _shape(**layout(k)))
         for key, flag in (("model", "--model"), ("sampling", "sampling flags")):
             if not diffs and info.get(key) != wanted[key]:
                 diffs.append(f"its completions come from {key} '{info.get(key)}', this push uses '{wanted[key]}' "
@@ -315,7 +409,8 @@ def _prompt_form(loaded) -> dict:
 
 
 def _generate_and_log(api: Api, dataset_id: str, loaded, form: dict, todo: list[str], ids: dict[str, str], k: int,
-                      sampling, label: str, log_every: int, retries: int, total: int) -> tuple[int, int]:
+                      sampling, label: str, log_every: int, retries: int, total: int,
+                      presampled: dict[str, tuple[list[str], int]], chosen: dict[str, dict]) -> tuple[int, int]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from align.generation import sample_k
@@ -328,15 +423,19 @@ def _generate_and_log(api: Api, dataset_id: str, loaded, form: dict, todo: list[
         logging = progress.add_task("logging records", total=len(todo))
         for start in range(0, len(todo), log_every):
             chunk = todo[start:start + log_every]
-            samples, repeats = sample_k(loaded.model, loaded.tokenizer, chunk, k, sampling,
-                                        template=loaded.template, retries=retries,
-                                        progress=lambda n: progress.advance(sampled, n))
+            if all(prompt in presampled for prompt in chunk):  # scored by the reward models already: keep those
+                samples, repeats = [presampled[p][0] for p in chunk], [presampled[p][1] for p in chunk]
+                progress.advance(sampled, len(chunk) * k)
+            else:
+                samples, repeats = sample_k(loaded.model, loaded.tokenizer, chunk, k, sampling,
+                                            template=loaded.template, retries=retries,
+                                            progress=lambda n: progress.advance(sampled, n))
             items = []
             for prompt, texts, kept in zip(chunk, samples, repeats):
                 rid = ids[prompt]
                 order = shuffled_order(rid, k)
                 metadata = {"model": label, "sampling": sampling_text(sampling), "order": ",".join(map(str, order)),
-                            "duplicates": kept}
+                            "duplicates": kept, **chosen.get(prompt, {})}
                 shown = form["model_input"](prompt)
                 if shown != prompt:
                     metadata["model_input"] = shown
@@ -367,6 +466,10 @@ def push_command(**kwargs) -> PushResult:
         show(f"  {esc(note)}")
     if result.repeated_prompts:
         show(f"  {result.repeated_prompts} repeated prompts in the file were pushed once")
+    if result.selection is not None:
+        chosen = result.selection
+        show(f"  {len(chosen.indices)} prompts of the pool chosen by [bold]{chosen.strategy}[/bold] (metadata "
+             "'selection', 'selection_score', 'selection_rank')")
     if result.duplicates_kept:
         show(f"  [yellow]{result.duplicates_kept} completions are identical to another one of the same prompt[/yellow]"
              " even after re-sampling (metadata 'duplicates'); a higher --temperature gives more variety")
@@ -391,9 +494,12 @@ def status(dataset: str, workspace: str = WORKSPACE) -> dict:
             totals.update({key: value for key, value in (user.get(part) or {}).items() if isinstance(value, int)})
         per_user[user["username"]] = {"submitted": totals["submitted"], "draft": totals["draft"],
                                       "discarded": totals["discarded"]}
+    chosen_by = Counter((r.get("metadata") or {}).get("selection") or "all of the file"
+                        for r in argilla_api.records(api, found["id"], responses=False))
     api.close()
     info = found["metadata"][METADATA_KEY]
-    return {**progress, "users": per_user, "model": info.get("model"), "k": info.get("k")}
+    return {**progress, "users": per_user, "model": info.get("model"), "k": info.get("k"),
+            "selection": dict(chosen_by)}
 
 
 def status_command(dataset: str, workspace: str = WORKSPACE) -> dict:
@@ -404,6 +510,7 @@ def status_command(dataset: str, workspace: str = WORKSPACE) -> dict:
         ("records", current["total"]), ("completed", current["completed"]), ("pending", current["pending"]),
         ("rankings wanted per record", current["min_submitted"]), ("completions per prompt", current["k"]),
         ("model", current["model"]),
+        ("records chosen by", ", ".join(f"{how}: {n}" for how, n in sorted(current["selection"].items()))),
     ])
     show(f"annotators rank at {esc(current['url'])}")
     task.print_annotators(current["users"], ("submitted", "draft", "discarded"), "no annotator has answered yet")

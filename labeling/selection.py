@@ -46,6 +46,11 @@ class Selection:
         return {index: {"selection": self.strategy, "selection_score": round(score, 6), "selection_rank": rank}
                 for rank, (index, score) in enumerate(zip(self.indices, self.scores, strict=True), start=1)}
 
+    def metadata_by(self, chosen_items: Sequence) -> dict:
+        """The same, keyed by the chosen items themselves (`chosen_items[n]` is the pool item `indices[n]`)."""
+        by_index = self.metadata()
+        return {item: by_index[index] for item, index in zip(chosen_items, self.indices, strict=True)}
+
 
 def pair_entropy(rewards: Sequence[float]) -> float:
     """Mean binary entropy (bits) of the Bradley-Terry preference P(i beats j) over all pairs of candidates."""
