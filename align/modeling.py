@@ -288,7 +288,7 @@ def trainer_defaults(model_cfg: ModelConfig, output_dir: Path, seed: int, data_s
 
 def training_config(config_class: type, values: dict):
     """`config_class(**values)`, with TrainingArguments' own consistency checks as one-line user errors (at the
-    file:line of the key they are about when a stage's `load` builds it, through `load_config(check=...)`)."""
+    file:line of the key they are about when a stage's `load` builds it, through `LoadedConfig.finish(check=...)`)."""
     try:
         return config_class(**values)
     except ValueError as e:

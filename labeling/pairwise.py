@@ -40,7 +40,6 @@ responses, simulated annotators' queues) is labeling/task.py.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,24 +119,15 @@ def generations_path(source: str) -> tuple[Path, Any]:
 
 def read_generations(source: str) -> Generations:
     path, artifact = generations_path(source)
+    from align.data import read_records
+
     responses: dict[str, dict[str, str]] = {}
     repeated = 0
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise AlignError(f"--generations: cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise AlignError(f"--generations: {path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise AlignError(f"--generations: {path}:{number}: malformed JSON") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("model", "prompt",
-                                                                                           "response")):
-            raise AlignError(f"--generations: {path}:{number}: expected an object with string fields model, prompt "
+    # align's JSON-lines reader: lines end at newlines only (a response may hold U+2028, which splitlines() splits)
+    records = read_records(str(path), key="--generations")
+    for row, where in zip(records.rows, records.locations, strict=True):
+        if not all(isinstance(row.get(key), str) for key in ("model", "prompt", "response")):
+            raise AlignError(f"--generations: {where}: expected an object with string fields model, prompt "
                              "and response")
         by_prompt = responses.setdefault(row["model"], {})
         if row["prompt"] in by_prompt:

@@ -1,1 +1,2 @@
-"""One module per InstructGPT stage; each reads top to bottom like a script and imports only `align`."""
+"""The middle layer: one module per InstructGPT stage (ppo/ a package), each read top to bottom like a script, its
+config dataclasses beside it (sft_config.py, ...); stages import only the core (`align`), never labeling or the CLI."""

@@ -190,7 +190,7 @@ def test_bad_input_is_a_one_line_error(models, tmp_path, monkeypatch):
     assert "no prompt in" in _one_line_error(pairwise.push, str(lone), "x", "y", "never")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"model": "x", "prompt": "p", "response": "r"}\n{"model": \n')
-    assert _one_line_error(pairwise.push, str(broken), "x", "y", "never") == (
+    assert _one_line_error(pairwise.push, str(broken), "x", "y", "never").startswith(
         f"--generations: {broken}:2: malformed JSON")
     assert _one_line_error(pairwise.pull, "no-such-dataset", str(tmp_path / "o.jsonl")).endswith(
         "create it with `align eval human push --dataset no-such-dataset ...`")
@@ -303,3 +303,17 @@ def test_choice_rules_and_mapping():
     assert plurality(["win", "tie"]) == "tie" and plurality(["loss"]) == "loss"
     sides = [model_side(f"ab-{i}") for i in range(200)]
     assert sides == [model_side(f"ab-{i}") for i in range(200)] and 70 < sides.count("A") < 130
+
+
+def test_generations_whose_responses_hold_unicode_line_separators_are_read_whole(tmp_path):
+    """A model may write U+2028 / U+2029 (SmolLM2 does): JSON lines end at newlines only, not where str.splitlines()
+    would split them."""
+    import json
+
+    from align.labeling import pairwise
+
+    path = tmp_path / "generations.jsonl"
+    rows = [{"model": "a", "prompt": "p", "response": "one\u2028two"},
+            {"model": "b", "prompt": "p", "response": "x\u2029"}]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    assert pairwise.read_generations(str(path)).responses == {"a": {"p": "one\u2028two"}, "b": {"p": "x\u2029"}}
