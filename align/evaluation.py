@@ -607,7 +607,9 @@ class _Row(NamedTuple):
 
 
 class _RequestEncoder:
-    """(context, continuation) -> `_Row`, the lm-evaluation-harness way."""
+    """(context, continuation) -> `_Row`, as lm-evaluation-harness encodes a request (tests/test_lm_eval_crosscheck.py
+    checks the two agree), except where the tokenizer merges the context's last token with the option's first:
+    lm-eval then scores only the tokens past the context's length, align every token that holds option text."""
 
     def __init__(self, tokenizer, max_positions: int):
         self.tokenizer = tokenizer

@@ -109,7 +109,7 @@ VARIANTS = ("align", "trl")
 # optimizer states and activations cost. With the default 3.4M-parameter model (13 MiB of float32 weights) the floor
 # is most of each side's peak RSS.
 FLOOR_IMPORTS = {
-    "align": "import torch, transformers, peft, accelerate, matplotlib.pyplot, align.stages.ppo; "
+    "align": "import torch, transformers, peft, accelerate, matplotlib.pyplot, align.stages.ppo.stage; "
              "from transformers import LlamaForCausalLM, LlamaForSequenceClassification, GenerationConfig; "
              "from peft import PeftModel, get_peft_model",
     "trl": "import torch, transformers, peft, datasets, accelerate; "
@@ -183,8 +183,9 @@ def child_prepare(work: Path) -> None:
     template with the assistant turn opened); the generated align config checked against align's schema."""
     from transformers import AutoTokenizer
 
-    from align.config import PPORunConfig, TemplateConfig, load_config
+    from align.config import TemplateConfig, load_config
     from align.generation import render_prompts
+    from align.stages.ppo.config import PPORunConfig
 
     load_config(work / "align-ppo.yaml", [], PPORunConfig)  # a schema error shows here, not after TRL's run
     tokenizer = AutoTokenizer.from_pretrained(work / "policy")

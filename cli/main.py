@@ -106,6 +106,18 @@ def _sampling(name: str):
     return parse
 
 
+def _training_command(commands, name: str, summary: str, example_config: str, example_override: str, handler):
+    """A training stage's command: --config, key=value overrides, --resume, --debug."""
+    command = commands.add_parser(name, help=summary)
+    command.add_argument("--config", required=True, help=f"YAML config (see {example_config})")
+    command.add_argument("overrides", nargs="*", metavar="key=value",
+                         help=f"override config values, e.g. {example_override}")
+    command.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    command.set_defaults(handler=handler)
+    return command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="align", description="InstructGPT-style alignment: SFT, reward model, "
                                                                "PPO/DPO, with a model registry.")
@@ -113,20 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
-    sft = commands.add_parser("sft", help="supervised fine-tuning (stage 1)")
-    sft.add_argument("--config", required=True, help="YAML config (see configs/)")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. lora.r=8")
-    sft.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    sft.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    sft.set_defaults(handler=_run_sft)
+    _training_command(commands, "sft", "supervised fine-tuning (stage 1)", "configs/", "lora.r=8", _run_sft)
 
     # --- reward model: train (stages/reward.py) and score (align/scoring.py) ---
-    reward = commands.add_parser("reward", help="reward model from human preference pairs (stage 2)")
-    reward.add_argument("--config", required=True, help="YAML config (see configs/reward.yaml)")
-    reward.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. lora.r=8")
-    reward.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    reward.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    reward.set_defaults(handler=_run_reward)
+    _training_command(commands, "reward", "reward model from human preference pairs (stage 2)", "configs/reward.yaml",
+                      "lora.r=8", _run_reward)
     score = commands.add_parser("score", help="score (prompt, response) records with a reward model")
     score.add_argument("--model", required=True, help="reward model: folder or registry ref (reward:latest, reward:2)")
     score.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet records with a prompt and a response "
@@ -140,21 +143,13 @@ def _parser() -> argparse.ArgumentParser:
     # --- end reward model ---
 
     # --- policy optimization: PPO (stages/ppo/) and DPO (stages/dpo.py) ---
-    ppo = commands.add_parser("ppo", help="PPO against a reward model, KL-penalized to the SFT model (stage 3)")
-    ppo.add_argument("--config", required=True, help="YAML config (see configs/ppo.yaml)")
-    ppo.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. ppo.steps=50")
-    ppo.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    ppo = _training_command(commands, "ppo", "PPO against a reward model, KL-penalized to the SFT model (stage 3)",
+                            "configs/ppo.yaml", "ppo.steps=50", _run_ppo)
     ppo.add_argument("--algorithm", choices=["ppo", "grpo", "rloo"],
                      help="ppo (default): InstructGPT PPO; grpo / rloo: TRL's group-relative trainers (the config's "
                           "`algorithm`)")
-    ppo.set_defaults(handler=_run_ppo)
-    dpo = commands.add_parser("dpo", help="DPO on preference pairs, reference = the SFT model (stage 3)")
-    dpo.add_argument("--config", required=True, help="YAML config (see configs/dpo.yaml)")
-    dpo.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. training.beta=0.2")
-    dpo.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    dpo.set_defaults(handler=_run_dpo)
-    for sub in (ppo, dpo):
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _training_command(commands, "dpo", "DPO on preference pairs, reference = the SFT model (stage 3)",
+                      "configs/dpo.yaml", "training.beta=0.2", _run_dpo)
     # --- end policy optimization ---
 
     # --- evaluation (stages/eval.py; human A/B: labeling/pairwise.py) ---
@@ -382,14 +377,16 @@ def _run_score(args) -> None:
 
 
 def _run_ppo(args) -> None:
-    from align.config import PPORunConfig, load_config
+    from align.config import read_config
+    from align.stages.ppo.config import PPORunConfig
 
     overrides = args.overrides + ([f"algorithm={args.algorithm}"] if args.algorithm else [])
-    if load_config(args.config, overrides, PPORunConfig).algorithm == "ppo":
-        from align.stages import ppo as stage
+    loaded = read_config(args.config, overrides, PPORunConfig)
+    if loaded.config.algorithm == "ppo":
+        from align.stages.ppo import stage
     else:  # grpo, rloo: TRL's trainers
         from align.stages.ppo import grpo as stage
-    stage.run(args.config, overrides, resume=args.resume)
+    stage.run(stage.check(loaded), args.config, resume=args.resume)
 
 
 def _human_push(args) -> None:

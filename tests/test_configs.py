@@ -321,7 +321,7 @@ def test_fsdp_plugin_from_config():
 
 @pytest.mark.parametrize("path", PPO_CONFIGS, ids=_name)
 def test_ppo_config_loads_and_names_its_command(path):
-    from align.stages import ppo
+    from align.stages.ppo import stage as ppo
 
     cfg = ppo.load(str(path), [])
     assert cfg.model.path == "sft:latest" and cfg.reward.path == "reward:latest"
@@ -345,7 +345,8 @@ def test_eval_config_loads_and_its_benchmark_files_read(path):
 def test_pipeline_config_steps_load_with_their_overrides(path):
     """Every step's config and overrides validate as the pipeline will run them (references wired in)."""
     from align.cli import pipeline
-    from align.stages import dpo, eval as evaluation, ppo, reward, sft
+    from align.stages import dpo, eval as evaluation, reward, sft
+    from align.stages.ppo import stage as ppo
 
     cfg = pipeline.load(str(path), [])
     wired = {"reward": ["model.path=sft:1", "data.path=label:1"], "ppo": ["model.path=sft:1", "reward.path=reward:1"],

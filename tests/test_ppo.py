@@ -994,7 +994,7 @@ def _rollout(response_mask, values):
 
 
 def test_shape_rewards_gae_matches_a_hand_computation():
-    from align.config import PPOConfig
+    from align.stages.ppo.config import PPOConfig
     from align.stages.ppo.distributed import Distributed
     from align.stages.ppo.trainer import AdaptiveKL
 
@@ -1040,7 +1040,7 @@ def test_adaptive_kl_moves_beta_towards_the_target_with_clipped_steps():
 
 
 def test_cut_responses_stop_at_the_first_eos_and_mask_the_rest():
-    from align.config import RolloutConfig
+    from align.stages.ppo.config import RolloutConfig
 
     eos, pad = 2, 0
     trainer = _bare_trainer(eos_ids={eos}, rollout_cfg=RolloutConfig(), tokenizer=SimpleNamespace(pad_token_id=pad))

@@ -112,20 +112,21 @@ def test_clipped_policy_loss_clips_where_it_should():
 
 
 def test_clipped_value_loss_clips_where_it_should():
-    old = torch.zeros(1, 4)
-    returns = torch.ones(1, 4)
-    predicted = torch.tensor([[0.5, 0.1, -0.5, 9.0]], requires_grad=True)
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    old = torch.zeros(1, 5)
+    returns = torch.ones(1, 5)
+    predicted = torch.tensor([[0.5, 0.1, -0.5, 0.6, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
     loss, stats = losses.clipped_value_loss(predicted, old, returns, mask, cliprange_value=0.2)
     # 0.5 -> clipped to 0.2: errors 0.25 | 0.64, the larger 0.64; 0.1: within range, 0.81 both;
-    # -0.5 -> clipped to -0.2: errors 2.25 | 1.44, the larger 2.25. 0.5 * mean = 0.5 * 3.7 / 3.
-    assert loss.item() == pytest.approx(0.5 * 3.7 / 3, abs=1e-6)
-    assert stats["vf_clipfrac"].item() == pytest.approx(1 / 3), "only -0.5's unclipped error was the larger"
+    # -0.5 -> clipped to -0.2: errors 2.25 | 1.44, the larger 2.25; 0.6 -> 0.2: 0.16 | 0.64.
+    # 0.5 * mean = 0.5 * 4.34 / 4.
+    assert loss.item() == pytest.approx(0.5 * 4.34 / 4, abs=1e-6)
+    assert stats["vf_clipfrac"].item() == pytest.approx(2 / 4), "the clip decided the loss at 0.5 and 0.6"
     loss.backward()
     grad = predicted.grad[0]
-    assert grad[0] == 0, "the clipped prediction gives no gradient"
-    assert grad[1] == pytest.approx(0.5 * 2 * (0.1 - 1) / 3) and grad[2] == pytest.approx(0.5 * 2 * (-0.5 - 1) / 3)
-    assert grad[3] == 0
+    assert grad[0] == 0 and grad[3] == 0, "a clipped prediction gives no gradient"
+    assert grad[1] == pytest.approx(0.5 * 2 * (0.1 - 1) / 4) and grad[2] == pytest.approx(0.5 * 2 * (-0.5 - 1) / 4)
+    assert grad[4] == 0
 
 
 def test_chunked_entropy_equals_the_full_softmax_entropy():
@@ -154,8 +155,8 @@ def test_ppo_and_grpo_share_one_schedule_that_warms_up_from_zero(kind):
     ppo.warmup_steps, then constant, linear or cosine decay to the last step."""
     from transformers import get_scheduler
 
-    from align.config import PPOConfig
     from align.stages.ppo.common import lr_scheduler_name
+    from align.stages.ppo.config import PPOConfig
 
     ppo = PPOConfig(lr_scheduler_type=kind, warmup_steps=2, steps=6, learning_rate=1.0)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=ppo.learning_rate)

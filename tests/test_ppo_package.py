@@ -1,6 +1,7 @@
-"""The `align ppo` package's registry row (stages/ppo/common.register_policy): every run of the `ppo` stage records
-its algorithm, and `align registry list` / `registry show` show a GRPO or RLOO row as such (`ppo:1 (grpo)`), so that
-`ppo:latest` is never a GRPO model without a sign of it. Registered from a stand-in run folder: no model is trained.
+"""The `align ppo` package's registry row (stages/ppo/common.publish_policy, on align.run.publish_model): every run
+of the `ppo` stage records its algorithm, and `align registry list` / `registry show` show a GRPO or RLOO row as such
+(`ppo:1 (grpo)`), so that `ppo:latest` is never a GRPO model without a sign of it. Registered from a stand-in run
+folder: no model is trained.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import pytest
 
 
 def _register(home, name: str, algorithm: str):
-    from align.artifacts import RunDir
-    from align.config import ModelConfig, PPORunConfig, PromptDataConfig, RewardModelConfig, to_dict
-    from align.registry import Registry
-    from align.stages.ppo.common import register_policy
+    from align.config import ModelConfig, to_dict
+    from align.run import start_run
+    from align.stages.ppo.common import publish_policy
+    from align.stages.ppo.config import PPORunConfig, PromptDataConfig, RewardModelConfig
 
     cfg = PPORunConfig(model=ModelConfig(path="sft:1"), reward=RewardModelConfig(path="reward:1"),
                        data=PromptDataConfig(path="prompts.jsonl"), algorithm=algorithm)
-    run_dir = RunDir(home / "runs" / "ppo" / name)
-    run_dir.open(resume=False)
-    run_dir.create()
-    (run_dir.work / "adapter_model.safetensors").write_bytes(b"")
-    return register_policy(run_dir, Registry(), cfg, name, SimpleNamespace(artifact=None), "base-model", ["a prompt"],
-                           {"reward_last": 0.5}, to_dict(cfg), [], [])
+    job = start_run("ppo", cfg.output, name)
+    job.folder.create()
+    (job.work / "adapter_model.safetensors").write_bytes(b"")
+    return publish_policy(job, cfg, SimpleNamespace(artifact=None), "base-model", ["a prompt"], to_dict(cfg),
+                          {"reward_last": 0.5}, [], [])
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """`align ppo`: policy optimization against a reward model (InstructGPT stage 3). The modules, one concern each:
 
 - stage.py: the `align ppo` run, read top to bottom: config -> output folder -> prompts / ptx -> policy -> models
-  -> trainer -> artifact -> registry row. `run` and `load` below are its.
+  -> trainer -> artifact -> registry row (`check`, `load`, `run`).
+- config.py: its run config (PPORunConfig and the sections only PPO has) and the checks of what the chosen algorithm
+  cannot honour. Importing it (and this package) stays light: a config mistake is reported before torch loads.
 - trainer.py: the PPO loop, one iteration as named steps: sample, score, shape rewards, advantages, update.
 - losses.py: the math as pure functions (KL-shaped rewards, GAE, whitening, clipped policy and value losses,
   entropy), tested without any distributed code.
@@ -12,9 +14,5 @@
 - checkpoints.py: saving the policy and checkpoints, and resuming from them.
 - grpo.py: `align ppo --algorithm grpo|rloo`, TRL's GRPO/RLOO trainers with the same inputs, log and artifact.
 - common.py: what stage.py and grpo.py share: prompts, the policy, the lr schedule's name, summary, plots, samples,
-  the gold measurement, the registry row.
+  the closing table's rows, the published model and its registry row, the gold measurement.
 """
-
-from align.stages.ppo.stage import load, run
-
-__all__ = ["load", "run"]

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from align.config import PPORunConfig
 from align.errors import AlignError
 from align.modeling import model_files
 from align.scoring import Normalization
+from align.stages.ppo.config import PPORunConfig
 
 if TYPE_CHECKING:
     from align.stages.ppo.distributed import Distributed

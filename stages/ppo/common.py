@@ -1,8 +1,8 @@
-"""What `align ppo` (stage.py) and its `--algorithm grpo|rloo` (grpo.py) share: the policy they start from and
-the prompts they read, the learning-rate schedule's name, their per-iteration metrics' summary, plots and closing
-table, the samples file, the registry row, and the gold preference they measure each iteration's responses under
-(`gold`: never trained on), with the overoptimization curve it draws (Gao et al. 2022) and the test that says when
-the gold fell while the proxy reward rose."""
+"""What `align ppo` (stage.py) and its `--algorithm grpo|rloo` (grpo.py) share: the policy they start from and the
+prompts they read, the learning-rate schedule's name, their per-iteration metrics' summary, plots and closing table
+rows, the samples file, the published model and its registry row, and the gold preference they measure each
+iteration's responses under (`gold`: never trained on), with the overoptimization curve it draws (Gao et al. 2022)
+and the test that says when the gold fell while the proxy reward rose."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import math
 import random
 from pathlib import Path
 
-from align.artifacts import RunDir, write_model_card
-from align.config import PPOConfig, PPORunConfig, PromptDataConfig, TemplateConfig
+from align.config import TemplateConfig
 from align.data import fingerprint, read_prompts
 from align.errors import AlignError
 from align.generation import render_prompts
 from align.gold import Gold, load_gold
 from align.registry import Artifact, Registry
+from align.run import Run, publish_model
+from align.stages.ppo.config import PPOConfig, PPORunConfig, PromptDataConfig
 
 # One PNG of the per-iteration curves; a panel whose metric a run did not log stays out.
 PLOT_PANELS = [
@@ -257,21 +258,17 @@ def load_policy(base_path: str, cfg: PPORunConfig, tokenizer):
     return apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing=False)
 
 
-def register_policy(run_dir: RunDir, registry: Registry, cfg: PPORunConfig, name: str, policy_source, base_path: str,
-                    prompts: list[str], metrics: dict, config: dict, plots: list[str], parents: list) -> Artifact:
-    """The finished run: model card, the folder renamed into place, the registry row (stage ppo) with `parents`
-    (artifacts or None) as its lineage. The row's metrics record the algorithm (ppo, grpo, rloo): `align registry
-    list` shows a GRPO/RLOO row as `ppo:N (grpo)`."""
-    metrics = {**metrics, "algorithm": cfg.algorithm}
-    data_fingerprint = fingerprint([{"prompt": p} for p in prompts])
+def publish_policy(job: Run, cfg: PPORunConfig, policy_source, base_path: str, prompts: list[str], config: dict,
+                   metrics: dict, plots: list[str], parents: list) -> Artifact:
+    """The finished run published (align.run.publish_model): model card, the folder renamed into place, the registry
+    row (stage ppo) with `parents` (artifacts or None) as its lineage. The row's metrics record the algorithm (ppo,
+    grpo, rloo): `align registry list` shows a GRPO/RLOO row as `ppo:N (grpo)`."""
     base_model = policy_source.artifact.base_model if policy_source.artifact and policy_source.artifact.base_model \
         else base_path
-    write_model_card(run_dir.work, final_path=run_dir.final, title=name, stage="ppo", base_model=base_model,
-                     model_source=cfg.model.path, adapter=cfg.lora.enabled, data_source=cfg.data.path,
-                     data_fingerprint=data_fingerprint, metrics=metrics, config=config, plots=plots)
-    return run_dir.publish(registry, keep_checkpoints=cfg.output.keep_checkpoints, stage="ppo", name=name,
-                           base_model=base_model, parents=[a.id for a in parents if a], config=config,
-                           data_fingerprint=data_fingerprint, metrics=metrics)
+    return publish_model(job, config=config, metrics={**metrics, "algorithm": cfg.algorithm}, plots=plots,
+                         base_model=base_model, model_source=cfg.model.path, adapter=cfg.lora.enabled,
+                         data_source=cfg.data.path, data_fingerprint=fingerprint([{"prompt": p} for p in prompts]),
+                         parents=parents, keep_checkpoints=cfg.output.keep_checkpoints)
 
 
 def print_samples(samples: list[dict], iteration: int, target) -> None:
@@ -301,19 +298,6 @@ def print_overoptimization(summary: dict) -> None:
 
     if summary.get("overoptimization"):
         console.print(f"[bold yellow]{summary['overoptimization']}[/bold yellow]", highlight=False)
-
-
-def print_finished(artifact: Artifact, title: str, summary: dict, plots: list[str]) -> None:
-    """The closing table (`finished: ppo:N (title)`) and, if the gold fell while the proxy rose, that line."""
-    from align.reporting import print_table
-
-    print_table(f"finished: {artifact.ref} ({title})", [
-        *finished_rows(summary),
-        ("artifact", artifact.path),
-        ("plots", ", ".join(plots) or "none"),
-        ("registry", f"{artifact.ref} (id {artifact.id})"),
-    ])
-    print_overoptimization(summary)
 
 
 def write_samples(samples: list[dict], path: Path) -> None:

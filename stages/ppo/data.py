@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from align.config import DataConfig, PPORunConfig, TemplateConfig
+from align.config import DataConfig, TemplateConfig
 from align.data import Dropped, read_records, to_examples
 from align.errors import AlignError
+from align.stages.ppo.config import PPORunConfig
 
 
 @dataclass

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.config import PPORunConfig
 from align.errors import AlignError
 from align.stages.ppo.adapters import decoder_layers, language_model
+from align.stages.ppo.config import PPORunConfig
 
 
 def _launcher_flag(name: str) -> bool:

@@ -7,12 +7,12 @@ policy and its template, the registered reward model, the prompts, the same `rol
 and reads back the same per-iteration metrics, samples, plots, summary and registry row (stage `ppo`, with the
 algorithm in its metrics: `align registry list` shows `ppo:N (grpo)`).
 
-Reads top to bottom: config (checked for what only PPO has) -> output folder -> prompts rendered as the SFT model
-was trained (longer ones keep their last tokens, counted) -> the SFT policy (an adapter merged once) with LoRA,
-QLoRA or full weights; the reference of the KL term is the SFT model (TRL's frozen copy of the new adapter) -> the
-reward model, loaded on its own and reading (prompt, response) text as `align reward` trained it, normalized (the
-TextReward `align ppo` uses for such a model), minus `rollout.missing_eos_penalty` without EOS -> TRL's trainer
--> artifact renamed into place -> registry row.
+Reads top to bottom: config (loaded by the CLI; checked for what only PPO has) -> output folder -> prompts rendered
+as the SFT model was trained (longer ones keep their last tokens, counted) -> the SFT policy (an adapter merged
+once) with LoRA, QLoRA or full weights; the reference of the KL term is the SFT model (TRL's frozen copy of the new
+adapter) -> the reward model, loaded on its own and reading (prompt, response) text as `align reward` trained it,
+normalized (the TextReward `align ppo` uses for such a model), minus `rollout.missing_eos_penalty` without EOS ->
+TRL's trainer -> artifact renamed into place -> registry row. The head and tail every stage shares are align/run.py.
 
 With `gold` (align/gold.py), TRL gets a second reward function, the gold, with weight 0 (GRPOConfig/RLOOConfig
 `reward_weights` [1, 0]): TRL scores and logs it per step (`rewards/gold/mean`, read back as the iteration's `gold`)
@@ -25,50 +25,58 @@ unscorable only when every function gave NaN, so the gold gives NaN (None) there
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from align.artifacts import CHECKPOINTS, RunDir, save_run_config, save_training_log
-from align.config import PPORunConfig, load_config, to_dict
+from align.artifacts import CHECKPOINTS, RunDir
+from align.config import LoadedConfig, read_config, to_dict
 from align.errors import AlignError
 from align.memory import check_memory, trainer_workload
 from align.modeling import merge_adapter, parameter_summary, trainer_defaults, training_config, training_template
 from align.gold import Gold
-from align.registry import Artifact, Registry, resolve_path
+from align.registry import Artifact, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
+from align.run import print_finished, save_run_record, start_run
 from align.scoring import RewardScorer
-from align.stages.ppo.common import (PLOT_PANELS, encode_prompts, load_policy, load_policy_tokenizer, load_run_gold,
-                                     lr_scheduler_name, plot_overoptimization, print_finished, print_samples,
-                                     read_policy_prompts, register_policy, resolve_models, summarize, write_samples)
+from align.stages.ppo.common import (PLOT_PANELS, encode_prompts, finished_rows, load_policy, load_policy_tokenizer,
+                                     load_run_gold, lr_scheduler_name, plot_overoptimization, print_overoptimization,
+                                     print_samples, publish_policy, read_policy_prompts, resolve_models, summarize,
+                                     write_samples)
+from align.stages.ppo.config import PPORunConfig
 from align.stages.ppo.rewards import TextReward
 
 STAGE = "ppo"
 
 
-def load(config_path: str, overrides: list[str]) -> PPORunConfig:
-    """The validated config (what GRPO / RLOO cannot honour is refused by align.config, with file:line)."""
-    cfg = load_config(config_path, overrides, PPORunConfig)
+def check(loaded: LoadedConfig) -> PPORunConfig:
+    """The config align has read (`align.config.read_config`), checked in full: what GRPO / RLOO cannot honour was
+    refused as the config was read (stages/ppo/config.py, with file:line); TRL's GRPOConfig / RLOOConfig is built
+    when the run starts."""
+    cfg = loaded.finish()
     if cfg.algorithm == "ppo":
         raise AlignError("algorithm: ppo runs in stages/ppo/stage.py (`align ppo` picks it)")
     return cfg
 
 
-def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
-    # 1. Config, output folder, references: what the user can get wrong fails before models load.
-    cfg = load(config_path, overrides)
-    name = cfg.output.name or Path(config_path).stem
-    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
-    checkpoint = run_dir.open(resume, int(os.environ.get("RANK", "0")) == 0)
-    registry = Registry()
-    policy_source, reward_source = resolve_models(cfg, registry)
+def load(config_path: str, overrides: list[str]) -> PPORunConfig:
+    """The validated config, as `align ppo --algorithm grpo|rloo` loads it."""
+    return check(read_config(config_path, overrides, PPORunConfig))
+
+
+def run(cfg: PPORunConfig, config_path: str, resume: bool = False) -> Artifact | None:
+    """`align ppo --algorithm grpo|rloo`: `cfg` checked by `check`, read from `config_path` (its file name is the
+    default run name)."""
+    # 1. The run (name, output folder, checkpoint to resume from, registry), the references: what the user can get
+    # wrong fails before models load.
+    job = start_run(STAGE, cfg.output, Path(config_path).stem, resume)
+    policy_source, reward_source = resolve_models(cfg, job.registry)
     if cfg.reward.share_base == "true":
         raise AlignError(f"reward.share_base: true: TRL's {cfg.algorithm.upper()} trainer scores with a reward model "
                          f"of its own; set reward.share_base: auto or false")
-    prompt_path, prompt_artifact = resolve_path(cfg.data.path, registry)
-    args, steps_per_iteration = _trl_config(cfg, run_dir)
+    prompt_path, prompt_artifact = resolve_path(cfg.data.path, job.registry)
+    args, steps_per_iteration = _trl_config(cfg, job.folder)
     args.device  # noqa: B018 - sets up accelerate's state: each process's own GPU, where a reward-model gold loads
     gold = load_run_gold(cfg, reward_source)  # measured each iteration, never trained on; checked now
 
@@ -89,7 +97,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     params = parameter_summary(model)
     ends = model.generation_config.eos_token_id
     eos_ids = {tokenizer.eos_token_id, *([ends] if isinstance(ends, int) else ends or [])}
-    text_reward = TextReward(RewardScorer.load(reward_source.path, registry), cfg.reward)
+    text_reward = TextReward(RewardScorer.load(reward_source.path, job.registry), cfg.reward)
     reward = GroupReward(text_reward, cfg.rollout.missing_eos_penalty, eos_ids)
     measure = GoldReward(gold, reward) if gold else None
     log = IterationLog(cfg, steps_per_iteration, reward)
@@ -106,9 +114,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         accumulation_key=None, checkpointing_key=None, length_key=None),
         extra_weight_bytes=parameter_summary(text_reward.model).memory_bytes +
         (parameter_summary(reference).memory_bytes if reference is not None else 0))
-    run_dir.create()
+    job.folder.create()
     if is_main:
-        print_table(f"align ppo --algorithm {cfg.algorithm}: {name}", [
+        print_table(f"align ppo --algorithm {cfg.algorithm}: {job.name}", [
             ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
                                                                " (8-bit)" if cfg.quantization.load_in_8bit else "")),
             ("method", "LoRA" if cfg.lora.enabled else "full fine-tuning"),
@@ -130,41 +138,41 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
                          f"{cfg.ppo.mini_batch_size} = {steps_per_iteration} optimizer steps an iteration"),
             ("KL", f"beta {cfg.ppo.kl_coef} (fixed)"),
             *[("tokenizer", change) for change in tokenizer_changes],
-            ("output", str(run_dir.final)),
+            ("output", str(job.final)),
         ])
-    resumed_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
-    if checkpoint and is_main:
-        console.print(f"resuming from {checkpoint} (iteration {resumed_step // steps_per_iteration})")
+    resumed_step = int(job.checkpoint.rsplit("-", 1)[-1]) if job.checkpoint else 0
+    if job.checkpoint and is_main:
+        console.print(f"resuming from {job.checkpoint} (iteration {resumed_step // steps_per_iteration})")
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=job.checkpoint)
     # The loop's time: this process's, plus TRL's per-step times of the steps before a resumed checkpoint.
     loop_time = time.perf_counter() - started + sum(e.get("step_time", 0.0) for e in trainer.state.log_history
                                                     if e.get("step", 0) <= resumed_step)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the starting adapter: not part of the policy
-    trainer.save_model(str(run_dir.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
+    trainer.save_model(str(job.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if not is_main:
         return None
 
     # 5. Artifact: policy (adapter or weights), tokenizer, card, log, plots, samples; rename; register.
-    work = run_dir.work
-    tokenizer.save_pretrained(str(work))
+    tokenizer.save_pretrained(str(job.work))
     config = to_dict(cfg)
-    save_run_config(config, work)
     history = iterations(trainer.state.log_history, steps_per_iteration, cfg.ppo.kl_coef)
-    save_training_log(history, work)
-    write_samples(reward.samples, work / "samples.jsonl")
+    save_run_record(job, config, history)
+    write_samples(reward.samples, job.work / "samples.jsonl")
     done = len(history)
     summary = summarize(history, done, done * cfg.ppo.batch_size * cfg.ppo.group_size * args.world_size,
                         loop_time, 0, cfg.ppo.kl_coef)
-    plots = plot_metric_grid(history, work, f"{cfg.algorithm}_curves.png", PLOT_PANELS) + \
-        plot_overoptimization(history, work, summary.get("overoptimization"))
+    plots = plot_metric_grid(history, job.work, f"{cfg.algorithm}_curves.png", PLOT_PANELS) + \
+        plot_overoptimization(history, job.work, summary.get("overoptimization"))
     metrics = {**summary, "group_size": cfg.ppo.group_size, "truncated_prompts": truncated, "prompts": len(prompts),
                "trainable_parameters": params.trainable, "total_parameters": params.total}
-    artifact = register_policy(run_dir, registry, cfg, name, policy_source, base_path, prompts, metrics, config,
-                               plots, [policy_source.artifact, reward_source.artifact, prompt_artifact])
-    print_finished(artifact, f"{name}, {cfg.algorithm}", summary, plots)
+    artifact = publish_policy(job, cfg, policy_source, base_path, prompts, config, metrics, plots,
+                              [policy_source.artifact, reward_source.artifact, prompt_artifact])
+    print_finished(job, artifact, [("algorithm", f"{cfg.algorithm} (TRL {type(trainer).__name__})"),
+                                   *finished_rows(summary)], plots)
+    print_overoptimization(summary)
     return artifact
 
 

@@ -95,12 +95,13 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
 def clipped_value_loss(predicted: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """0.5 * the larger squared error of the new values and of the new values kept within cliprange_value of the
-    rollout's; and `vf_clipfrac`, the share of tokens where the unclipped error was the larger."""
+    rollout's; and `vf_clipfrac`, the share of tokens where the clipped error was the larger (the clip decided the
+    loss there, as TRL and OpenAI's baselines count it)."""
     clipped = old_values + torch.clamp(predicted - old_values, -cliprange_value, cliprange_value)
     errors, clipped_errors = (predicted - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(errors, clipped_errors), mask)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((errors > clipped_errors).float(), mask)}
+        stats = {"vf_clipfrac": masked_mean((clipped_errors > errors).float(), mask)}
     return loss, stats
 
 

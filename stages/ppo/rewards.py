@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from align.config import PPORunConfig
 from align.errors import AlignError
 from align.modeling import load_tokenizer, resolve_model
 from align.scoring import Normalization, RewardScorer, encode_pair
 from align.stages.ppo.adapters import (AdapterSwitch, adapter_config, adapter_weights, body_for_a_pass,
                                        last_token_states, load_adapter_weights, split_score_head)
+from align.stages.ppo.config import PPORunConfig
 
 
 def share_reward_base(cfg: PPORunConfig, reward_source, base_path: str) -> bool:

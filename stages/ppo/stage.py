@@ -1,12 +1,13 @@
 """`align ppo`: InstructGPT stage 3, PPO against the reward model with a per-token KL penalty and PPO-ptx.
 
-Reads top to bottom: config -> output folder -> prompts (and ptx data) -> the SFT policy (a LoRA adapter merged
-once into its base, so "adapter disabled" IS the SFT model) -> models: with LoRA, ONE copy of the base weights
-holds the policy (adapter `default`, trained), the reference (all adapters disabled), the value function (adapter
-`value` + a linear head) and, when it was trained on the same base, the reward model (adapter `reward` + its score
-head); otherwise the reward model is loaded on its own and reads responses as text -> the PPO loop (`PPOTrainer`,
-trainer.py) -> artifact (policy adapter or weights, value function, tokenizer, card, log, plots, samples) renamed
-into place -> registry row with the SFT model, the reward model and the ptx data as parents.
+Reads top to bottom: config (loaded by the CLI) -> output folder -> prompts (and ptx data) -> the SFT policy (a LoRA
+adapter merged once into its base, so "adapter disabled" IS the SFT model) -> models: with LoRA, ONE copy of the
+base weights holds the policy (adapter `default`, trained), the reference (all adapters disabled), the value
+function (adapter `value` + a linear head) and, when it was trained on the same base, the reward model (adapter
+`reward` + its score head); otherwise the reward model is loaded on its own and reads responses as text -> the PPO
+loop (`PPOTrainer`, trainer.py) -> artifact (policy adapter or weights, value function, tokenizer, card, log, plots,
+samples) renamed into place -> registry row with the SFT model, the reward model and the ptx data as parents. The
+head and tail every stage shares are align/run.py.
 
 With `gold` (align/gold.py), every iteration's responses are also scored under a gold preference after the update
 (measured, never trained on: nothing of it reaches the rewards, advantages or losses): its mean is logged as `gold`,
@@ -25,19 +26,20 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from align.artifacts import RunDir, save_run_config, save_training_log
-from align.config import PPORunConfig, load_config, to_dict
+from align.config import LoadedConfig, read_config, to_dict
 from align.errors import AlignError
 from align.memory import Workload, check_memory
 from align.modeling import merge_adapter, parameter_summary, training_template
-from align.registry import Artifact, Registry, resolve_path
+from align.registry import Artifact, resolve_path
 from align.reporting import console, human_bytes, plot_metric_grid, print_table
+from align.run import print_finished, save_run_record, start_run
 from align.scoring import RewardScorer
 from align.stages.ppo.adapters import AdapterSwitch, ValueFunction, base_weight_copies, language_model, value_probe
 from align.stages.ppo.checkpoints import load_checkpoint_state, load_checkpoint_weights, save_policy
-from align.stages.ppo.common import (PLOT_PANELS, encode_prompts, load_policy, load_policy_tokenizer, load_run_gold,
-                                     plot_overoptimization, print_finished, read_policy_prompts, register_policy,
-                                     resolve_models, write_samples)
+from align.stages.ppo.common import (PLOT_PANELS, encode_prompts, finished_rows, load_policy, load_policy_tokenizer,
+                                     load_run_gold, plot_overoptimization, print_overoptimization, publish_policy,
+                                     read_policy_prompts, resolve_models, write_samples)
+from align.stages.ppo.config import PPORunConfig
 from align.stages.ppo.data import load_ptx
 from align.stages.ppo.distributed import Distributed
 from align.stages.ppo.rewards import SharedBaseReward, TextReward, share_reward_base
@@ -46,26 +48,30 @@ from align.stages.ppo.trainer import PPOTrainer
 STAGE = "ppo"
 
 
-def load(config_path: str, overrides: list[str]) -> PPORunConfig:
-    """The validated config (what align's PPO cannot honour is refused by align.config, with file:line)."""
-    cfg = load_config(config_path, overrides, PPORunConfig)
+def check(loaded: LoadedConfig) -> PPORunConfig:
+    """The config align has read (`align.config.read_config`), checked in full: align's PPO builds no library config,
+    and what it cannot honour was refused as the config was read (stages/ppo/config.py, with file:line)."""
+    cfg = loaded.finish()
     if cfg.algorithm != "ppo":
         raise AlignError(f"algorithm: {cfg.algorithm} runs in stages/ppo/grpo.py (`align ppo` picks it)")
     return cfg
 
 
-def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifact | None:
-    # 1. Config, output folder, references. Everything the user can get wrong fails here, before models load.
-    cfg = load(config_path, overrides)
+def load(config_path: str, overrides: list[str]) -> PPORunConfig:
+    """The validated config, as `align ppo` loads it."""
+    return check(read_config(config_path, overrides, PPORunConfig))
+
+
+def run(cfg: PPORunConfig, config_path: str, resume: bool = False) -> Artifact | None:
+    """`align ppo`: `cfg` checked by `check`, read from `config_path` (its file name is the default run name)."""
+    # 1. The processes, the run (name, output folder, checkpoint to resume from, registry), the references.
+    # Everything the user can get wrong fails here, before models load.
     dist = Distributed.start(cfg)
-    name = cfg.output.name or Path(config_path).stem
-    run_dir = RunDir(cfg.output.dir or Path("runs") / STAGE / name, cfg.output.overwrite)
-    checkpoint = run_dir.open(resume, dist.is_main)
-    registry = Registry()
-    policy_source, reward_source = resolve_models(cfg, registry)
+    job = start_run(STAGE, cfg.output, Path(config_path).stem, resume, is_main=dist.is_main)
+    policy_source, reward_source = resolve_models(cfg, job.registry)
     gold = load_run_gold(cfg, reward_source)  # measured each iteration, never trained on; checked now
-    prompt_path, prompt_artifact = resolve_path(cfg.data.path, registry)
-    ptx_path, ptx_artifact = resolve_path(cfg.ptx.path, registry) if cfg.ptx.path else (None, None)
+    prompt_path, prompt_artifact = resolve_path(cfg.data.path, job.registry)
+    ptx_path, ptx_artifact = resolve_path(cfg.ptx.path, job.registry) if cfg.ptx.path else (None, None)
 
     # 2. Prompts and ptx data, rendered as the SFT model was trained (its template, its tokenizer).
     prompts = read_policy_prompts(prompt_path, cfg.data)
@@ -83,7 +89,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
     adapters = AdapterSwitch(model) if cfg.lora.enabled else None
     value = ValueFunction.create(model, cfg, adapters, reward_source if share else None)
     reward = SharedBaseReward.attach(model, adapters, reward_source, cfg.reward) if share else \
-        TextReward(RewardScorer.load(reward_source.path, registry), cfg.reward)
+        TextReward(RewardScorer.load(reward_source.path, job.registry), cfg.reward)
     device = dist.device
     model.to(device)
     value.head.to(device)
@@ -91,8 +97,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         reference.to(device)
     params = parameter_summary(model)
     copies = base_weight_copies(model, reference, reward.model if isinstance(reward, TextReward) else None)
-    if checkpoint:  # weights first, while they are whole; the optimizer's state once the trainer exists
-        load_checkpoint_weights(Path(checkpoint), model, value, cfg.lora.enabled, dist)
+    if job.checkpoint:  # weights first, while they are whole; the optimizer's state once the trainer exists
+        load_checkpoint_weights(Path(job.checkpoint), model, value, cfg.lora.enabled, dist)
     dist.shard(model, reference)
     bytes_held = dist.bytes_held(model, reference)  # now, while every group is split (a pass leaves the root whole)
 
@@ -111,7 +117,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         extra_weight_bytes=weight_bytes - params.memory_bytes +
         (parameter_summary(reward.model).memory_bytes if isinstance(reward, TextReward) else 0))
     if dist.is_main:
-        print_table(f"align ppo: {name}", [
+        print_table(f"align ppo: {job.name}", [
             ("policy", f"{cfg.model.path} -> {base_path}" + (" (4-bit)" if cfg.quantization.load_in_4bit else
                                                                " (8-bit)" if cfg.quantization.load_in_8bit else "")),
             ("method", "LoRA (adapter 'default')" if cfg.lora.enabled else "full fine-tuning"),
@@ -141,19 +147,18 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
             ("KL", f"beta {cfg.ppo.kl_coef}" + (f", adaptive to target {cfg.ppo.target_kl}" if cfg.ppo.adaptive_kl
                                                 else ", fixed")),
             *[("tokenizer", change) for change in tokenizer_changes],
-            ("output", str(run_dir.final)),
+            ("output", str(job.final)),
         ])
 
     # 5. Train.
     if dist.is_main:
-        run_dir.create()
+        job.folder.create()
     dist.barrier()
-    if checkpoint:
-        load_checkpoint_state(trainer, Path(checkpoint))
-        console.print(f"resumed from {checkpoint} (iteration {trainer.step})")
-    trainer.train(run_dir)
-    work = run_dir.work
-    save_policy(work, model, value, cfg.lora.enabled, dist)  # every process: under FSDP each holds a part
+    if job.checkpoint:
+        load_checkpoint_state(trainer, Path(job.checkpoint))
+        console.print(f"resumed from {job.checkpoint} (iteration {trainer.step})")
+    trainer.train(job.folder)
+    save_policy(job.work, model, value, cfg.lora.enabled, dist)  # every process: under FSDP each holds a part
     if not dist.is_main:
         # Wait until rank 0 has saved and registered: a process group torn down under a peer still using it can
         # abort gloo at exit ("terminate called without an active exception").
@@ -162,23 +167,23 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> Artifac
         return None
 
     # 6. Artifact: policy (adapter or weights), value function, tokenizer, card, log, plots; rename; register.
-    tokenizer.save_pretrained(str(work))
+    tokenizer.save_pretrained(str(job.work))
     config = to_dict(cfg)
-    save_run_config(config, work)
-    save_training_log(trainer.history, work)
-    write_samples(trainer.samples, work / "samples.jsonl")
+    save_run_record(job, config, trainer.history)
+    write_samples(trainer.samples, job.work / "samples.jsonl")
     summary = trainer.summary()
-    plots = plot_metric_grid(trainer.history, work, "ppo_curves.png", PLOT_PANELS) + \
-        plot_overoptimization(trainer.history, work, summary.get("overoptimization"))
+    plots = plot_metric_grid(trainer.history, job.work, "ppo_curves.png", PLOT_PANELS) + \
+        plot_overoptimization(trainer.history, job.work, summary.get("overoptimization"))
     metrics = {**summary, "base_weight_copies": copies, "truncated_prompts": truncated_prompts,
                "prompts": len(prompts), "trainable_parameters": trainer.trainable_count,
                "total_parameters": params.total,
                **({f"ptx_{key}": count for key, count in ptx.dropped.metrics().items()} if ptx else {})}
-    artifact = register_policy(run_dir, registry, cfg, name, policy_source, base_path, prompts, metrics, config,
-                               plots, [policy_source.artifact, reward_source.artifact, prompt_artifact, ptx_artifact])
+    artifact = publish_policy(job, cfg, policy_source, base_path, prompts, config, metrics, plots,
+                              [policy_source.artifact, reward_source.artifact, prompt_artifact, ptx_artifact])
     dist.barrier()
     dist.stop()
-    print_finished(artifact, name, summary, plots)
+    print_finished(job, artifact, finished_rows(summary), plots)
+    print_overoptimization(summary)
     return artifact
 
 

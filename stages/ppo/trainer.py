@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from align.artifacts import RunDir
-from align.config import PPORunConfig
 from align.errors import AlignError
 from align.gold import Gold
 from align.reporting import console
@@ -28,6 +27,7 @@ from align.stages.ppo import losses
 from align.stages.ppo.adapters import ValueFunction, decoder_layers, language_model, layer_input
 from align.stages.ppo.checkpoints import save_checkpoint
 from align.stages.ppo.common import lr_scheduler_name, print_samples, summarize
+from align.stages.ppo.config import PPORunConfig
 from align.stages.ppo.data import PtxData, epoch_order
 from align.stages.ppo.distributed import Distributed
 
