@@ -3,6 +3,11 @@
     sft -> label (completions pushed to Argilla, ranked by people or by simulated annotators, pulled as pairs)
         -> reward -> ppo and dpo -> eval (ppo and dpo against sft)
 
+With `rounds: N`, label -> reward -> ppo / dpo runs N times (InstructGPT collected its rankings in rounds): round
+r > 1 ranks completions of round r-1's policy in a new Argilla dataset, the reward model is trained on the rankings
+of every round so far (one file registered with each round's rankings as parents), and the policies start from SFT
+or continue round r-1's (`policy_from`). The eval runs once, after the last round, with every round's policies.
+
 With simulated annotators, the gold preference they rank by (`label.gold`, align/gold.py) is also handed to PPO
 (scored every iteration, never trained on) and to the evaluation (win rates under the gold lead the report).
 
@@ -17,21 +22,23 @@ earlier artifacts stay as registered).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
 from pathlib import Path
 
 from align.artifacts import RunDir
-from align.files import write_atomically
+from align.files import write_atomically, write_jsonl
 from align.cli.pipeline_config import PipelineRunConfig, PipelineStepConfig
-from align.config import LoadedConfig, PPORunConfig, load_config, read_config, to_dict
+from align.config import LoadedConfig, load_config, read_config, to_dict
 from align.errors import AlignError
 from align.gold import load_gold
 from align.registry import Artifact, Registry, looks_like_ref, redact_secrets
 from align.reporting import console, print_table
 from align.stages.dpo_config import DPORunConfig
 from align.stages.eval_config import EvalRunConfig
+from align.stages.ppo.config import PPORunConfig
 from align.stages.reward_config import RewardRunConfig
 from align.stages.sft_config import SFTRunConfig
 
@@ -81,27 +88,47 @@ def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
     started = time.monotonic()
     timings: dict[str, tuple[str, float]] = {}
 
-    def step(name: str, action) -> None:
+    def step(name: str, action, *args) -> Artifact:
         console.rule(f"[bold]pipeline {cfg.name}: {name}")
         began = time.monotonic()
         try:
-            artifact, how = action()
+            artifact, how = action(*args)
         except AlignError as e:
             raise AlignError(f"pipeline step '{name}' failed: {e} (fix it and run the same command again: finished "
                              f"steps are skipped, an interrupted one resumes)") from None
         done[name] = artifact
         timings[name] = (how, time.monotonic() - began)
+        return artifact
 
-    def run_stage(name: str) -> tuple[Artifact, str]:
-        refs = {done_step: artifact.ref for done_step, artifact in done.items()}
-        config = _with_references(configs[name], name, refs, getattr(cfg, name))
-        return _stage(modules[name], name, getattr(cfg, name), config, home, _step_overrides(cfg, name, refs, gold))
+    def run_stage(stage: str, refs: dict, run_name: str) -> tuple[Artifact, str]:
+        # A copy per round: the checked config is the same, the references and the run name are the round's.
+        config = _with_references(copy.deepcopy(configs[stage]), stage, refs, getattr(cfg, stage))
+        config.output.name = run_name
+        return _stage(modules[stage], stage, getattr(cfg, stage), config, home,
+                      _step_overrides(cfg, stage, refs, gold, run_name))
 
-    step("sft", lambda: run_stage("sft"))
-    step("label", lambda: _label(cfg, home, done["sft"]))
-    for name in ("reward", "ppo", "dpo", "eval"):
-        if getattr(cfg, name).enabled:
-            step(name, lambda name=name: run_stage(name))
+    sft = step("sft", run_stage, "sft", {}, f"{cfg.name}-sft")
+    labels: list[Artifact] = []  # each round's rankings
+    reward: str | None = None  # the last round's reward model (`label.select: uncertainty` asks it)
+    policies: dict[str, Artifact] = {}  # the last round's ppo / dpo
+    evaluated: list[str] = []  # every round's policies
+    for number in range(1, cfg.rounds + 1):
+        tag = "" if number == 1 else f" (round {number})"
+        prefix = cfg.name if number == 1 else f"{cfg.name}-round{number}"  # the round's run names: `<prefix>-<step>`
+        sampler = sft if number == 1 else policies[round_policy(cfg)]
+        labels.append(step("label" + tag, _label, cfg, home, sampler, number, reward))
+        # What the reward model (and a dpo from sft) trains on: the rankings of every round so far.
+        refs = {"sft": sft.ref, "label": (labels[0] if number == 1 else _rankings_so_far(cfg, home, labels)).ref}
+        if cfg.reward.enabled:
+            refs["reward"] = reward = step("reward" + tag, run_stage, "reward", refs, f"{prefix}-reward").ref
+        for stage in ("ppo", "dpo"):
+            if getattr(cfg, stage).enabled:
+                start = {"start": policies[stage].ref, "round_label": labels[-1].ref} \
+                    if cfg.policy_from == "previous" and stage in policies else {}
+                policies[stage] = step(stage + tag, run_stage, stage, {**refs, **start}, f"{prefix}-{stage}")
+                evaluated.append(policies[stage].ref)
+    if cfg.eval.enabled:
+        step("eval", run_stage, "eval", {**refs, "policies": evaluated}, f"{cfg.name}-eval")
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
             for how, seconds in [timings[name]]]
     rows.append(("total", f"{(time.monotonic() - started) / 60:.1f} min"))
@@ -109,10 +136,15 @@ def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
         rows.append(("report", str(Path(done["eval"].path) / "report.html")))
     print_table(f"pipeline {cfg.name}: finished", rows)
     _write_summary(home / "last-run.json", {
-        "config": config_path, "seed": cfg.seed, "gold": gold,
+        "config": config_path, "seed": cfg.seed, "gold": gold, "rounds": cfg.rounds,
         "steps": {name: {"ref": artifact.ref, "how": timings[name][0], "seconds": round(timings[name][1], 1)}
                   for name, artifact in done.items()}})
     return done
+
+
+def round_policy(cfg: PipelineRunConfig) -> str:
+    """The policy of round r-1 whose completions round r ranks: `round_policy`, else ppo when enabled, else dpo."""
+    return cfg.round_policy or ("ppo" if cfg.ppo.enabled else "dpo")
 
 
 def _write_summary(path: Path, summary: dict) -> None:
@@ -128,6 +160,7 @@ def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> tuple[dict, dict]:
     enabled = _enabled(cfg)
     steps = [name for name in STAGE_CONFIGS if name in enabled]
     refs = {name: f"{name}:latest" for name in enabled}  # stand-ins for the references of the steps before
+    refs["policies"] = [refs[name] for name in ("ppo", "dpo") if name in refs]
 
     def checked(name: str, check, *args):
         try:
@@ -135,33 +168,39 @@ def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> tuple[dict, dict]:
         except AlignError as e:
             raise AlignError(f"pipeline step '{name}': {e} (nothing has run yet)") from None
 
-    loaded = {name: checked(name, read_config, getattr(cfg, name).config, _step_overrides(cfg, name, refs, gold),
-                            STAGE_CONFIGS[name]) for name in steps}
-    from align.stages import dpo, eval as evaluation, ppo, reward, sft
-    from align.stages.ppo import grpo
+    loaded = {name: checked(name, read_config, getattr(cfg, name).config,
+                            _step_overrides(cfg, name, refs, gold, f"{cfg.name}-{name}"), STAGE_CONFIGS[name])
+              for name in steps}
+    from align.stages import dpo, eval as evaluation, reward, sft
+    from align.stages.ppo import grpo, stage as ppo
 
     algorithm = loaded["ppo"].config.algorithm if "ppo" in loaded else "ppo"  # grpo / rloo: TRL's, stages/ppo/grpo.py
     modules = {"sft": sft, "reward": reward, "ppo": ppo if algorithm == "ppo" else grpo, "dpo": dpo,
                "eval": evaluation}
-    # eval and ppo have no checks beyond align's (ppo's run reads its config itself: it is given the overrides).
-    finish = {"sft": sft.check, "reward": reward.check, "ppo": LoadedConfig.finish, "dpo": dpo.check,
+    # eval has no checks beyond align's.
+    finish = {"sft": sft.check, "reward": reward.check, "ppo": modules["ppo"].check, "dpo": dpo.check,
               "eval": LoadedConfig.finish}
     return modules, {name: checked(name, finish[name], loaded[name]) for name in steps}
 
 
-def _references(stage: str, refs: dict[str, str]) -> dict[str, str | list[str]]:
-    """The keys of a step's config that name the output of the steps before (`refs`: their registry references)."""
+def _references(stage: str, refs: dict) -> dict[str, str | list[str]]:
+    """The keys of a step's config that name the output of the steps before. `refs`: their registry references
+    (`sft`, `label`: the pairs to train on, `reward`, `policies`: the models to evaluate) and, for a policy that
+    continues the previous round's (`policy_from: previous`), `start` and its round's own pairs, `round_label`."""
     if stage == "eval":
-        wired: dict = {"models": [refs[s] for s in ("ppo", "dpo") if s in refs], "baseline": refs.get("sft")}
+        wired: dict = {"models": refs["policies"], "baseline": refs.get("sft")}
         if "reward" in refs:  # without a reward model: no judge win rates, the tax and KL still
             wired["judge.path"] = refs["reward"]
         return wired
+    start = refs.get("start")
+    continued_dpo = {"model.path": start, "data.path": refs.get("round_label"), "reference": refs.get("sft")}
     return {"reward": {"model.path": refs.get("sft"), "data.path": refs.get("label")},
-            "ppo": {"model.path": refs.get("sft"), "reward.path": refs.get("reward")},
-            "dpo": {"model.path": refs.get("sft"), "data.path": refs.get("label")}}.get(stage, {})
+            "ppo": {"model.path": start or refs.get("sft"), "reward.path": refs.get("reward")},
+            "dpo": continued_dpo if start else {"model.path": refs.get("sft"), "data.path": refs.get("label")}
+            }.get(stage, {})
 
 
-def _step_overrides(cfg: PipelineRunConfig, stage: str, refs: dict[str, str], gold: str | None) -> list[str]:
+def _step_overrides(cfg: PipelineRunConfig, stage: str, refs: dict, gold: str | None, run_name: str) -> list[str]:
     """The overrides a step runs with: what the pipeline wires in (the references of the steps before; the gold; the
     seed), then the step's own overrides, which win (a reward model on another backbone than the SFT model:
     `model.path=...` among the reward step's overrides), then its run name."""
@@ -175,10 +214,10 @@ def _step_overrides(cfg: PipelineRunConfig, stage: str, refs: dict[str, str], go
     if stage != "eval" and cfg.seed is not None:
         wired = {"seed": cfg.seed, **wired}
     return [f"{key}={value}" for key, value in wired.items()] + list(getattr(cfg, stage).overrides) + \
-        [f"output.name={cfg.name}-{stage}"]
+        [f"output.name={run_name}"]
 
 
-def _with_references(config, stage: str, refs: dict[str, str], step: PipelineStepConfig):
+def _with_references(config, stage: str, refs: dict, step: PipelineStepConfig):
     """`config`, checked with stand-ins for the references of the steps before, with the real ones (`refs`) in their
     place; a key the step's own overrides set (or a section around it) keeps their value, as it did at the check."""
     own = [item.partition("=")[0].strip() for item in step.overrides]
@@ -196,8 +235,7 @@ def _with_references(config, stage: str, refs: dict[str, str], step: PipelineSte
 def _stage(module, stage: str, step: PipelineStepConfig, config, home: Path,
            overrides: list[str]) -> tuple[Artifact, str]:
     """Run one stage with its checked `config` unless the registry already has it for this exact config; resume it
-    when interrupted. `overrides`: how the step would be run by hand, for the log (and for ppo, which reads its
-    config itself)."""
+    when interrupted. `overrides`: how the step would be run by hand, for the log."""
     if not step.enabled:
         raise AlignError(f"{stage}: disabled")
     digest = hashlib.sha256(json.dumps(redact_secrets(to_dict(config)), sort_keys=True, default=str)
@@ -213,9 +251,7 @@ def _stage(module, stage: str, step: PipelineStepConfig, config, home: Path,
     if resume:
         console.print(f"{stage}: resuming the interrupted run in {RunDir(folder).work}")
     console.print(f"{stage}: align {stage} --config {step.config} " + " ".join(overrides))
-    if stage == "ppo":  # stages/ppo/ still reads its config itself, from the file and the overrides
-        artifact = module.run(step.config, overrides, resume=resume)
-    elif stage == "eval":
+    if stage == "eval":
         artifact = module.run(config)
     else:
         artifact = module.run(config, step.config, resume=resume)
@@ -224,30 +260,40 @@ def _stage(module, stage: str, step: PipelineStepConfig, config, home: Path,
     return artifact, "resumed" if resume else "ran"
 
 
-def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact, str]:
-    """Completions of the SFT model ranked in Argilla (the embedded server unless ARGILLA_API_URL names one), pulled
-    as preference pairs and registered. A dataset per SFT model: re-running continues it, and a finished pull is
-    reused when every pushed prompt has been ranked."""
+def _label(cfg: PipelineRunConfig, home: Path, model: Artifact, number: int,
+           reward: str | None) -> tuple[Artifact, str]:
+    """Round `number`'s rankings: completions of `model` (the SFT model in round 1, the previous round's policy
+    after) ranked in Argilla (the embedded server unless ARGILLA_API_URL names one), pulled as preference pairs and
+    registered. A dataset per model: re-running continues it, and a finished pull is reused when every pushed prompt
+    has been ranked. With `label.select`, only `label.budget` prompts of the pool are pushed (`uncertainty`: of the
+    previous round's `reward` model)."""
     from align.data import read_prompts
     from align.generation import SamplingConfig
     from align.labeling import rankings, server
+    from align.labeling.selection import deduplicated
 
     label = cfg.label
-    # A dataset per SFT model and per labeling setup: rankings under another gold, tie margin or K are new records,
+    step = "label" if number == 1 else f"label (round {number})"
+    # A dataset per model and per labeling setup: rankings under another gold, tie margin or K are new records,
     # never mixed into (or reused from) an earlier dataset.
+    # Unset options (no selection) leave the name of a dataset ranked before they existed as it was.
     setup = {k: v for k, v in to_dict(label).items()
-             if k not in ("prompts", "max_prompts", "wait_timeout_s", "batch_size")}  # prompts: counted below
+             if k not in ("prompts", "max_prompts", "wait_timeout_s", "batch_size") and v is not None}
     setup["seed"] = cfg.seed
     digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:6]
-    dataset = f"{cfg.name}-rankings-{sft.stage}{sft.version}-{digest}"
+    rounded = "" if number == 1 else f"-round{number}"
+    dataset = f"{cfg.name}{rounded}-rankings-{model.stage}{model.version}-{digest}"
     # Distinct prompts: push makes one record per prompt, and "finished" compares ranked records with this count.
     prompts = list(dict.fromkeys(read_prompts(label.prompts, option="label.prompts")))
     prompts = prompts[:label.max_prompts]
+    # What push makes records of: every prompt, or `budget` of the pool (repeats ignoring case and spacing dropped).
+    wanted = len(prompts) if label.budget is None else min(label.budget, len(deduplicated(prompts)[0]))
     registry = Registry()
     for artifact in reversed(registry.list(stage="label")):
-        if artifact.name == dataset and artifact.metrics.get("ranked_records") == len(prompts) \
+        if artifact.name == dataset and artifact.metrics.get("ranked_records") == wanted \
                 and Path(artifact.path).is_file():
-            console.print(f"label: {dataset} was ranked and pulled before as {artifact.ref}; skipped")
+            console.print(f"{step}: {dataset} was ranked and pulled before as {artifact.ref}; skipped")
+            _require_pairs(artifact, dataset)
             return artifact, "skipped: finished before"
     home.mkdir(parents=True, exist_ok=True)
     prompt_file = home / "label_prompts.jsonl"
@@ -255,23 +301,55 @@ def _label(cfg: PipelineRunConfig, home: Path, sft: Artifact) -> tuple[Artifact,
     server.serve_command()
     sampling = SamplingConfig(max_new_tokens=label.max_new_tokens, temperature=label.temperature,
                               batch_size=label.batch_size, seed=cfg.seed or 0)
-    rankings.push_command(model=sft.ref, prompts_path=str(prompt_file), k=label.k, dataset=dataset,
-                          sampling=sampling)
+    asked = [reward] if label.select == "uncertainty" and reward else []
+    rankings.push_command(model=model.ref, prompts_path=str(prompt_file), k=label.k, dataset=dataset,
+                          sampling=sampling, select=label.select, budget=label.budget, reward_models=asked)
     if label.annotators == "simulated":
         rankings.simulate_command(dataset, label.simulate_annotators, label.gold, noise=label.simulate_noise,
                                   seed=cfg.seed or 0, tie_margin=label.gold_tie_margin)
     else:
-        _wait_for_rankings(dataset, len(prompts), label.wait_timeout_s)
+        _wait_for_rankings(step, dataset, wanted, label.wait_timeout_s)
     result = rankings.pull_command(dataset, str(home / f"{dataset}.jsonl"))
     if result.artifact is None:
-        raise AlignError(f"label: pulling {dataset} registered nothing")
+        raise AlignError(f"{step}: pulling {dataset} registered nothing")
+    _require_pairs(result.artifact, dataset)
     return result.artifact, "ran"
 
 
-def _wait_for_rankings(dataset: str, wanted: int, timeout_s: int) -> None:
+def _require_pairs(rankings: Artifact, dataset: str) -> None:
+    """A round whose rankings make no pair (every completion tied) has nothing to train on: said in one line."""
+    metrics = rankings.metrics
+    if metrics.get("pairs"):
+        return
+    why = f"every ranking ties its completions ({metrics['ties']} tied pairs, left out)" if metrics.get("ties") \
+        else "no ranking orders two non-empty completions"
+    raise AlignError(f"{dataset} ({rankings.ref}): {why}: no preference pairs to train on. Rank again with fewer "
+                     f"ties (simulated annotators: a smaller label.gold_tie_margin, which ranks a new dataset)")
+
+
+def _rankings_so_far(cfg: PipelineRunConfig, home: Path, labels: list[Artifact]) -> Artifact:
+    """The pairs of every round so far in one file, registered as a label dataset whose parents are the rounds'
+    rankings (`align reward` reads one data file); registered once, and found again on a re-run."""
+    from align.data import fingerprint, read_records
+
+    name = f"{cfg.name}-rankings-rounds-1-{len(labels)}"
+    parents = [label.id for label in labels]
+    registry = Registry()
+    for artifact in registry.list(stage="label"):
+        if artifact.name == name and artifact.parents == parents and Path(artifact.path).is_file():
+            return artifact
+    rows = [row for label in labels for row in read_records(label.path, key=label.ref).rows]
+    path = home / f"{name}-{'-'.join(str(p) for p in parents)}.jsonl"
+    write_jsonl(path, rows)
+    return registry.add(stage="label", name=name, kind="dataset", path=path, parents=parents,
+                        data_fingerprint=fingerprint(rows), metrics={"pairs": len(rows), "rounds": len(labels)},
+                        config={"rankings": [label.ref for label in labels]})
+
+
+def _wait_for_rankings(step: str, dataset: str, wanted: int, timeout_s: int) -> None:
     from align.labeling import rankings
 
-    console.print(f"label: waiting for annotators to rank {wanted} records of '{dataset}' in Argilla (add logins "
+    console.print(f"{step}: waiting for annotators to rank {wanted} records of '{dataset}' in Argilla (add logins "
                   f"with `align label users add NAME`; progress: `align label status --dataset {dataset}`)")
     deadline = time.monotonic() + timeout_s
     while True:
@@ -279,6 +357,6 @@ def _wait_for_rankings(dataset: str, wanted: int, timeout_s: int) -> None:
         if ranked >= wanted:
             return
         if time.monotonic() > deadline:
-            raise AlignError(f"label: {ranked} of {wanted} records ranked after {timeout_s} s; run the pipeline again "
+            raise AlignError(f"{step}: {ranked} of {wanted} records ranked after {timeout_s} s; run the pipeline again "
                              f"to keep waiting (finished steps are skipped)")
         time.sleep(30)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
+
+from align.errors import AlignError
 
 
 @dataclass
@@ -45,6 +48,14 @@ class PipelineLabelConfig:
                                                           "range": (1, 100)})
     simulate_noise: float = field(default=0.0, metadata={
         "help": "Probability that a simulated annotator swaps two adjacent ranks.", "range": (0, 1)})
+    select: Literal["random", "uncertainty", "diversity"] | None = field(default=None, metadata={
+        "help": "Active selection (labeling/selection.py, as `align label push --select`): `prompts` is a pool, of "
+                "which `budget` prompts are ranked in each round, chosen at `random`, by the `uncertainty` of the "
+                "previous round's reward model (round 1 has none: diversity, and it says so), or for `diversity` in "
+                "embedding space; each record keeps why it was chosen. Unset: every prompt. (`disagreement` needs "
+                "an ensemble of reward models: `align label push --reward-model` twice.)"})
+    budget: int | None = field(default=None, metadata={
+        "help": "With `select`: how many prompts of the pool are ranked in each round.", "range": (1, None)})
     wait_timeout_s: int = field(default=86400, metadata={
         "help": "With human annotators: how long to wait for the rankings before stopping (re-run to keep "
                 "waiting; finished steps are skipped).", "range": (1, None)})
@@ -65,3 +76,29 @@ class PipelineRunConfig:
         "help": "One seed for the whole chain: set as `seed` of sft, reward, ppo and dpo and as the sampling seed of "
                 "the label completions (a new seed is a new, independent run of every step). Unset: each step's "
                 "config keeps its own."})
+    rounds: int = field(default=1, metadata={
+        "help": "Rounds of label -> reward -> policy (InstructGPT collected its rankings in rounds). Round r > 1 "
+                "ranks K completions of round r-1's policy (`round_policy`) for the same prompts, in a new Argilla "
+                "dataset, and trains the reward model again on the rankings of every round so far; the eval runs "
+                "once, after the last round, with every round's policies.", "range": (1, None)})
+    round_policy: Literal["ppo", "dpo"] | None = field(default=None, metadata={
+        "help": "Which policy of round r-1 samples the completions of round r. Default: ppo when enabled, else dpo."})
+    policy_from: Literal["sft", "previous"] = field(default="sft", metadata={
+        "help": "Where round r's policy steps start: `sft` (each round trains anew; dpo on the rankings of every "
+                "round so far) or `previous` (ppo / dpo continue round r-1's policy; dpo on round r's rankings, "
+                "against the SFT model as its reference; ppo's KL reference is the policy it starts from, as "
+                "`align ppo` has one model for both)."})
+
+    def cross_check(self, where: typing.Callable[[str], str]) -> None:
+        """Checks across keys, at file:line (`where`), run when the config loads."""
+        if self.round_policy is not None and not getattr(self, self.round_policy).enabled:
+            raise AlignError(f"{where('round_policy')}: round_policy: {self.round_policy} samples the next round's "
+                             f"completions, but {self.round_policy}.enabled is false; enable it or name the other")
+        if (self.label.select is None) != (self.label.budget is None):
+            given, missing = ("label.select", "label.budget") if self.label.budget is None else \
+                ("label.budget", "label.select")
+            raise AlignError(f"{where(given)}: {given} needs {missing} too: select chooses `budget` prompts of the "
+                             f"pool label.prompts")
+        if self.rounds > 1 and not (self.ppo.enabled or self.dpo.enabled):
+            raise AlignError(f"{where('rounds')}: rounds: {self.rounds}: round 2 on ranks completions of round 1's "
+                             f"policy, and ppo and dpo are both disabled; enable one of them or set rounds: 1")
