@@ -15,14 +15,26 @@ An evaluation has no model card: it publishes with `publish_evaluation`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from align.artifacts import EVAL_BEFORE_FILE, RunDir, save_run_config, save_training_log, write_model_card
-from align.config import OutputConfig, check_report_to
+from align.config import LoadedConfig, OutputConfig, check_report_to
 from align.registry import Artifact, Registry
 from align.reporting import print_table
+
+
+def check_training(loaded: LoadedConfig, stage: str, trl_config: type, training_arguments: Callable) -> Any:
+    """A training stage's config, checked in full: every `training:` key against TRL's `trl_config`, and the config
+    training uses built once by the stage's `training_arguments(cfg, run_dir, has_eval=...)` (its own checks,
+    reported at file:line). The output folder is a stand-in: only the checks matter here."""
+    def build(cfg) -> None:
+        training_arguments(cfg, RunDir(Path("runs") / stage / "check"),
+                           has_eval=bool(cfg.data.eval_path or cfg.data.val_set_size))
+
+    return loaded.finish({"training": trl_config}, build)
 
 
 @dataclass

@@ -98,8 +98,9 @@ if [[ -z "${ALIGN_TORCH_SPEC:-}" ]]; then
 else
   say "installing torch from ALIGN_TORCH_SPEC='$TORCH_SPEC'..."
 fi
+# align is in already, its dependencies not yet (step 3): pip's warning that they are missing would only alarm.
 # shellcheck disable=SC2086  # the spec is deliberately word-split: "torch==X --index-url URL"
-pip_install $TORCH_SPEC
+pip_install --no-warn-conflicts $TORCH_SPEC
 TORCH_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
 echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 

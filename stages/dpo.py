@@ -26,7 +26,7 @@ from align.modeling import (ModelSource, apply_tuning, load_model, load_tokenize
                             save_merged, trainer_defaults, training_config, training_template)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import human_bytes, plot_training_curves, print_table
-from align.run import print_finished, publish_model, save_run_record, start_run
+from align.run import check_training, print_finished, publish_model, save_run_record, start_run
 from align.scoring import as_messages, as_text
 from align.stages.dpo_config import DPORunConfig
 
@@ -43,11 +43,7 @@ def check(loaded: LoadedConfig) -> DPORunConfig:
     DPOConfig that training uses built once (its own checks, reported at file:line)."""
     from trl import DPOConfig
 
-    def build(cfg: DPORunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
-        training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
-                                                                                      cfg.data.val_set_size))
-
-    return loaded.finish({"training": DPOConfig}, build)
+    return check_training(loaded, STAGE, DPOConfig, training_arguments)
 
 
 def load(config_path: str, overrides: list[str]) -> DPORunConfig:

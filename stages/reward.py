@@ -35,7 +35,7 @@ from align.modeling import (ModelSource, apply_tuning, load_tokenizer, match_mod
                             training_config)
 from align.registry import Artifact, Registry, resolve_path
 from align.reporting import human_bytes, plot_reliability, plot_training_curves, print_table, pyplot
-from align.run import print_finished, publish_model, save_run_record, start_run
+from align.run import check_training, print_finished, publish_model, save_run_record, start_run
 from align.scoring import Normalization, RewardScorer, as_text, encode_pair, load_sequence_classifier
 from align.stages.reward_config import RewardRunConfig
 
@@ -47,11 +47,7 @@ def check(loaded: LoadedConfig) -> RewardRunConfig:
     RewardConfig, and the RewardConfig that training uses built once (its own checks, reported at file:line)."""
     from trl import RewardConfig
 
-    def build(cfg: RewardRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
-        training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
-                                                                                      cfg.data.val_set_size))
-
-    return loaded.finish({"training": RewardConfig}, build)
+    return check_training(loaded, STAGE, RewardConfig, training_arguments)
 
 
 def load(config_path: str, overrides: list[str]) -> RewardRunConfig:

@@ -20,7 +20,7 @@ from align.modeling import (apply_tuning, load_model, load_tokenizer, match_mode
                             training_config, training_flops)
 from align.registry import Artifact
 from align.reporting import human_bytes, plot_training_curves, print_table
-from align.run import print_finished, publish_model, save_run_record, start_run
+from align.run import check_training, print_finished, publish_model, save_run_record, start_run
 from align.stages.sft_config import SFTRunConfig
 
 STAGE = "sft"
@@ -31,11 +31,7 @@ def check(loaded: LoadedConfig) -> SFTRunConfig:
     SFTConfig, and the SFTConfig that training uses built once (its own checks, reported at file:line)."""
     from trl import SFTConfig
 
-    def build(cfg: SFTRunConfig) -> None:  # the output folder is a stand-in: only the checks matter here
-        training_arguments(cfg, RunDir(Path("runs") / STAGE / "check"), has_eval=bool(cfg.data.eval_path or
-                                                                                      cfg.data.val_set_size))
-
-    return loaded.finish({"training": SFTConfig}, build)
+    return check_training(loaded, STAGE, SFTConfig, training_arguments)
 
 
 def load(config_path: str, overrides: list[str]) -> SFTRunConfig:
