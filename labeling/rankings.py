@@ -226,7 +226,7 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
     """
     from align.data import read_prompts
     from align.generation import SamplingConfig
-    from align.modeling import GENERATION_HINT, require_model_kind, resolve_model
+    from align.modeling import GENERATION_HINT, load_for_inference, require_model_kind, resolve_model
 
     sampling = sampling or SamplingConfig(temperature=1.0)
     _check_push_args(k, annotators_per_record, sampling, log_every, dataset)
@@ -250,8 +250,6 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
 
     created, duplicates, chosen, loaded, presampled = 0, 0, None, None, {}
     if select is not None:
-        from align.modeling import load_for_inference
-
         if reward_models and select in ("uncertainty", "disagreement"):
             loaded = load_for_inference(model, option="--model")
         chosen, presampled = _select_prompts(select, budget, unique, k, sampling, retries, loaded, reward_models,
@@ -262,8 +260,6 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
         if existing_dataset is not None:
             _add_selection_properties(api, existing_dataset)
     if todo or existing_dataset is None:
-        from align.modeling import load_for_inference
-
         loaded = loaded or load_for_inference(model, option="--model")
         form = _prompt_form(loaded)
         if existing_dataset is None:
