@@ -556,13 +556,10 @@ def pipe(argilla_server, tmp_path_factory, tiny_llama):
 
 @pytest.fixture
 def in_pipe(pipe, monkeypatch):
-    for key, value in pipe.server.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
-    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
     monkeypatch.chdir(pipe.home)
     _wide_console(monkeypatch)
-    return pipe
+    with pipe.server.applied():  # the session server's home; no external Argilla
+        yield pipe
 
 
 def _pipeline(capsys, *overrides: str) -> SimpleNamespace:

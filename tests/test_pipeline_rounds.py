@@ -87,13 +87,10 @@ def rounds_pipe(argilla_server, tmp_path_factory, tiny_llama):
 def in_pipe(rounds_pipe, monkeypatch):
     from align.reporting import console
 
-    for key, value in rounds_pipe.server.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
-    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
     monkeypatch.chdir(rounds_pipe.home)
     monkeypatch.setattr(console, "width", 400)  # one line per table row, so the tests can match it
-    return rounds_pipe
+    with rounds_pipe.server.applied():  # the session server's home; no external Argilla
+        yield rounds_pipe
 
 
 def _pipeline(capsys, *args: str) -> SimpleNamespace:
