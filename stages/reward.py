@@ -370,18 +370,32 @@ def training_arguments(cfg: RewardRunConfig, run_dir: RunDir, has_eval: bool):
 
 
 @dataclass
-class GroupedPreferenceCollator(DataCollatorForPreference):
-    """TRL's preference collator, also passing each pair's prompt `group` (dropped before the forward pass)."""
+class RankingCollator(DataCollatorForPreference):
+    """Preference pairs -> each distinct sequence of the batch once, with the pairs as indices into them: a prompt's
+    ranking of K completions costs K forward passes for its K(K-1)/2 pairs (InstructGPT, section 3.5), where TRL's
+    collator stacks every pair's chosen and rejected sequence (K(K-1) passes)."""
 
     def torch_call(self, examples):
-        batch = super().torch_call(examples)
-        if "group" in examples[0]:
-            batch["group"] = torch.tensor([example["group"] for example in examples])
+        from trl.trainer.utils import pad
+
+        distinct: dict[tuple[int, ...], int] = {}
+        chosen = [distinct.setdefault(tuple(e["chosen_ids"]), len(distinct)) for e in examples]
+        rejected = [distinct.setdefault(tuple(e["rejected_ids"]), len(distinct)) for e in examples]
+        sequences = [torch.tensor(ids) for ids in distinct]
+        batch = {name: pad(tensors, padding_value=value, padding_side="right",
+                           pad_to_multiple_of=self.pad_to_multiple_of)
+                 for name, tensors, value in (("input_ids", sequences, self.pad_token_id),
+                                              ("attention_mask", [torch.ones_like(s) for s in sequences], 0))}
+        batch["chosen_index"], batch["rejected_index"] = torch.tensor(chosen), torch.tensor(rejected)
+        for key, dtype in (("margin", torch.float), ("group", torch.long)):  # group: the prompt, for tests and logs
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
         return batch
 
 
 class GroupedRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer whose training batches are whole prompts (PromptGroupedBatchSampler)."""
+    """TRL's RewardTrainer whose training batches are whole prompts (PromptGroupedBatchSampler), each distinct
+    completion scored once (RankingCollator)."""
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -402,16 +416,18 @@ class GroupedRewardTrainer(RewardTrainer):
         return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL 1.16's Bradley-Terry loss and logged metrics, with one change: batches of whole prompts differ in size
-        between ranks, so the rewards are padded (NaN, ignored) before they are gathered for the min/mean/max
-        reward logs; TRL gathers them as they are, which needs the same batch size on every rank."""
-        inputs.pop("group", None)
+        """TRL 1.16's Bradley-Terry loss and logged metrics, with two changes: the pairs index the batch's distinct
+        sequences (RankingCollator); batches of whole prompts differ in size between ranks, so the rewards are padded
+        (NaN, ignored) before they are gathered for the min/mean/max reward logs (TRL gathers them as they are, which
+        needs the same batch size on every rank)."""
+        chosen, rejected, wanted_margin, _ = (inputs.pop(key, None)
+                                              for key in ("chosen_index", "rejected_index", "margin", "group"))
         mode = "train" if self.model.training else "eval"
-        inputs["use_cache"] = False
-        outputs = model(**inputs)
-        rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        rewards = outputs.logits.squeeze(-1)
+        rewards_chosen, rewards_rejected = rewards[chosen], rewards[rejected]
         margin = rewards_chosen - rewards_rejected
-        loss = -torch.nn.functional.logsigmoid(margin - inputs["margin"] if "margin" in inputs else margin).mean()
+        loss = -torch.nn.functional.logsigmoid(margin if wanted_margin is None else margin - wanted_margin).mean()
         if self.args.center_rewards_coefficient is not None:
             loss += self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
         accelerator = self.accelerator
@@ -438,7 +454,7 @@ def _make_trainer(model, tokenizer, args, train_rows: list[dict], eval_rows: lis
     return GroupedRewardTrainer(
         model=model,
         args=args,
-        data_collator=GroupedPreferenceCollator(pad_token_id=tokenizer.pad_token_id,
+        data_collator=RankingCollator(pad_token_id=tokenizer.pad_token_id,
                                                 pad_to_multiple_of=args.pad_to_multiple_of),
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,

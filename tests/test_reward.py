@@ -173,7 +173,8 @@ def test_batches_hold_every_pair_of_a_prompt(trained):
         batches = []
         for batch in loader:
             groups = Counter(batch["group"].tolist())
-            assert batch["input_ids"].shape[0] == 2 * sum(groups.values()), "chosen + rejected rows per pair"
+            assert batch["chosen_index"].numel() == sum(groups.values())
+            assert batch["input_ids"].shape[0] < 2 * sum(groups.values()), "a ranking's completions scored once"
             assert sum(groups.values()) <= batch_size
             assert all(groups[g] == sizes[g] for g in groups), f"a prompt's pairs were split across batches: {groups}"
             seen.update(groups)
@@ -181,6 +182,35 @@ def test_batches_hold_every_pair_of_a_prompt(trained):
         assert seen == sizes, "every training pair once per epoch"
         orders.append(batches)
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1], "same packing, new order each epoch"
+
+
+def test_ranking_collator_scores_each_completion_once_with_the_same_loss():
+    """A ranking of 3 completions: 3 pairs, 3 forward rows (TRL's collator: 6), and the Bradley-Terry loss of every
+    pair unchanged."""
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    from align.stages.reward import RankingCollator
+
+    a, b, c = [5, 6, 7], [5, 8], [5, 9, 9, 9]
+    pairs = [{"chosen_ids": a, "rejected_ids": b, "margin": 0.5, "group": 0},
+             {"chosen_ids": a, "rejected_ids": c, "margin": 1.0, "group": 0},
+             {"chosen_ids": b, "rejected_ids": c, "margin": 0.5, "group": 0}]
+    batch = RankingCollator(pad_token_id=0)(pairs)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 8, 0, 0], [5, 9, 9, 9]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 2, 4]
+    assert batch["chosen_index"].tolist() == [0, 0, 1] and batch["rejected_index"].tolist() == [1, 2, 2]
+    assert batch["margin"].tolist() == [0.5, 1.0, 0.5] and batch["group"].tolist() == [0, 0, 0]
+
+    def score(input_ids):  # any function of a row's tokens stands in for the reward model
+        return (input_ids.float() * torch.arange(1, input_ids.shape[1] + 1)).sum(1) / 10
+
+    rewards = score(batch["input_ids"])
+    ours = torch.nn.functional.logsigmoid(rewards[batch["chosen_index"]] - rewards[batch["rejected_index"]]
+                                          - batch["margin"])
+    trl = DataCollatorForPreference(pad_token_id=0)([{k: v for k, v in p.items() if k != "group"} for p in pairs])
+    assert trl["input_ids"].shape[0] == 6
+    chosen, rejected = score(trl["input_ids"]).chunk(2)
+    assert torch.allclose(ours, torch.nn.functional.logsigmoid(chosen - rejected - trl["margin"]))
 
 
 def test_prompt_grouped_sampler_splits_groups_larger_than_a_batch():
