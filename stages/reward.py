@@ -3,11 +3,11 @@
 Reads top to bottom: config -> output folder -> preference data (rankings expanded to all their pairs, ties and
 identical pairs dropped, whole prompts held out) -> tokenizer and encoding (align.scoring.encode_pair, the same
 formatting the scorer uses) -> backbone (an SFT LoRA adapter is merged once into plain weights) with a new score
-head (AutoModelForSequenceClassification, num_labels=1) -> LoRA (SEQ_CLS: the head is trained in full and saved with
-the adapter) / QLoRA / full -> TRL RewardTrainer, batches built from whole prompts (InstructGPT) -> reward
-normalization and held-out metrics with the scorer -> artifact (weights, tokenizer, normalization, card, log,
-plots) renamed into place -> registry row. The config is loaded by the CLI (TRL's checks finished by `check`); the
-head and tail every stage shares are align/run.py.
+head (AutoModelForSequenceClassification, num_labels=1), or a reward model trained before, continued -> LoRA
+(SEQ_CLS: the head is trained in full and saved with the adapter) / QLoRA / full -> TRL RewardTrainer, batches built
+from whole prompts (InstructGPT) -> reward normalization and held-out metrics with the scorer -> artifact (weights,
+tokenizer, normalization, card, log, plots) renamed into place -> registry row. The config is loaded by the CLI
+(TRL's checks finished by `check`); the head and tail every stage shares are align/run.py.
 """
 
 from __future__ import annotations
@@ -97,8 +97,11 @@ def run(cfg: RewardRunConfig, config_path: str, resume: bool = False) -> Artifac
     batches = PromptGroupedBatchSampler([r["group"] for r in train_rows], args.per_device_train_batch_size,
                                         args.data_seed if args.data_seed is not None else args.seed)
 
-    # 4. Model: the backbone (an SFT adapter merged once) with a new score head; LoRA / QLoRA / full.
+    # 4. Model: the backbone (an SFT adapter merged once) with a new score head; LoRA / QLoRA / full. Or a reward
+    #    model trained before, continued: its LoRA adapter and score head (or all its weights).
     backbone, backbone_note = _backbone(source, cfg)
+    continued = source.adapter_task == "SEQ_CLS"  # a LoRA reward model: its own adapter trains on, not a new one
+    adapter = continued or cfg.lora.enabled
     quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
     from transformers import set_seed
 
@@ -107,7 +110,16 @@ def run(cfg: RewardRunConfig, config_path: str, resume: bool = False) -> Artifac
     resized = len(tokenizer) > model.get_input_embeddings().num_embeddings  # a pad token was added
     match_model_to_tokenizer(model, tokenizer)
     gradient_checkpointing = bool(cfg.training.get("gradient_checkpointing", False))
-    model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing, task_type="SEQ_CLS")
+    if continued:
+        from peft import PeftModel
+
+        if quantized:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = PeftModel.from_pretrained(model, source.path, is_trainable=True)
+    else:
+        model = apply_tuning(model, cfg.lora, cfg.model, quantized, gradient_checkpointing, task_type="SEQ_CLS")
     params = parameter_summary(model)
     longest = max(len(ids) for r in train_rows for ids in (r["chosen_ids"], r["rejected_ids"]))
     memory = check_memory(model, trainer_workload(args, longest, sequences_per_item=2, logit_positions=0))
@@ -116,7 +128,8 @@ def run(cfg: RewardRunConfig, config_path: str, resume: bool = False) -> Artifac
         ("model", backbone + (" (4-bit)" if cfg.quantization.load_in_4bit else
                               " (8-bit)" if cfg.quantization.load_in_8bit else "")),
         *([("backbone", backbone_note)] if backbone_note else []),
-        ("method", "LoRA + score head" if cfg.lora.enabled else
+        ("method", "its LoRA adapter + score head, trained further" if continued else
+         "LoRA + score head" if cfg.lora.enabled else
          ("partial" if cfg.model.train_only else "full fine-tuning")),
         ("parameters", f"{params.trainable:,} trainable of {params.total:,} ({params.trainable_share:.2%})"),
         ("memory (weights)", human_bytes(params.memory_bytes)),
@@ -190,7 +203,7 @@ def run(cfg: RewardRunConfig, config_path: str, resume: bool = False) -> Artifac
         "total_parameters": params.total,
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
-    if cfg.output.merge and cfg.lora.enabled:
+    if cfg.output.merge and adapter:
         _save_merged(work, cfg)
     config = to_dict(cfg)
     history = ([{"step": 0, **before}] if before else []) + trainer.state.log_history
@@ -201,10 +214,10 @@ def run(cfg: RewardRunConfig, config_path: str, resume: bool = False) -> Artifac
         plots += plot_reliability(heldout.calibration, heldout.metrics["ece"], work)
     artifact = publish_model(job, config=config, metrics=metrics, plots=plots, base_model=backbone,
                              model_source=_described(cfg.model.path, source.artifact, source.path),
-                             adapter=cfg.lora.enabled, data_source=_described(cfg.data.path, data_artifact, data_path),
+                             adapter=adapter, data_source=_described(cfg.data.path, data_artifact, data_path),
                              data_fingerprint=data_fingerprint, parents=[source.artifact, data_artifact, eval_artifact],
                              keep_checkpoints=cfg.output.keep_checkpoints,
-                             usage=_reward_card_usage(job.final, backbone, cfg.lora.enabled, resized))
+                             usage=_reward_card_usage(job.final, backbone, adapter, resized))
     m = metrics
     print_finished(job, artifact, [
         ("held-out accuracy", f"{m['eval_accuracy_before']:.3f} -> {m['eval_accuracy']:.3f}"
@@ -335,16 +348,19 @@ class PromptGroupedBatchSampler:
 # Model
 
 def _backbone(source: ModelSource, cfg: RewardRunConfig) -> tuple[str, str | None]:
-    """The folder the score head goes on, and a note for the summary. An SFT LoRA adapter is merged into its base
-    once (its own `merged/` folder when it has one, else a cached folder under the align home), so the reward
-    adapter's base is a plain folder that loads with transformers alone."""
+    """The folder the score head goes on (or, for a LoRA reward model trained before, the base its adapter and
+    head load onto), and a note for the summary. An SFT LoRA adapter is merged into its base once (its own `merged/`
+    folder when it has one, else a cached folder under the align home), so the reward adapter's base is a plain
+    folder that loads with transformers alone. A full reward model is its own backbone: its head loads with it."""
     if not source.adapter_of:
         return source.path, None
     label = source.artifact.ref if source.artifact else source.path
-    adapter = json.loads((Path(source.path) / "adapter_config.json").read_text())
-    if adapter.get("task_type") != "CAUSAL_LM":
-        raise AlignError(f"model.path: {cfg.model.path} is a {adapter.get('task_type')} adapter; a reward model "
-                         f"starts from a causal LM (an SFT model) or a plain decoder / encoder model")
+    if source.adapter_task == "SEQ_CLS":
+        return resolve_model(source.adapter_of).path, f"{label}: a reward model, trained further"
+    if source.adapter_task != "CAUSAL_LM":
+        raise AlignError(f"model.path: {cfg.model.path} is a {source.adapter_task} adapter; a reward model "
+                         f"starts from a causal LM (an SFT model), a plain decoder / encoder model, or a reward "
+                         f"model to train further")
     merged = Path(source.path) / "merged"
     if (merged / "config.json").is_file():
         return str(merged), f"{label}: its merged/ folder"

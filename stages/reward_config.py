@@ -26,7 +26,9 @@ class NormalizationConfig:
 
 @dataclass
 class RewardRunConfig:
-    """`align reward`: a reward model from human preference pairs (InstructGPT stage 2)."""
+    """`align reward`: a reward model from human preference pairs (InstructGPT stage 2). `model.path` names the
+    backbone a new score head goes on, or a reward model trained before (`reward:N`): then that model trains further
+    (its LoRA adapter and score head, or all its weights), as in rounds of labeling."""
 
     model: ModelConfig
     data: PreferenceDataConfig

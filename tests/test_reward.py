@@ -576,3 +576,27 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(case, tmp_path, monkey
     from align.registry import Registry
 
     assert Registry().list() == []
+
+
+def test_a_reward_model_trains_further_from_where_it_ended(trained, monkeypatch):
+    """`model.path: reward:1` (rounds of labeling, reward_from: previous): its LoRA adapter and score head train on,
+    so it starts at reward:1's accuracy, not at a new head's; the result loads onto the same base, with reward:1 as
+    its parent. Last in this file: it registers reward:2."""
+    from align.registry import Registry
+    from align.scoring import RewardScorer
+
+    _in_run(trained, monkeypatch)
+    config = _config(trained.home, "marker-more", "reward:1", "label:latest", data={"val_set_size": 0.25},
+                     training={**FAST, "max_steps": 6, "eval_steps": 6})
+    assert _main("reward", "--config", config) == 0
+    first, more = Registry().resolve("reward:1"), Registry().resolve("reward:2")
+    assert more.metrics["eval_accuracy_before"] >= 0.9 > first.metrics["eval_accuracy_before"], more.metrics
+    assert more.metrics["eval_accuracy"] >= 0.9
+    assert more.parents == [first.id, trained.label.id]
+    base = json.loads((Path(first.path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert json.loads((Path(more.path) / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    weights = {name: w.clone() for name, w in RewardScorer.load("reward:1").model.named_parameters()
+               if "lora_" in name or "score" in name}
+    moved = {name: not torch.equal(w, weights[name]) for name, w in RewardScorer.load("reward:2").model
+             .named_parameters() if name in weights}
+    assert moved and any(moved.values()), "reward:2's adapter trained on from reward:1's"
