@@ -276,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--reward-model", action="append", default=[], dest="reward_models",
                       help="with --select uncertainty|disagreement: the reward model scoring the candidates "
                            "(repeat it for an ensemble); without one, selection falls back to diversity")
+    push.add_argument("--mix-model", help="a second model (e.g. the SFT model beside a policy) that writes --mix-k "
+                                          "of the K completions of each prompt")
+    push.add_argument("--mix-k", type=int, default=0, help="with --mix-model: how many of the K it writes")
     push.add_argument("--log-every", type=int, default=32,
                       help="prompts generated and logged at a time (a crash loses at most these)")
     push.set_defaults(handler=_label_push)
@@ -536,7 +539,8 @@ def _label_push(args) -> None:
     rankings.push_command(model=args.model, prompts_path=args.prompts, k=args.k, dataset=args.dataset,
                           sampling=sampling, annotators_per_record=args.annotators_per_record,
                           workspace=args.workspace, guidelines_file=args.guidelines, log_every=args.log_every,
-                          select=args.select, budget=args.budget, reward_models=args.reward_models)
+                          select=args.select, budget=args.budget, reward_models=args.reward_models,
+                          mix_model=args.mix_model, mix_k=args.mix_k)
 
 
 def _label_status(args) -> None:

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 from align.files import write_jsonl
 from align.errors import AlignError
-from align.registry import Registry
+from align.registry import Artifact, Registry
 from align.gold import Gold, load_gold, rank
 from align.labeling import argilla_api, server, task
 from align.labeling.argilla_api import SIM_PREFIX, Api, annotation_url, simulated_users_file
@@ -216,8 +216,12 @@ def model_label(ref: str) -> str:
 def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
          annotators_per_record: int | None = None, workspace: str = WORKSPACE, guidelines_file: str | None = None,
          log_every: int = 32, retries: int = 3, select: str | None = None, budget: int | None = None,
-         reward_models: Sequence[str] = (), encoder: str = DEFAULT_ENCODER) -> PushResult:
+         reward_models: Sequence[str] = (), encoder: str = DEFAULT_ENCODER, mix_model: str | None = None,
+         mix_k: int = 0) -> PushResult:
     """Sample K completions per prompt and log one Argilla record per prompt (see the module docstring).
+
+    With ``mix_model``, ``mix_k`` of the K come from that model (samples K - mix_k .. K-1; the dataset's metadata
+    says so), the rest from ``model``: annotators rank a policy's completions against the SFT model's, say.
 
     ``annotators_per_record`` (rankings wanted per prompt; 1 for a new dataset when None) and ``guidelines_file``
     change an existing dataset only when given. With ``select`` the prompts file is a pool: only ``budget`` of its
@@ -231,8 +235,11 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
     sampling = sampling or SamplingConfig(temperature=1.0)
     _check_push_args(k, annotators_per_record, sampling, log_every, dataset)
     _check_selection_args(select, budget, reward_models)
+    _check_mix_args(k, mix_model, mix_k)
     # Before the server is reached (and an existing dataset's settings updated): not a model that generates text.
     require_model_kind(resolve_model(model), "--model", model, COMMAND, hint=GENERATION_HINT)
+    if mix_model:
+        require_model_kind(resolve_model(mix_model), "--mix-model", mix_model, COMMAND, hint=GENERATION_HINT)
     for ref in reward_models:
         require_model_kind(resolve_model(ref), "--reward-model", ref, COMMAND, kinds=("reward",),
                            hint="a reward model (reward:latest, or a folder saved by align reward)")
@@ -242,17 +249,25 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
     api = Api.connect()
     label = model_label(model)
     wanted_info = {"format": FORMAT, "k": k, "model": label, "sampling": sampling_text(sampling)}
+    if mix_model:
+        wanted_info["mix"] = {"model": model_label(mix_model), "k": mix_k}
 
     existing_dataset, existing, notes = task.dataset_for_push(api, dataset, workspace, lambda current: _check_existing(
         api, current, dataset, k, wanted_info, annotators_per_record, guidelines, guidelines_file is not None))
     ids = {prompt: record_id(dataset, prompt) for prompt in unique}
     todo = [prompt for prompt in unique if not _complete(existing.get(ids[prompt]), k)]
 
-    created, duplicates, chosen, loaded, presampled = 0, 0, None, None, {}
+    created, duplicates, chosen, samplers, presampled = 0, 0, None, None, {}
+
+    def load_samplers() -> list[tuple]:
+        """(model, how many of the K it writes): the model, then the mix model."""
+        return [(load_for_inference(model, option="--model"), k - mix_k)] + \
+            ([(load_for_inference(mix_model, option="--mix-model"), mix_k)] if mix_model else [])
+
     if select is not None:
         if reward_models and select in ("uncertainty", "disagreement"):
-            loaded = load_for_inference(model, option="--model")
-        chosen, presampled = _select_prompts(select, budget, unique, k, sampling, retries, loaded, reward_models,
+            samplers = load_samplers()
+        chosen, presampled = _select_prompts(select, budget, unique, k, sampling, retries, samplers, reward_models,
                                              encoder)
         unique = [unique[i] for i in chosen.indices]
         todo = [prompt for prompt in unique if not _complete(existing.get(ids[prompt]), k)]
@@ -260,14 +275,14 @@ def push(model: str, prompts_path: str, k: int, dataset: str, *, sampling=None,
         if existing_dataset is not None:
             _add_selection_properties(api, existing_dataset)
     if todo or existing_dataset is None:
-        loaded = loaded or load_for_inference(model, option="--model")
-        form = _prompt_form(loaded)
+        samplers = samplers or load_samplers()
+        form = _prompt_form(samplers[0][0])
         if existing_dataset is None:
             info = {**wanted_info, "conversational": form["conversational"], "system": form["system"],
                     "sampling_params": _sampling_params(sampling), "model_ref": model}
             existing_dataset = task.create_dataset(api, dataset, workspace, layout(k), annotators_per_record or 1,
                                                    guidelines, info)
-        created, duplicates = _generate_and_log(api, existing_dataset["id"], loaded, form, todo, ids, k, sampling,
+        created, duplicates = _generate_and_log(api, existing_dataset["id"], samplers, form, todo, ids, k, sampling,
                                                 label, log_every, retries, len(unique), presampled,
                                                 chosen.metadata_by(unique) if chosen else {})
     result = PushResult(dataset=dataset, dataset_id=existing_dataset["id"], url=annotation_url(api.url,
@@ -294,7 +309,30 @@ def _check_selection_args(select: str | None, budget: int | None, reward_models:
                          "trained with different seeds), or use --select uncertainty with one")
 
 
-def _select_prompts(strategy: str, budget: int, pool: list[str], k: int, sampling, retries: int, loaded,
+def _check_mix_args(k: int, mix_model: str | None, mix_k: int) -> None:
+    if mix_model and not 1 <= mix_k <= k - 1:
+        raise AlignError(f"--mix-k {mix_k}: how many of the --k {k} completions per prompt --mix-model {mix_model} "
+                         f"writes: between 1 and {k - 1} (the rest come from --model)")
+    if mix_k and not mix_model:
+        raise AlignError(f"--mix-k {mix_k}: give --mix-model too, the model that writes them")
+
+
+def sample_mixed(samplers: list[tuple], prompts: list[str], sampling, retries: int,
+                 progress=None) -> tuple[list[list[str]], list[int]]:
+    """K completions per prompt from `samplers` [(loaded model, how many)], in that order (the model's, then the mix
+    model's), with how many identical ones each kept after its retries."""
+    from align.generation import sample_k
+
+    texts, kept = [[] for _ in prompts], [0] * len(prompts)
+    for loaded, count in samplers:
+        more, repeats = sample_k(loaded.model, loaded.tokenizer, prompts, count, sampling, template=loaded.template,
+                                 retries=retries, progress=progress)
+        texts = [have + new for have, new in zip(texts, more)]
+        kept = [have + new for have, new in zip(kept, repeats)]
+    return texts, kept
+
+
+def _select_prompts(strategy: str, budget: int, pool: list[str], k: int, sampling, retries: int, samplers,
                     reward_models: Sequence[str], encoder: str) -> tuple[Selection, dict[str, tuple[list[str], int]]]:
     """Which `budget` prompts of `pool` to push (labeling/selection.py) and, when the reward models had to score
     candidates first, those candidates (prompt -> (K completions, identical ones kept)) so that annotators rank
@@ -308,12 +346,10 @@ def _select_prompts(strategy: str, budget: int, pool: list[str], k: int, samplin
     rewards = member_rewards = embeddings = None
     samples: dict[str, tuple[list[str], int]] = {}
     if strategy in ("uncertainty", "disagreement") and reward_models:
-        from align.generation import sample_k
         from align.scoring import RewardScorer
 
         show(f"sampling {k} candidates for each of the pool's {len(pool)} prompts to score them ...")
-        texts, kept = sample_k(loaded.model, loaded.tokenizer, pool, k, sampling, template=loaded.template,
-                               retries=retries)
+        texts, kept = sample_mixed(samplers, pool, sampling, retries)
         samples = {prompt: (texts[i], kept[i]) for i, prompt in enumerate(pool)}
         member_rewards = []
         for ref in reward_models:
@@ -357,10 +393,10 @@ def _check_existing(api: Api, dataset: dict, name: str, k: int, wanted: dict, an
     number of annotators per record are updated when they differ. Returns what was updated."""
     def differences(info: dict) -> list[str]:
         diffs = _differences(_shape(**task.read_layout(api, dataset["id"])), _shape(**layout(k)))
-        for key, flag in (("model", "--model"), ("sampling", "sampling flags")):
-            if not diffs and info.get(key) != wanted[key]:
-                diffs.append(f"its completions come from {key} '{info.get(key)}', this push uses '{wanted[key]}' "
-                             f"({flag})")
+        for key, flag in (("model", "--model"), ("sampling", "sampling flags"), ("mix", "--mix-model, --mix-k")):
+            if not diffs and info.get(key) != wanted.get(key):
+                diffs.append(f"its completions come from {key} '{info.get(key)}', this push uses "
+                             f"'{wanted.get(key)}' ({flag})")
         return diffs
 
     task.check_existing(api, dataset, name, FORMAT, COMMAND, differences)
@@ -404,12 +440,11 @@ def _prompt_form(loaded) -> dict:
             "model_input": model_input}
 
 
-def _generate_and_log(api: Api, dataset_id: str, loaded, form: dict, todo: list[str], ids: dict[str, str], k: int,
+def _generate_and_log(api: Api, dataset_id: str, samplers, form: dict, todo: list[str], ids: dict[str, str], k: int,
                       sampling, label: str, log_every: int, retries: int, total: int,
                       presampled: dict[str, tuple[list[str], int]], chosen: dict[str, dict]) -> tuple[int, int]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from align.generation import sample_k
     from align.reporting import console
 
     logged = duplicates = 0
@@ -423,9 +458,8 @@ def _generate_and_log(api: Api, dataset_id: str, loaded, form: dict, todo: list[
                 samples, repeats = [presampled[p][0] for p in chunk], [presampled[p][1] for p in chunk]
                 progress.advance(sampled, len(chunk) * k)
             else:
-                samples, repeats = sample_k(loaded.model, loaded.tokenizer, chunk, k, sampling,
-                                            template=loaded.template, retries=retries,
-                                            progress=lambda n: progress.advance(sampled, n))
+                samples, repeats = sample_mixed(samplers, chunk, sampling, retries,
+                                                progress=lambda n: progress.advance(sampled, n))
             items = []
             for prompt, texts, kept in zip(chunk, samples, repeats):
                 rid = ids[prompt]
@@ -693,22 +727,28 @@ def _register(dataset: str, target: Path, staging: Path, rows: list[dict], metri
     from align.registry import looks_like_ref
 
     registry = Registry()
-    parent, note = None, None
+
+    def parent(label: str) -> tuple[Artifact | None, str | None]:
+        """The registry artifact of the model that wrote completions, or why there is none."""
+        if looks_like_ref(label):
+            try:
+                return registry.resolve(label), None
+            except AlignError:
+                return None, f"model {label} is no longer in the registry: no parent recorded"
+        found = next((a for a in registry.list() if a.kind == "model" and a.path == label), None)
+        return found, None if found else f"model {label} is not a registry artifact: no parent recorded"
+
     label = str(info.get("model") or "")
-    if looks_like_ref(label):
-        try:
-            parent = registry.resolve(label)
-        except AlignError:
-            note = f"model {label} is no longer in the registry: no parent recorded"
-    else:
-        parent = next((a for a in registry.list() if a.kind == "model" and a.path == label), None)
-        if parent is None:
-            note = f"model {label} is not a registry artifact: no parent recorded"
+    mix = info.get("mix") or {}
+    writers = [parent(label)] + ([parent(str(mix.get("model")))] if mix else [])
+    note = "; ".join(why for _, why in writers if why) or None
     artifact = registry.add(
-        stage="label", name=dataset, kind="dataset", path=target, staged=staging, parents=[parent.id] if parent else [],
+        stage="label", name=dataset, kind="dataset", path=target, staged=staging,
+        parents=[model.id for model, _ in writers if model],
         data_fingerprint=fingerprint(rows), metrics=metrics,
         config={"dataset": dataset, "dataset_id": found["id"], "api_url": api_url, "ties": ties,
-                "aggregate": aggregate, "k": info.get("k"), "model": label, "sampling": info.get("sampling"),
+                "aggregate": aggregate, "k": info.get("k"), "model": label, **({"mix": mix} if mix else {}),
+                "sampling": info.get("sampling"),
                 "conversational": bool(info.get("conversational")),
                 **({"simulated_gold": gold} if gold else {})},
     )

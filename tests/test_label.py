@@ -399,3 +399,28 @@ def test_sample_k_resamples_identical_completions(monkeypatch):
     samples, repeats = sample_k(None, None, ["p"], 3, SamplingConfig(seed=0), retries=2)
     assert samples == [["a", "a", "a"]] and repeats == [2]  # kept after the retries, and counted
 
+
+
+def test_push_mixes_a_second_model_into_each_ranking(env, model, tiny_gpt_neox, prompts_file, tmp_path, capsys):
+    """`--mix-model M --mix-k 1`: of each prompt's K=3 completions, one is M's (sample index 2, the dataset says so);
+    the pulled rankings have both models as parents. A different mix is another dataset; bad --mix-k is one line."""
+    from align.registry import Registry
+
+    mixed = Registry().add(stage="sft", name="tiny-other", path=tiny_gpt_neox, config={"note": "test"})
+    assert _push(model, prompts_file, "mixed", "--mix-model", mixed.ref, "--mix-k", "1") == 0
+    info = _dataset("mixed")["metadata"]["align"]
+    assert info["model"] == model.ref and info["mix"] == {"model": mixed.ref, "k": 1}
+    records = _records("mixed")
+    assert len(records) == len(PROMPTS) and all(len(r["fields"]) == 4 for r in records)
+    assert _push(model, prompts_file, "mixed", "--mix-model", mixed.ref, "--mix-k", "2") == 2
+    assert f"its completions come from mix '{{'model': '{mixed.ref}', 'k': 1}}'" in capsys.readouterr().err
+    for extra, message in ((("--mix-model", mixed.ref, "--mix-k", "3"), "--mix-k 3: how many of the --k 3 "
+                            "completions per prompt --mix-model"), (("--mix-k", "1"), "--mix-k 1: give --mix-model")):
+        assert _push(model, prompts_file, "never", *extra) == 2
+        assert message in capsys.readouterr().err
+    assert _dataset("never") is None
+
+    assert main(["label", "simulate", "--dataset", "mixed", "--annotators", "1", "--rule", "longer"]) == 0
+    assert main(["label", "pull", "--dataset", "mixed", "--out", str(tmp_path / "mixed.jsonl")]) == 0
+    pulled = Registry().resolve("label:latest")
+    assert pulled.parents == [model.id, mixed.id] and pulled.config["mix"] == {"model": mixed.ref, "k": 1}
