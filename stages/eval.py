@@ -6,7 +6,8 @@ time in memory: responses to the held-out prompts (batched, the template each mo
 choice accuracy by log-likelihood on each benchmark, perplexity, the log-probability of its own responses -> the
 baseline again: its log-probabilities of every other model's responses (KL estimate, same tokenizer only) -> the
 judge reward model scores every response (text, its own tokenizer), and the gold preference when one is given (a
-rule, a function or a reward model no model trained on: align/gold.py) -> statistics (align/evaluation.py): win /
+rule, a function or a reward model no model trained on: align/gold.py; `reward_models`, every round's say, are
+measured against it on the same gold-ranked pairs as the judge) -> statistics (align/evaluation.py): win /
 tie / loss rates with 95% CIs and length-controlled win rates under the gold and the judge, alignment tax with
 paired bootstrap CIs -> report, led by the gold's verdict (Markdown +
 one self-contained HTML file with plots and side-by-side samples), generations.jsonl, results.json -> registry row
@@ -70,6 +71,12 @@ def run(cfg: EvalRunConfig) -> Artifact:
         names.append(name)
         artifacts[name] = source.artifact
     judge_artifact = _source(cfg.judge.path, registry).artifact if cfg.judge.path else None
+    reward_models = {}  # ref -> its registry row (None for a folder)
+    for ref in cfg.reward_models:
+        source = _source(ref, registry)
+        require_model_kind(source, "reward_models", ref, "align eval compare", kinds=("reward",),
+                           hint="a reward model (reward:N, or a folder saved by align reward)")
+        reward_models[source.artifact.ref if source.artifact else ref] = source.artifact
     gold = _load_gold(cfg, registry, artifacts)
     job = start_run(STAGE, cfg.output, "-vs-".join(_short(n) for n in names[1:] + names[:1])[:80], registry=registry)
     prompts, references = _read_prompts(cfg)
@@ -84,6 +91,7 @@ def run(cfg: EvalRunConfig) -> Artifact:
                                                              else "")),
         ("gold", f"{gold.spec}: {gold.description}" if gold else "none (no gold win rates)"),
         ("judge", cfg.judge.path or "none (no judge win rates)"),
+        *([("reward models", ", ".join(reward_models) + " (against the gold)")] if reward_models else []),
         ("benchmarks", ", ".join(f"{name} ({len(b.questions)} questions, {b.format})" for name, b in benchmarks)
          or "none"),
         ("perplexity", ", ".join(f"{name} ({len(t)} texts)" for name, t in texts.items()) or "none"),
@@ -110,6 +118,9 @@ def run(cfg: EvalRunConfig) -> Artifact:
             results[name].gold_scores = gold.score(prompts, results[name].responses)
     gold_pairs = _gold_pairs(results, names, prompts, cfg.gold.tie_margin)
     stats = _statistics(results, names, gold_pairs, cfg, hacked, dict(benchmarks))
+    if gold_pairs and reward_models:
+        stats["reward_models_vs_gold"] = _reward_models_vs_gold(reward_models, gold_pairs, results, names, prompts,
+                                                                cfg)
 
     # 5. Report and registry row.
     job.folder.create()
@@ -127,7 +138,8 @@ def run(cfg: EvalRunConfig) -> Artifact:
     (work / "report.html").write_text(_html(markdown, work))
     gold_artifact = _source(gold.spec, registry).artifact if gold is not None and gold.kind == "reward_model" else None
     artifact = publish_evaluation(job, config=config, metrics=_registry_metrics(stats, names),
-                                  parents=[*artifacts.values(), judge_artifact, gold_artifact])
+                                  parents=[*artifacts.values(), judge_artifact, gold_artifact,
+                                           *reward_models.values()])
     print_finished(job, artifact, _summary_rows(stats, names, job.final, cfg))
     return artifact
 
@@ -383,16 +395,39 @@ def _gold_pairs(results: dict[str, ModelResult], names: list[str], prompts: list
     return pairs
 
 
-def _judge_vs_gold(pairs: list, results: dict[str, ModelResult], tie_margin: float) -> dict:
-    """The judge (a reward model: the proxy) on gold-ranked pairs of the evaluated responses: its accuracy with a 95%
-    CI, beside what "the longer response wins" scores on the same pairs, and its calibration."""
+def _judge_vs_gold(pairs: list, results: dict[str, ModelResult], tie_margin: float,
+                   rewards: dict[str, list[float]] | None = None) -> dict:
+    """The judge (a reward model: the proxy), or another reward model's `rewards` of each model's responses, on
+    gold-ranked pairs of the evaluated responses: its accuracy with a 95% CI, beside what "the longer response wins"
+    scores on the same pairs, and its calibration."""
+    rewards = rewards or {name: result.rewards for name, result in results.items()}
     metrics = reward_model_metrics(
-        [results[c].rewards[i] for i, c, _ in pairs], [results[r].rewards[i] for i, _, r in pairs],
+        [rewards[c][i] for i, c, _ in pairs], [rewards[r][i] for i, _, r in pairs],
         [len(results[c].responses[i]) for i, c, _ in pairs], [len(results[r].responses[i]) for i, _, r in pairs],
         tie_margin=tie_margin)
     return {"pairs": metrics.pairs, "accuracy": vars(metrics.accuracy.win_rate),
             "longer_wins": vars(metrics.length.longer_wins), "advantage_over_longer": vars(metrics.length.advantage),
             "ece": vars(metrics.ece)}
+
+
+def _reward_models_vs_gold(reward_models: dict[str, Artifact | None], pairs: list, results: dict[str, ModelResult],
+                           names: list[str], prompts: list[str], cfg: EvalRunConfig) -> dict:
+    """Each of `reward_models` (every round's, say) on the judge's gold-ranked pairs, one model in memory at a time,
+    with the held-out accuracy its own training measured."""
+    from align.scoring import RewardScorer
+
+    measured = {}
+    for ref, artifact in reward_models.items():
+        scorer = RewardScorer.load(ref)
+        rewards = {name: scorer.score(prompts, results[name].responses, cfg.judge.batch_size) for name in names}
+        del scorer
+        gc.collect()
+        trained = (artifact.metrics or {}) if artifact is not None else {}
+        measured[ref] = {**_judge_vs_gold(pairs, results, cfg.judge.tie_margin, rewards),
+                         "name": artifact.name if artifact is not None else ref,
+                         "trained_heldout_accuracy": trained.get("eval_accuracy"),
+                         "trained_pairs": trained.get("train_pairs")}
+    return measured
 
 
 def _win_rates(scores: list[float], baseline_scores: list[float], tie_margin: float, result: ModelResult,
@@ -426,6 +461,8 @@ def _registry_metrics(stats: dict, names: list[str]) -> dict:
     if "judge_vs_gold" in stats:
         metrics["judge/gold_pair_accuracy"] = stats["judge_vs_gold"]["accuracy"]["estimate"]
         metrics["judge/gold_pairs"] = stats["judge_vs_gold"]["pairs"]
+    for ref, measured in stats.get("reward_models_vs_gold", {}).items():
+        metrics[f"{ref}/gold_pair_accuracy"] = measured["accuracy"]["estimate"]
     for name in names:
         entry = stats["models"][name]
         if "gold_win_rate" in entry:
@@ -599,6 +636,15 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
                   f"the same pairs (the judge's advantage: {_pts(j['advantage_over_longer'])} points); calibration "
                   f"error (ECE) {j['ece']['estimate']:.3f}. The pairs are in `gold_pairs.jsonl` (`align eval reward "
                   f"--data` reads them).", ""]
+    if "reward_models_vs_gold" in stats:
+        measured = stats["reward_models_vs_gold"]
+        lines += ["## Reward models against the gold", "",
+                  f"Each reward model on the same {next(iter(measured.values()))['pairs']} gold-ranked pairs (rounds "
+                  f"of labeling: does the reward model learn the gold better with the rankings of every round?).", "",
+                  "| reward model | run | trained on (pairs) | held-out accuracy in its training | agreement with the "
+                  "gold here |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {ref} | {m['name']} | {m['trained_pairs'] or '-'} | {_fmt(m['trained_heldout_accuracy'])} "
+                  f"| {_pct(m['accuracy'])} |" for ref, m in measured.items()] + [""]
     if training:
         lines += ["## How the models were made (their own training runs, from the registry)", "",
                   "| model | stage | measured during training |", "| --- | --- | --- |"]
@@ -776,4 +822,6 @@ def _summary_rows(stats: dict, names: list[str], final: Path, cfg: EvalRunConfig
         j = stats["judge_vs_gold"]
         rows.append(("judge vs gold", f"{_pct(j['accuracy'])} agreement on {j['pairs']} gold-ranked pairs (longer "
                                       f"wins: {_pct(j['longer_wins'])})"))
+    for ref, measured in stats.get("reward_models_vs_gold", {}).items():
+        rows.append((f"{ref} vs gold", f"{_pct(measured['accuracy'])} agreement on {measured['pairs']} pairs"))
     return rows + [("report", f"{final / 'report.html'} (and report.md)")]
