@@ -6,7 +6,8 @@
 With `rounds: N`, label -> reward -> ppo / dpo runs N times (InstructGPT collected its rankings in rounds): round
 r > 1 ranks completions of round r-1's policy in a new Argilla dataset, the reward model is trained on the rankings
 of every round so far (one file registered with each round's rankings as parents), and the policies start from SFT
-or continue round r-1's (`policy_from`). The eval runs once, after the last round, with every round's policies.
+or continue round r-1's (`policy_from`). The eval runs once, after the last round, with every round's policies (and,
+under a gold, every round's reward model measured against it).
 
 With simulated annotators, the gold preference they rank by (`label.gold`, align/gold.py) is also handed to PPO
 (scored every iteration, never trained on) and to the evaluation (win rates under the gold lead the report).
@@ -43,6 +44,7 @@ from align.stages.reward_config import RewardRunConfig
 from align.stages.sft_config import SFTRunConfig
 
 STEPS = ("sft", "label", "reward", "ppo", "dpo", "eval")
+POLL_S = 30  # how often a pipeline waiting for people asks Argilla how far they got
 STAGE_CONFIGS = {"sft": SFTRunConfig, "reward": RewardRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig,
                  "eval": EvalRunConfig}
 
@@ -109,18 +111,22 @@ def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
 
     sft = step("sft", run_stage, "sft", {}, f"{cfg.name}-sft")
     labels: list[Artifact] = []  # each round's rankings
-    reward: str | None = None  # the last round's reward model (`label.select: uncertainty` asks it)
+    reward: str | None = None  # the last round's reward model
     policies: dict[str, Artifact] = {}  # the last round's ppo / dpo
     evaluated: list[str] = []  # every round's policies
+    rewards: list[str] = []  # every round's reward model (label.select asks them; the eval measures them)
     for number in range(1, cfg.rounds + 1):
         tag = "" if number == 1 else f" (round {number})"
         prefix = cfg.name if number == 1 else f"{cfg.name}-round{number}"  # the round's run names: `<prefix>-<step>`
         sampler = sft if number == 1 else policies[round_policy(cfg)]
-        labels.append(step("label" + tag, _label, cfg, home, sampler, number, reward))
+        labels.append(step("label" + tag, _label, cfg, home, sampler, number, list(rewards), sft))
         # What the reward model (and a dpo from sft) trains on: the rankings of every round so far.
         refs = {"sft": sft.ref, "label": (labels[0] if number == 1 else _rankings_so_far(cfg, home, labels)).ref}
         if cfg.reward.enabled:
-            refs["reward"] = reward = step("reward" + tag, run_stage, "reward", refs, f"{prefix}-reward").ref
+            further = {"reward_start": reward} if cfg.reward_from == "previous" and reward else {}
+            refs["reward"] = reward = step("reward" + tag, run_stage, "reward", {**refs, **further},
+                                           f"{prefix}-reward").ref
+            rewards.append(reward)
         for stage in ("ppo", "dpo"):
             if getattr(cfg, stage).enabled:
                 start = {"start": policies[stage].ref, "round_label": labels[-1].ref} \
@@ -128,7 +134,8 @@ def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
                 policies[stage] = step(stage + tag, run_stage, stage, {**refs, **start}, f"{prefix}-{stage}")
                 evaluated.append(policies[stage].ref)
     if cfg.eval.enabled:
-        step("eval", run_stage, "eval", {**refs, "policies": evaluated}, f"{cfg.name}-eval")
+        rounds = {"reward_models": rewards} if gold and len(rewards) > 1 else {}
+        step("eval", run_stage, "eval", {**refs, "policies": evaluated, **rounds}, f"{cfg.name}-eval")
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
             for how, seconds in [timings[name]]]
     rows.append(("total", f"{(time.monotonic() - started) / 60:.1f} min"))
@@ -161,6 +168,8 @@ def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> tuple[dict, dict]:
     steps = [name for name in STAGE_CONFIGS if name in enabled]
     refs = {name: f"{name}:latest" for name in enabled}  # stand-ins for the references of the steps before
     refs["policies"] = [refs[name] for name in ("ppo", "dpo") if name in refs]
+    if gold and cfg.rounds > 1 and "reward" in refs:
+        refs["reward_models"] = [refs["reward"]]
 
     def checked(name: str, check, *args):
         try:
@@ -185,25 +194,36 @@ def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> tuple[dict, dict]:
 
 def _references(stage: str, refs: dict) -> dict[str, str | list[str]]:
     """The keys of a step's config that name the output of the steps before. `refs`: their registry references
-    (`sft`, `label`: the pairs to train on, `reward`, `policies`: the models to evaluate) and, for a policy that
-    continues the previous round's (`policy_from: previous`), `start` and its round's own pairs, `round_label`."""
+    (`sft`, `label`: the pairs to train on, `reward`, `policies`: the models to evaluate, `reward_models`: every
+    round's, measured against the gold) and, for a policy that continues the previous round's (`policy_from:
+    previous`), `start` and its round's own pairs, `round_label`; for a reward model that continues the previous
+    round's (`reward_from: previous`), `reward_start`."""
     if stage == "eval":
         wired: dict = {"models": refs["policies"], "baseline": refs.get("sft")}
         if "reward" in refs:  # without a reward model: no judge win rates, the tax and KL still
             wired["judge.path"] = refs["reward"]
+        if "reward_models" in refs:  # every round's, against the gold
+            wired["reward_models"] = refs["reward_models"]
         return wired
     start = refs.get("start")
     continued_dpo = {"model.path": start, "data.path": refs.get("round_label"), "reference": refs.get("sft")}
-    return {"reward": {"model.path": refs.get("sft"), "data.path": refs.get("label")},
+    return {"reward": {"model.path": refs.get("reward_start") or refs.get("sft"), "data.path": refs.get("label")},
             "ppo": {"model.path": start or refs.get("sft"), "reward.path": refs.get("reward")},
             "dpo": continued_dpo if start else {"model.path": refs.get("sft"), "data.path": refs.get("label")}
             }.get(stage, {})
 
 
+def _continued(stage: str, refs: dict) -> dict[str, str]:
+    """The model a step trains further (the previous round's, `policy_from` / `reward_from: previous`): it wins over
+    the step's own `model.path`, which names where round 1 starts (a reward backbone other than the SFT model)."""
+    start = refs.get("reward_start" if stage == "reward" else "start") if stage != "eval" else None
+    return {"model.path": start} if start else {}
+
+
 def _step_overrides(cfg: PipelineRunConfig, stage: str, refs: dict, gold: str | None, run_name: str) -> list[str]:
     """The overrides a step runs with: what the pipeline wires in (the references of the steps before; the gold; the
     seed), then the step's own overrides, which win (a reward model on another backbone than the SFT model:
-    `model.path=...` among the reward step's overrides), then its run name."""
+    `model.path=...` among the reward step's overrides) except over a model trained further, then its run name."""
     wired = {key: "[" + ", ".join(value) + "]" if isinstance(value, list) else value
              for key, value in _references(stage, refs).items()}
     if gold and stage == "ppo":
@@ -214,15 +234,18 @@ def _step_overrides(cfg: PipelineRunConfig, stage: str, refs: dict, gold: str | 
     if stage != "eval" and cfg.seed is not None:
         wired = {"seed": cfg.seed, **wired}
     return [f"{key}={value}" for key, value in wired.items()] + list(getattr(cfg, stage).overrides) + \
-        [f"output.name={run_name}"]
+        [f"{key}={value}" for key, value in _continued(stage, refs).items()] + [f"output.name={run_name}"]
 
 
 def _with_references(config, stage: str, refs: dict, step: PipelineStepConfig):
     """`config`, checked with stand-ins for the references of the steps before, with the real ones (`refs`) in their
-    place; a key the step's own overrides set (or a section around it) keeps their value, as it did at the check."""
+    place; a key the step's own overrides set (or a section around it) keeps their value, as it did at the check,
+    unless it names the model a step trains further."""
     own = [item.partition("=")[0].strip() for item in step.overrides]
+    continued = _continued(stage, refs)
     for key, value in _references(stage, refs).items():
-        if any(key == mine or key.startswith(mine + ".") or mine.startswith(key + ".") for mine in own):
+        if key not in continued and any(key == mine or key.startswith(mine + ".") or mine.startswith(key + ".")
+                                        for mine in own):
             continue
         *sections, last = key.split(".")
         target = config
@@ -260,13 +283,14 @@ def _stage(module, stage: str, step: PipelineStepConfig, config, home: Path,
     return artifact, "resumed" if resume else "ran"
 
 
-def _label(cfg: PipelineRunConfig, home: Path, model: Artifact, number: int,
-           reward: str | None) -> tuple[Artifact, str]:
+def _label(cfg: PipelineRunConfig, home: Path, model: Artifact, number: int, rewards: list[str],
+           sft: Artifact) -> tuple[Artifact, str]:
     """Round `number`'s rankings: completions of `model` (the SFT model in round 1, the previous round's policy
-    after) ranked in Argilla (the embedded server unless ARGILLA_API_URL names one), pulled as preference pairs and
-    registered. A dataset per model: re-running continues it, and a finished pull is reused when every pushed prompt
-    has been ranked. With `label.select`, only `label.budget` prompts of the pool are pushed (`uncertainty`: of the
-    previous round's `reward` model)."""
+    after; `round_mix` of them by the `sft` model) ranked in Argilla (the embedded server unless ARGILLA_API_URL
+    names one), pulled as preference pairs and registered. A dataset per model: re-running continues it, and a
+    finished pull is reused when every pushed prompt has been ranked. With `label.select`, only `label.budget`
+    prompts of the pool are pushed, chosen with the `rewards` models of the rounds before (`uncertainty`: the last
+    one's; `disagreement`: all of them, a committee of two or more)."""
     from align.data import read_prompts
     from align.generation import SamplingConfig
     from align.labeling import rankings, server
@@ -280,6 +304,9 @@ def _label(cfg: PipelineRunConfig, home: Path, model: Artifact, number: int,
     setup = {k: v for k, v in to_dict(label).items()
              if k not in ("prompts", "max_prompts", "wait_timeout_s", "batch_size") and v is not None}
     setup["seed"] = cfg.seed
+    mix = cfg.round_mix if number > 1 and model.id != sft.id else 0
+    if mix:
+        setup["round_mix"] = mix
     digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:6]
     rounded = "" if number == 1 else f"-round{number}"
     dataset = f"{cfg.name}{rounded}-rankings-{model.stage}{model.version}-{digest}"
@@ -301,9 +328,16 @@ def _label(cfg: PipelineRunConfig, home: Path, model: Artifact, number: int,
     server.serve_command()
     sampling = SamplingConfig(max_new_tokens=label.max_new_tokens, temperature=label.temperature,
                               batch_size=label.batch_size, seed=cfg.seed or 0)
-    asked = [reward] if label.select == "uncertainty" and reward else []
+    select, asked = label.select, rewards[-1:] if label.select == "uncertainty" else []
+    if select == "disagreement":
+        asked = rewards
+        if len(rewards) == 1:
+            console.print(f"{step}: one reward model so far ({rewards[0]}): 'disagreement' asks a committee of two or "
+                          f"more (every round's), so this round selects by its 'uncertainty'")
+            select = "uncertainty"
     rankings.push_command(model=model.ref, prompts_path=str(prompt_file), k=label.k, dataset=dataset,
-                          sampling=sampling, select=label.select, budget=label.budget, reward_models=asked)
+                          sampling=sampling, select=select, budget=label.budget, reward_models=asked,
+                          mix_model=sft.ref if mix else None, mix_k=mix)
     if label.annotators == "simulated":
         rankings.simulate_command(dataset, label.simulate_annotators, label.gold, noise=label.simulate_noise,
                                   seed=cfg.seed or 0, tie_margin=label.gold_tie_margin)
@@ -359,4 +393,4 @@ def _wait_for_rankings(step: str, dataset: str, wanted: int, timeout_s: int) -> 
         if time.monotonic() > deadline:
             raise AlignError(f"{step}: {ranked} of {wanted} records ranked after {timeout_s} s; run the pipeline again "
                              f"to keep waiting (finished steps are skipped)")
-        time.sleep(30)
+        time.sleep(POLL_S)

@@ -48,12 +48,13 @@ class PipelineLabelConfig:
                                                           "range": (1, 100)})
     simulate_noise: float = field(default=0.0, metadata={
         "help": "Probability that a simulated annotator swaps two adjacent ranks.", "range": (0, 1)})
-    select: Literal["random", "uncertainty", "diversity"] | None = field(default=None, metadata={
+    select: Literal["random", "uncertainty", "disagreement", "diversity"] | None = field(default=None, metadata={
         "help": "Active selection (labeling/selection.py, as `align label push --select`): `prompts` is a pool, of "
                 "which `budget` prompts are ranked in each round, chosen at `random`, by the `uncertainty` of the "
-                "previous round's reward model (round 1 has none: diversity, and it says so), or for `diversity` in "
-                "embedding space; each record keeps why it was chosen. Unset: every prompt. (`disagreement` needs "
-                "an ensemble of reward models: `align label push --reward-model` twice.)"})
+                "previous round's reward model (round 1 has none: diversity, and it says so), by the "
+                "`disagreement` of every earlier round's reward model (a committee: from round 3; round 2 has one "
+                "and uses its uncertainty, and says so), or for `diversity` in embedding space; each record keeps "
+                "why it was chosen. Unset: every prompt."})
     budget: int | None = field(default=None, metadata={
         "help": "With `select`: how many prompts of the pool are ranked in each round.", "range": (1, None)})
     wait_timeout_s: int = field(default=86400, metadata={
@@ -83,6 +84,14 @@ class PipelineRunConfig:
                 "once, after the last round, with every round's policies.", "range": (1, None)})
     round_policy: Literal["ppo", "dpo"] | None = field(default=None, metadata={
         "help": "Which policy of round r-1 samples the completions of round r. Default: ppo when enabled, else dpo."})
+    round_mix: int = field(default=0, metadata={
+        "help": "How many of round r > 1's K completions per prompt the SFT model writes (the rest: round r-1's "
+                "policy), so annotators also rank the policy against where it started (`align label push "
+                "--mix-model --mix-k`). 0: all from the policy.", "range": (0, None)})
+    reward_from: Literal["scratch", "previous"] = field(default="scratch", metadata={
+        "help": "How round r > 1 trains its reward model on the rankings of every round so far: from `scratch` (a "
+                "new score head on the reward step's backbone) or from round r-1's reward model (`previous`: its "
+                "weights, LoRA adapter and score head train on)."})
     policy_from: Literal["sft", "previous"] = field(default="sft", metadata={
         "help": "Where round r's policy steps start: `sft` (each round trains anew; dpo on the rankings of every "
                 "round so far) or `previous` (ppo / dpo continue round r-1's policy; dpo on round r's rankings, "
@@ -99,6 +108,9 @@ class PipelineRunConfig:
                 ("label.budget", "label.select")
             raise AlignError(f"{where(given)}: {given} needs {missing} too: select chooses `budget` prompts of the "
                              f"pool label.prompts")
+        if self.round_mix >= self.label.k:
+            raise AlignError(f"{where('round_mix')}: round_mix: {self.round_mix} of label.k: {self.label.k} "
+                             f"completions from the SFT model leaves none for the policy; at most {self.label.k - 1}")
         if self.rounds > 1 and not (self.ppo.enabled or self.dpo.enabled):
             raise AlignError(f"{where('rounds')}: rounds: {self.rounds}: round 2 on ranks completions of round 1's "
                              f"policy, and ppo and dpo are both disabled; enable one of them or set rounds: 1")

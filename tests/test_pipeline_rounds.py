@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -64,10 +65,13 @@ def rounds_pipe(argilla_server, tmp_path_factory, tiny_llama):
                 "logging_steps": 1, "sample_steps": 0, "save_steps": 1000}})
     _write_yaml(home / "dpo.yaml", {"model": {"path": "sft:latest"}, "data": preference_data})
     tiny_models.write_jsonl(home / "eval_prompts.jsonl", [{"prompt": f"reverse: {_letters(rng, 3)}"}
-                                                          for _ in range(4)])
+                                                          for _ in range(12)])
+    # Sampled, so that the policies' responses differ and the gold ranks pairs of them (greedy tiny models often
+    # answer alike).
     _write_yaml(home / "eval.yaml", {
         "models": ["sft:latest"], "baseline": "sft:latest", "prompts": {"path": str(home / "eval_prompts.jsonl")},
-        "benchmarks": [], "generation": {"max_new_tokens": 8, "batch_size": 8}, "samples_in_report": 2})
+        "benchmarks": [], "generation": {"max_new_tokens": 8, "batch_size": 12, "temperature": 1.0},
+        "samples_in_report": 2})
     pipeline = {
         "name": PIPELINE,
         "rounds": 2,
@@ -170,6 +174,14 @@ def test_two_rounds_register_the_round_lineage(in_pipe, capsys):
     assert set(ppo2.parents) >= {sft.id, reward2.id}
     # One eval after the last round, with both rounds' policies, judged by the last reward model.
     assert evaluation.config["models"] == [ppo1.ref, ppo2.ref] and evaluation.config["judge"]["path"] == reward2.ref
+    # The report compares the rounds' reward models against the gold, on the same gold-ranked pairs.
+    assert evaluation.config["reward_models"] == [reward1.ref, reward2.ref]
+    assert evaluation.metrics["judge/gold_pairs"] > 0, evaluation.metrics
+    assert {f"{r.ref}/gold_pair_accuracy" for r in (reward1, reward2)} <= set(evaluation.metrics)
+    report = (Path(evaluation.path) / "report.md").read_text()
+    section = report.split("## Reward models against the gold")[1].split("##")[0]
+    assert f"| {reward1.ref} | {reward1.name} | {reward1.metrics['train_pairs']} |" in section, section
+    assert f"| {reward2.ref} | {reward2.name} | {reward2.metrics['train_pairs']} |" in section, section
     assert [a.id for a in _rows()][-1] == evaluation.id
 
     # The lineage of round 2's policy: both rounds, as a tree.
@@ -230,3 +242,82 @@ def test_selection_spends_a_budget_per_round_by_the_previous_reward_model(in_pip
     assert "8 prompts of the pool chosen by diversity" in text and "8 prompts of the pool chosen by uncertainty" in text
     labels = [a for a in _rows()[before:] if "-rankings-" in a.name and "-rankings-rounds-" not in a.name]
     assert [a.metrics["ranked_records"] for a in labels] == [8, 8]
+
+
+def test_reward_from_previous_trains_round_one_reward_model_further(in_pipe, capsys):
+    """`reward_from: previous`: round 2's reward model continues round 1's, on the rankings of both rounds, even where
+    the reward step's own overrides name a backbone (`model.path`: where round 1 starts)."""
+    from align.registry import Registry
+
+    sft = next(a for a in _rows() if a.name == f"{PIPELINE}-sft")
+    before = len(_rows())
+    result = _pipeline(capsys, "--config", "pipeline.yaml", "reward_from=previous", "eval.enabled=false",
+                       f"reward.overrides=[model.path={sft.ref}]")
+    assert result.code == 0, result.out[-3000:] + result.err[-3000:]
+    assert result.how["reward"] == "skipped: finished before" and result.how["reward (round 2)"] == "ran", result.how
+    continued = next(a for a in _rows()[before:] if a.name == f"{PIPELINE}-round2-reward")
+    reward1 = Registry().resolve(continued.config["model"]["path"])
+    assert reward1.name == f"{PIPELINE}-reward" and reward1.id in continued.parents
+    assert Registry().resolve(continued.config["data"]["path"]).name == f"{PIPELINE}-rankings-rounds-1-2"
+    assert "its LoRA adapter + score head, trained further" in " ".join(result.out.split())
+
+
+def test_people_rank_each_round_while_the_pipeline_waits_with_a_clear_status(in_pipe, capsys, monkeypatch):
+    """`label.annotators: human`: every round waits for people in Argilla and says where to follow their progress;
+    past `wait_timeout_s` it stops in one line saying how far they got. Once round 1 is ranked, the same command
+    goes on (reward model, policy) to round 2 and waits there."""
+    from align.cli import pipeline
+    from align.labeling import rankings
+
+    monkeypatch.setattr(pipeline, "POLL_S", 0.2)
+    before = len(_rows())
+    wanted = len(in_pipe.prompts)
+    args = ("--config", "pipeline.yaml", "label.annotators=human", "label.wait_timeout_s=1", "eval.enabled=false")
+    first = _pipeline(capsys, *args)
+    assert first.code == 2, first.out[-3000:] + first.err[-3000:]
+    assert f"error: pipeline step 'label' failed: label: 0 of {wanted} records ranked after 1 s; run the pipeline " \
+           f"again to keep waiting" in _error_line(first.err)
+    text = " ".join(first.out.split())
+    dataset = re.search(rf"waiting for annotators to rank {wanted} records of '([^']+)' in Argilla", text).group(1)
+    assert f"align label status --dataset {dataset}" in text
+    assert len(_rows()) == before, "nothing registered while people have not ranked"
+
+    rankings.simulate(dataset, 1, "shorter")  # someone ranks round 1 (the round-2 wait below is what is tested)
+    second = _pipeline(capsys, *args)
+    assert second.code == 2, second.out[-3000:] + second.err[-3000:]
+    assert f"error: pipeline step 'label (round 2)' failed: label (round 2): 0 of {wanted} records ranked after 1 s" \
+           in _error_line(second.err)
+    text = " ".join(second.out.split())
+    assert f"waiting for annotators to rank {wanted} records of '{PIPELINE}-round2-rankings-ppo" in text
+    made = {a.name.split("-rankings-")[0] if "-rankings-" in a.name else a.name for a in _rows()[before:]}
+    assert made == {PIPELINE, f"{PIPELINE}-reward", f"{PIPELINE}-ppo"}, made  # round 1's label, reward, ppo
+
+
+def test_disagreement_asks_every_earlier_round_and_says_when_there_is_one(in_pipe, capsys):
+    """`label.select: disagreement`: a committee of the earlier rounds' reward models; round 1 has none (diversity),
+    round 2 one (its uncertainty), each said."""
+    result = _pipeline(capsys, "--config", "pipeline.yaml", "label.select=disagreement", "label.budget=6",
+                       "eval.enabled=false")
+    assert result.code == 0, result.out[-3000:] + result.err[-3000:]
+    text = " ".join(result.out.split())
+    assert "no reward model yet: 'disagreement' falls back to 'diversity'" in text
+    reward1 = next(a for a in reversed(_rows()) if a.name == f"{PIPELINE}-reward")
+    assert f"one reward model so far ({reward1.ref}): 'disagreement' asks a committee of two or more" in text
+    assert "6 prompts of the pool chosen by diversity" in text and "6 prompts of the pool chosen by uncertainty" in text
+
+
+def test_round_mix_ranks_policy_and_sft_completions_together(in_pipe, capsys):
+    """`round_mix: 1`: one of round 2's K=3 completions per prompt is the SFT model's; round 1 is unchanged."""
+    from align.registry import Registry
+
+    sft = next(a for a in _rows() if a.name == f"{PIPELINE}-sft")
+    result = _pipeline(capsys, "--config", "pipeline.yaml", "round_mix=1", "eval.enabled=false")
+    assert result.code == 0, result.out[-3000:] + result.err[-3000:]
+    assert result.how["label"] == "skipped: finished before" and result.how["label (round 2)"] == "ran", result.how
+    label2 = next(a for a in reversed(_rows()) if a.name.startswith(f"{PIPELINE}-round2-rankings-"))
+    policy = Registry().resolve(label2.config["model"])
+    assert policy.name == f"{PIPELINE}-ppo" and label2.parents == [policy.id, sft.id]
+    assert label2.config["mix"] == {"model": sft.ref, "k": 1}
+    bad = _pipeline(capsys, "--config", "pipeline.yaml", "round_mix=3")
+    assert bad.code == 2 and "round_mix: 3 of label.k: 3 completions from the SFT model leaves none for the " \
+                               "policy" in _error_line(bad.err)
