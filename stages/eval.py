@@ -118,6 +118,9 @@ def run(cfg: EvalRunConfig) -> Artifact:
             results[name].gold_scores = gold.score(prompts, results[name].responses)
     gold_pairs = _gold_pairs(results, names, prompts, cfg.gold.tie_margin)
     stats = _statistics(results, names, gold_pairs, cfg, hacked, dict(benchmarks))
+    for name, artifact in artifacts.items():  # the run's name says which round a policy is of (`demo-round2-ppo`)
+        if artifact is not None:
+            stats["models"][name]["run"] = artifact.name
     if gold_pairs and reward_models:
         stats["reward_models_vs_gold"] = _reward_models_vs_gold(reward_models, gold_pairs, results, names, prompts,
                                                                 cfg)
@@ -724,7 +727,8 @@ def _win_rate_table(stats: dict, compared: list[str], key: str) -> list[str]:
     for name in compared:
         w = stats["models"][name][key]
         flag = " (optimistic)" if w.get("optimistic") else ""
-        lines.append(f"| {name}{flag} | {_pct(w['win'])} | {_pct(w['tie'])} | {_pct(w['loss'])} | "
+        run = f" ({stats['models'][name]['run']})" if stats["models"][name].get("run") else ""
+        lines.append(f"| {name}{run}{flag} | {_pct(w['win'])} | {_pct(w['tie'])} | {_pct(w['loss'])} | "
                      f"{_pct(w['win_rate'])} | {100 * w['length_controlled']:.1f}% | {w['n']} |")
     warnings = {stats["models"][n][key]["warning"] for n in compared} - {None}
     return lines + [""] + [f"> {w}: read the intervals, not the point estimates." for w in sorted(warnings)] + \

@@ -188,8 +188,7 @@ def _pts(interval) -> str:
 def _line_of(markdown: str, model: str, after: str) -> str:
     """The table row of `model` in the section starting with the heading `after`."""
     section = markdown.split(after, 1)[1]
-    return next(line for line in section.splitlines() if line.startswith(f"| {model} |")
-                or line.startswith(f"| {model} (optimistic) |"))
+    return next(line for line in section.splitlines() if line.startswith((f"| {model} |", f"| {model} (")))
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +375,8 @@ def test_eval_warns_about_the_model_optimized_against_the_judge(compared):
     assert compared.results["judge_optimized_against"] == ["ppo:1"]
     assert "`ppo:1` was optimized against the judge `reward:1`" in md
     assert "`sft:1` was optimized" not in md and "`dpo:1` was optimized" not in md
-    assert "| ppo:1 (optimistic) |" in md and "| dpo:1 |" in md
+    ppo, dpo = (compared.results["models"][ref]["run"] for ref in ("ppo:1", "dpo:1"))
+    assert f"| ppo:1 ({ppo}) (optimistic) |" in md and f"| dpo:1 ({dpo}) |" in md, "run names say which round"
     assert "ppo:1</code> was optimized against the judge" in compared.html
     out = " ".join(compared.out.split())
     assert "warning: ppo:1 was optimized against the judge reward:1" in out
