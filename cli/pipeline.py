@@ -385,11 +385,14 @@ def _wait_for_rankings(step: str, dataset: str, wanted: int, timeout_s: int) -> 
 
     console.print(f"{step}: waiting for annotators to rank {wanted} records of '{dataset}' in Argilla (add logins "
                   f"with `align label users add NAME`; progress: `align label status --dataset {dataset}`)")
-    deadline = time.monotonic() + timeout_s
+    deadline, said = time.monotonic() + timeout_s, 0
     while True:
         ranked = rankings.status(dataset).get("completed", 0)
         if ranked >= wanted:
             return
+        if ranked != said:  # a line when people make progress, not every poll
+            console.print(f"{step}: {ranked} of {wanted} records ranked ({time.strftime('%H:%M')})")
+            said = ranked
         if time.monotonic() > deadline:
             raise AlignError(f"{step}: {ranked} of {wanted} records ranked after {timeout_s} s; run the pipeline again "
                              f"to keep waiting (finished steps are skipped)")
