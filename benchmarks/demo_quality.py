@@ -84,7 +84,10 @@ def measure(summary: dict) -> dict:
                                  for stage in ("ppo", "dpo")}
         row[f"round{number}"]["reward_accuracy"] = \
             registry.resolve(steps["reward" + tag]["ref"]).metrics.get("eval_accuracy")
-    row["reward_vs_gold"] = [m["accuracy"] for m in results.get("reward_models_vs_gold", {}).values()]
+    # Read either key: runs written before the eval's `reward_models` section took people's held-out accuracy too.
+    measured = results.get("reward_models") or results.get("reward_models_vs_gold", {})
+    row["reward_vs_gold"] = [m["gold"]["accuracy"] if "gold" in m else m["accuracy"] for m in measured.values()
+                             if "gold" in m or "accuracy" in m]
     return row
 
 

@@ -6,8 +6,8 @@
 With `rounds: N`, label -> reward -> ppo / dpo runs N times (InstructGPT collected its rankings in rounds): round
 r > 1 ranks completions of round r-1's policy in a new Argilla dataset, the reward model is trained on the rankings
 of every round so far (one file registered with each round's rankings as parents), and the policies start from SFT
-or continue round r-1's (`policy_from`). The eval runs once, after the last round, with every round's policies (and,
-under a gold, every round's reward model measured against it).
+or continue round r-1's (`policy_from`). The eval runs once, after the last round, with every round's policies (and
+every round's reward model: its held-out accuracy and, under a gold, its agreement with it).
 
 With simulated annotators, the gold preference they rank by (`label.gold`, align/gold.py) is also handed to PPO
 (scored every iteration, never trained on) and to the evaluation (win rates under the gold lead the report).
@@ -134,7 +134,7 @@ def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
                 policies[stage] = step(stage + tag, run_stage, stage, {**refs, **start}, f"{prefix}-{stage}")
                 evaluated.append(policies[stage].ref)
     if cfg.eval.enabled:
-        rounds = {"reward_models": rewards} if gold and len(rewards) > 1 else {}
+        rounds = {"reward_models": rewards} if len(rewards) > 1 else {}
         step("eval", run_stage, "eval", {**refs, "policies": evaluated, **rounds}, f"{cfg.name}-eval")
     rows = [(name, f"{artifact.ref} ({how}, {seconds / 60:.1f} min)") for name, artifact in done.items()
             for how, seconds in [timings[name]]]
@@ -168,7 +168,7 @@ def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> tuple[dict, dict]:
     steps = [name for name in STAGE_CONFIGS if name in enabled]
     refs = {name: f"{name}:latest" for name in enabled}  # stand-ins for the references of the steps before
     refs["policies"] = [refs[name] for name in ("ppo", "dpo") if name in refs]
-    if gold and cfg.rounds > 1 and "reward" in refs:
+    if cfg.rounds > 1 and "reward" in refs:
         refs["reward_models"] = [refs["reward"]]
 
     def checked(name: str, check, *args):
@@ -202,7 +202,7 @@ def _references(stage: str, refs: dict) -> dict[str, str | list[str]]:
         wired: dict = {"models": refs["policies"], "baseline": refs.get("sft")}
         if "reward" in refs:  # without a reward model: no judge win rates, the tax and KL still
             wired["judge.path"] = refs["reward"]
-        if "reward_models" in refs:  # every round's, against the gold
+        if "reward_models" in refs:  # every round's: their held-out accuracy, and against the gold
             wired["reward_models"] = refs["reward_models"]
         return wired
     start = refs.get("start")

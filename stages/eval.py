@@ -6,13 +6,13 @@ time in memory: responses to the held-out prompts (batched, the template each mo
 choice accuracy by log-likelihood on each benchmark, perplexity, the log-probability of its own responses -> the
 baseline again: its log-probabilities of every other model's responses (KL estimate, same tokenizer only) -> the
 judge reward model scores every response (text, its own tokenizer), and the gold preference when one is given (a
-rule, a function or a reward model no model trained on: align/gold.py; `reward_models`, every round's say, are
-measured against it on the same gold-ranked pairs as the judge) -> statistics (align/evaluation.py): win /
-tie / loss rates with 95% CIs and length-controlled win rates under the gold and the judge, alignment tax with
-paired bootstrap CIs -> report, led by the gold's verdict (Markdown +
-one self-contained HTML file with plots and side-by-side samples), generations.jsonl, results.json -> registry row
-(stage `eval`, kind `evaluation`, parents: every model measured and the judge). The config is loaded by the CLI;
-the head and tail every stage shares are align/run.py.
+rule, a function or a reward model no model trained on: align/gold.py; `reward_models`, every round's say, beside
+their own held-out accuracy and measured against the gold on the same gold-ranked pairs as the judge) -> statistics
+(align/evaluation.py): win / tie / loss rates with 95% CIs and length-controlled win rates under the gold and the
+judge, alignment tax with paired bootstrap CIs -> report, led by the gold's verdict (Markdown + one self-contained
+HTML file with plots and side-by-side samples), generations.jsonl, results.json -> registry row (stage `eval`, kind
+`evaluation`, parents: every model measured and the judge). The config is loaded by the CLI; the head and tail every
+stage shares are align/run.py.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def run(cfg: EvalRunConfig) -> Artifact:
                                                              else "")),
         ("gold", f"{gold.spec}: {gold.description}" if gold else "none (no gold win rates)"),
         ("judge", cfg.judge.path or "none (no judge win rates)"),
-        *([("reward models", ", ".join(reward_models) + " (against the gold)")] if reward_models else []),
+        *([("reward models", ", ".join(reward_models) + (" (against the gold)" if gold else " (their own held-out "
+                                                                                     "accuracy: no gold)"))]
+          if reward_models else []),
         ("benchmarks", ", ".join(f"{name} ({len(b.questions)} questions, {b.format})" for name, b in benchmarks)
          or "none"),
         ("perplexity", ", ".join(f"{name} ({len(t)} texts)" for name, t in texts.items()) or "none"),
@@ -121,9 +123,8 @@ def run(cfg: EvalRunConfig) -> Artifact:
     for name, artifact in artifacts.items():  # the run's name says which round a policy is of (`demo-round2-ppo`)
         if artifact is not None:
             stats["models"][name]["run"] = artifact.name
-    if gold_pairs and reward_models:
-        stats["reward_models_vs_gold"] = _reward_models_vs_gold(reward_models, gold_pairs, results, names, prompts,
-                                                                cfg)
+    if reward_models:
+        stats["reward_models"] = _reward_models(reward_models, gold_pairs, results, names, prompts, cfg)
 
     # 5. Report and registry row.
     job.folder.create()
@@ -413,23 +414,26 @@ def _judge_vs_gold(pairs: list, results: dict[str, ModelResult], tie_margin: flo
             "ece": vars(metrics.ece)}
 
 
-def _reward_models_vs_gold(reward_models: dict[str, Artifact | None], pairs: list, results: dict[str, ModelResult],
-                           names: list[str], prompts: list[str], cfg: EvalRunConfig) -> dict:
-    """Each of `reward_models` (every round's, say) on the judge's gold-ranked pairs, one model in memory at a time,
-    with the held-out accuracy its own training measured."""
+def _reward_models(reward_models: dict[str, Artifact | None], pairs: list, results: dict[str, ModelResult],
+                   names: list[str], prompts: list[str], cfg: EvalRunConfig) -> dict:
+    """Each of `reward_models` (every round's, say): the held-out accuracy its own training measured (people's
+    held-out rankings) and, given the gold's ranked pairs of these responses, its agreement with the gold on them
+    (one model in memory at a time)."""
     from align.scoring import RewardScorer
 
     measured = {}
     for ref, artifact in reward_models.items():
-        scorer = RewardScorer.load(ref)
-        rewards = {name: scorer.score(prompts, results[name].responses, cfg.judge.batch_size) for name in names}
-        del scorer
-        gc.collect()
         trained = (artifact.metrics or {}) if artifact is not None else {}
-        measured[ref] = {**_judge_vs_gold(pairs, results, cfg.judge.tie_margin, rewards),
-                         "name": artifact.name if artifact is not None else ref,
+        measured[ref] = {"name": artifact.name if artifact is not None else ref,
                          "trained_heldout_accuracy": trained.get("eval_accuracy"),
+                         "trained_heldout_pairs": trained.get("eval_pairs"),
                          "trained_pairs": trained.get("train_pairs")}
+        if pairs:
+            scorer = RewardScorer.load(ref)
+            rewards = {name: scorer.score(prompts, results[name].responses, cfg.judge.batch_size) for name in names}
+            del scorer
+            gc.collect()
+            measured[ref]["gold"] = _judge_vs_gold(pairs, results, cfg.judge.tie_margin, rewards)
     return measured
 
 
@@ -464,8 +468,9 @@ def _registry_metrics(stats: dict, names: list[str]) -> dict:
     if "judge_vs_gold" in stats:
         metrics["judge/gold_pair_accuracy"] = stats["judge_vs_gold"]["accuracy"]["estimate"]
         metrics["judge/gold_pairs"] = stats["judge_vs_gold"]["pairs"]
-    for ref, measured in stats.get("reward_models_vs_gold", {}).items():
-        metrics[f"{ref}/gold_pair_accuracy"] = measured["accuracy"]["estimate"]
+    for ref, measured in stats.get("reward_models", {}).items():
+        if "gold" in measured:
+            metrics[f"{ref}/gold_pair_accuracy"] = measured["gold"]["accuracy"]["estimate"]
     for name in names:
         entry = stats["models"][name]
         if "gold_win_rate" in entry:
@@ -639,15 +644,22 @@ def _markdown(stats: dict, names: list[str], prompts: list[str], results: dict[s
                   f"the same pairs (the judge's advantage: {_pts(j['advantage_over_longer'])} points); calibration "
                   f"error (ECE) {j['ece']['estimate']:.3f}. The pairs are in `gold_pairs.jsonl` (`align eval reward "
                   f"--data` reads them).", ""]
-    if "reward_models_vs_gold" in stats:
-        measured = stats["reward_models_vs_gold"]
-        lines += ["## Reward models against the gold", "",
-                  f"Each reward model on the same {next(iter(measured.values()))['pairs']} gold-ranked pairs (rounds "
-                  f"of labeling: does the reward model learn the gold better with the rankings of every round?).", "",
-                  "| reward model | run | trained on (pairs) | held-out accuracy in its training | agreement with the "
-                  "gold here |", "| --- | --- | --- | --- | --- |"]
+    if "reward_models" in stats:
+        measured = stats["reward_models"]
+        gold_pairs = next((m["gold"]["pairs"] for m in measured.values() if "gold" in m), None)
+        lines += ["## Reward models against the gold" if gold_pairs else "## Reward models", "",
+                  f"Each reward model on the same {gold_pairs} gold-ranked pairs (rounds of labeling: does the reward "
+                  f"model learn the gold better with the rankings of every round?), beside the held-out accuracy of "
+                  f"its own training." if gold_pairs else
+                  "Each reward model's accuracy on the held-out rankings of its own training (prompts it never saw). "
+                  "No gold here: a later round's held-out pairs include that round's completions, so the numbers are "
+                  "not on one yardstick; a gold (`gold.preference`) or human A/B puts them on one.", "",
+                  "| reward model | run | trained on (pairs) | held-out accuracy in its training (pairs) |"
+                  + (" agreement with the gold here |" if gold_pairs else ""),
+                  "| --- | --- | --- | --- |" + (" --- |" if gold_pairs else "")]
         lines += [f"| {ref} | {m['name']} | {m['trained_pairs'] or '-'} | {_fmt(m['trained_heldout_accuracy'])} "
-                  f"| {_pct(m['accuracy'])} |" for ref, m in measured.items()] + [""]
+                  f"({m['trained_heldout_pairs'] or '-'}) |"
+                  + (f" {_pct(m['gold']['accuracy'])} |" if gold_pairs else "") for ref, m in measured.items()] + [""]
     if training:
         lines += ["## How the models were made (their own training runs, from the registry)", "",
                   "| model | stage | measured during training |", "| --- | --- | --- |"]
@@ -826,6 +838,8 @@ def _summary_rows(stats: dict, names: list[str], final: Path, cfg: EvalRunConfig
         j = stats["judge_vs_gold"]
         rows.append(("judge vs gold", f"{_pct(j['accuracy'])} agreement on {j['pairs']} gold-ranked pairs (longer "
                                       f"wins: {_pct(j['longer_wins'])})"))
-    for ref, measured in stats.get("reward_models_vs_gold", {}).items():
-        rows.append((f"{ref} vs gold", f"{_pct(measured['accuracy'])} agreement on {measured['pairs']} pairs"))
+    for ref, measured in stats.get("reward_models", {}).items():
+        rows.append((f"{ref} vs gold", f"{_pct(measured['gold']['accuracy'])} agreement on "
+                                      f"{measured['gold']['pairs']} pairs") if "gold" in measured else
+                    (f"{ref} held-out accuracy", f"{_fmt(measured['trained_heldout_accuracy'])} (in its training)"))
     return rows + [("report", f"{final / 'report.html'} (and report.md)")]

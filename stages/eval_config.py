@@ -75,9 +75,9 @@ class EvalRunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     gold: GoldConfig = field(default_factory=GoldConfig)
     reward_models: list[str] = field(default_factory=list, metadata={
-        "help": "More reward models measured against the gold on the same gold-ranked pairs as the judge (every "
-                "round's, when `align pipeline` runs rounds): agreement with the gold with a 95% CI, beside the "
-                "held-out accuracy each measured in its own training. Needs `gold.preference`."})
+        "help": "Reward models to compare (every round's, when `align pipeline` runs rounds): each one's held-out "
+                "accuracy from its own training (people's held-out rankings) and, with `gold.preference`, its "
+                "agreement with the gold on the same gold-ranked pairs as the judge, with a 95% CI."})
     benchmarks: list[BenchmarkConfig] = field(default_factory=list, metadata={
         "help": "Capability benchmarks for the alignment tax: a list of {path, name, max_examples}."})
     perplexity: list[str] = field(default_factory=list, metadata={
@@ -94,7 +94,3 @@ class EvalRunConfig:
         if not self.models:
             raise AlignError(f"{where('models')}: models: no model to compare with the baseline; list at least one "
                              f"(a registry reference or a folder) under models: or after `align eval compare`")
-        if self.reward_models and not self.gold.preference:
-            raise AlignError(f"{where('reward_models')}: reward_models: they are measured against the gold, "
-                             f"and gold.preference is not set; set it (a rule, a callable or a reward model) or drop "
-                             f"reward_models")

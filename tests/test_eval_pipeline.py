@@ -439,6 +439,24 @@ def test_eval_unknown_benchmark_format_fails_before_anything_is_written(zoo, mon
     assert len(Registry().list()) == rows_before
 
 
+def test_eval_lists_reward_models_with_their_own_held_out_accuracy_when_there_is_no_gold(zoo, monkeypatch, capsys):
+    """`reward_models` without a gold (people ranked): each one's held-out accuracy from its own training, said to be
+    on its own pairs; with a gold it would also be measured against it (test_pipeline_rounds.py)."""
+    from align.registry import Registry
+
+    _in_zoo(monkeypatch, zoo)
+    config = _eval_config(zoo, "reward-models", reward_models=["reward:1"], benchmarks=[], perplexity=[])
+    assert _main("eval", "compare", "dpo:1", "--config", config) == 0
+    reward = Registry().resolve("reward:1")
+    evaluation = Registry().list("eval")[0]
+    section = (Path(evaluation.path) / "report.md").read_text().split("## Reward models\n")[1].split("\n## ")[0]
+    assert "No gold here" in section and "agreement with the gold" not in section, section
+    assert f"| reward:1 | {reward.name} | {reward.metrics['train_pairs']} | {reward.metrics['eval_accuracy']:.3f} " \
+           f"({reward.metrics['eval_pairs']}) |" in section, section
+    assert "reward:1 held-out accuracy" in " ".join(capsys.readouterr().out.split())
+    assert not any(key.endswith("/gold_pair_accuracy") for key in evaluation.metrics)
+
+
 @pytest.mark.parametrize("gold, judge, message", [
     ("reward:1", "reward:1", "gold.preference reward:1 is the judge itself (judge.path reward:1)"),
     ("reward:1", None, "gold.preference reward:1: ppo:1 was optimized against it"),

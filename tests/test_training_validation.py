@@ -133,10 +133,6 @@ CASES = {
         ["eval", "compare", "--config", "run.yaml"],
         ["error: run.yaml:1: models: no model to compare with the baseline", "after `align eval compare`"],
         {"run.yaml": EVAL}),
-    "eval_reward_models_without_gold": Case(
-        ["eval", "compare", "--config", "run.yaml"],
-        ["error: run.yaml:5: reward_models: they are measured against the gold, and gold.preference is not set"],
-        {"run.yaml": EVAL.replace("models: []", "models: [ppo:1]") + "reward_models: [reward:1, reward:2]\n"}),
     # Models on the command line replace the empty list: the config passes, the reference is what fails.
     "eval_models_from_the_command_line": Case(
         ["eval", "compare", "ppo:9", "--config", "run.yaml"], ["registry: no artifact 'sft:1'"],
