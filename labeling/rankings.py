@@ -1,6 +1,7 @@
 """Human rankings in Argilla, InstructGPT step 2: `align label push | status | pull | simulate`.
 
-``push``: the SFT model samples K completions per prompt (all K x P generations batched). Each prompt
+``push``: the SFT model samples K completions per prompt (all K x P generations batched; with a mix model, it
+writes the last ``mix_k`` of them: a policy's completions ranked against the SFT model's). Each prompt
 becomes one Argilla record: the prompt, the K completions as ``completion_1..K`` in an order shuffled
 per record (seeded by the record id; record metadata ``order`` says which sample each position shows,
 so position carries no information about sampling order), and these questions:
@@ -317,7 +318,7 @@ def _check_mix_args(k: int, mix_model: str | None, mix_k: int) -> None:
         raise AlignError(f"--mix-k {mix_k}: give --mix-model too, the model that writes them")
 
 
-def sample_mixed(samplers: list[tuple], prompts: list[str], sampling, retries: int,
+def _sample_mixed(samplers: list[tuple], prompts: list[str], sampling, retries: int,
                  progress=None) -> tuple[list[list[str]], list[int]]:
     """K completions per prompt from `samplers` [(loaded model, how many)], in that order (the model's, then the mix
     model's), with how many identical ones each kept after its retries."""
@@ -349,7 +350,7 @@ def _select_prompts(strategy: str, budget: int, pool: list[str], k: int, samplin
         from align.scoring import RewardScorer
 
         show(f"sampling {k} candidates for each of the pool's {len(pool)} prompts to score them ...")
-        texts, kept = sample_mixed(samplers, pool, sampling, retries)
+        texts, kept = _sample_mixed(samplers, pool, sampling, retries)
         samples = {prompt: (texts[i], kept[i]) for i, prompt in enumerate(pool)}
         member_rewards = []
         for ref in reward_models:
@@ -458,7 +459,7 @@ def _generate_and_log(api: Api, dataset_id: str, samplers, form: dict, todo: lis
                 samples, repeats = [presampled[p][0] for p in chunk], [presampled[p][1] for p in chunk]
                 progress.advance(sampled, len(chunk) * k)
             else:
-                samples, repeats = sample_mixed(samplers, chunk, sampling, retries,
+                samples, repeats = _sample_mixed(samplers, chunk, sampling, retries,
                                                 progress=lambda n: progress.advance(sampled, n))
             items = []
             for prompt, texts, kept in zip(chunk, samples, repeats):

@@ -352,9 +352,10 @@ def _backbone(source: ModelSource, cfg: RewardRunConfig) -> tuple[str, str | Non
     head load onto), and a note for the summary. An SFT LoRA adapter is merged into its base once (its own `merged/`
     folder when it has one, else a cached folder under the align home), so the reward adapter's base is a plain
     folder that loads with transformers alone. A full reward model is its own backbone: its head loads with it."""
-    if not source.adapter_of:
-        return source.path, None
     label = source.artifact.ref if source.artifact else source.path
+    if not source.adapter_of:
+        trained = source.artifact is not None and source.artifact.stage == "reward"
+        return source.path, f"{label}: a reward model, all its weights trained further" if trained else None
     if source.adapter_task == "SEQ_CLS":
         return resolve_model(source.adapter_of).path, f"{label}: a reward model, trained further"
     if source.adapter_task != "CAUSAL_LM":
