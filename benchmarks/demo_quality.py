@@ -99,18 +99,15 @@ def rounds_table(rows: list[dict], rounds: int) -> str:
     """Round 1 against the last round, per seed: each round's policies' gold win rate against SFT (the same eval,
     the same 100 prompts), the reward model's held-out accuracy in its training and its agreement with the gold on
     the eval's gold-ranked pairs."""
-    def pct(i):
-        return f"{100 * i['estimate']:.1f}% [{100 * i['low']:.1f}, {100 * i['high']:.1f}]"
-
     last = f"round{rounds}"
     lines = [f"| seed | PPO gold win rate, round 1 -> {rounds} | DPO gold win rate, round 1 -> {rounds} | reward "
              f"model held-out accuracy, round 1 -> {rounds} | reward models vs gold on the eval's pairs |",
              "|" + " --- |" * 5]
     for row in rows:
-        lines.append(f"| {row['seed']} | {pct(row['ppo']['gold_win_rate'])} -> {pct(row[last]['ppo'])} | "
-                     f"{pct(row['dpo']['gold_win_rate'])} -> {pct(row[last]['dpo'])} | "
+        lines.append(f"| {row['seed']} | {_pct(row['ppo']['gold_win_rate'])} -> {_pct(row[last]['ppo'])} | "
+                     f"{_pct(row['dpo']['gold_win_rate'])} -> {_pct(row[last]['dpo'])} | "
                      f"{_fmt(row['reward_accuracy'])} -> {_fmt(row[last]['reward_accuracy'])} | "
-                     f"{' -> '.join(pct(a) for a in row['reward_vs_gold']) or '-'} |")
+                     f"{' -> '.join(_pct(a) for a in row['reward_vs_gold']) or '-'} |")
     lifts = {stage: [100 * (r[last][stage]["estimate"] - r[stage]["gold_win_rate"]["estimate"]) for r in rows]
              for stage in ("ppo", "dpo")}
     lines += [""] + [f"- {stage.upper()} gold win rate, round {rounds} minus round 1 (points): mean "
@@ -140,9 +137,6 @@ def verdicts(row: dict) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    def pct(i):
-        return f"{100 * i['estimate']:.1f}% [{100 * i['low']:.1f}, {100 * i['high']:.1f}]"
-
     def pts(i):
         return "-" if i is None else f"{100 * i['estimate']:+.1f} [{100 * i['low']:+.1f}, {100 * i['high']:+.1f}]"
 
@@ -151,8 +145,8 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         steps = "/".join(f"{row['step_minutes'].get(s, 0):.1f}" for s in ("sft", "label", "reward", "ppo", "dpo",
                                                                            "eval"))
-        lines.append(f"| {row['seed']} | {pct(row['ppo']['gold_win_rate'])} | "
-                     f"{100 * row['ppo']['lc_gold_win_rate']:.1f}% | {pct(row['dpo']['gold_win_rate'])} | "
+        lines.append(f"| {row['seed']} | {_pct(row['ppo']['gold_win_rate'])} | "
+                     f"{100 * row['ppo']['lc_gold_win_rate']:.1f}% | {_pct(row['dpo']['gold_win_rate'])} | "
                      f"{100 * row['dpo']['lc_gold_win_rate']:.1f}% | {_fmt(row['reward_accuracy'])} | "
                      f"{pts(row['ppo']['tax'])} | {pts(row['dpo']['tax'])} | {row['minutes']:.1f} ({steps}) | "
                      f"{', '.join(verdicts(row)) or 'none: PASS'} |")
@@ -172,6 +166,10 @@ def table(rows: list[dict]) -> str:
                        ("minutes (pipeline)", lambda r: r["minutes"])):
         lines.append(f"- {label}: {spread([get(r) for r in rows])}")
     return "\n".join(lines)
+
+
+def _pct(interval: dict) -> str:
+    return f"{100 * interval['estimate']:.1f}% [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
 
 
 def _fmt(value) -> str:

@@ -111,7 +111,6 @@ def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
 
     sft = step("sft", run_stage, "sft", {}, f"{cfg.name}-sft")
     labels: list[Artifact] = []  # each round's rankings
-    reward: str | None = None  # the last round's reward model
     policies: dict[str, Artifact] = {}  # the last round's ppo / dpo
     evaluated: list[str] = []  # every round's policies
     rewards: list[str] = []  # every round's reward model (label.select asks them; the eval measures them)
@@ -123,10 +122,9 @@ def run(cfg: PipelineRunConfig, config_path: str) -> dict[str, Artifact]:
         # What the reward model (and a dpo from sft) trains on: the rankings of every round so far.
         refs = {"sft": sft.ref, "label": (labels[0] if number == 1 else _rankings_so_far(cfg, home, labels)).ref}
         if cfg.reward.enabled:
-            further = {"reward_start": reward} if cfg.reward_from == "previous" and reward else {}
-            refs["reward"] = reward = step("reward" + tag, run_stage, "reward", {**refs, **further},
-                                           f"{prefix}-reward").ref
-            rewards.append(reward)
+            further = {"reward_start": rewards[-1]} if cfg.reward_from == "previous" and rewards else {}
+            rewards.append(step("reward" + tag, run_stage, "reward", {**refs, **further}, f"{prefix}-reward").ref)
+            refs["reward"] = rewards[-1]
         for stage in ("ppo", "dpo"):
             if getattr(cfg, stage).enabled:
                 start = {"start": policies[stage].ref, "round_label": labels[-1].ref} \
@@ -195,7 +193,7 @@ def _check_steps(cfg: PipelineRunConfig, gold: str | None) -> tuple[dict, dict]:
 def _references(stage: str, refs: dict) -> dict[str, str | list[str]]:
     """The keys of a step's config that name the output of the steps before. `refs`: their registry references
     (`sft`, `label`: the pairs to train on, `reward`, `policies`: the models to evaluate, `reward_models`: every
-    round's, measured against the gold) and, for a policy that continues the previous round's (`policy_from:
+    round's, for the report) and, for a policy that continues the previous round's (`policy_from:
     previous`), `start` and its round's own pairs, `round_label`; for a reward model that continues the previous
     round's (`reward_from: previous`), `reward_start`."""
     if stage == "eval":
@@ -304,7 +302,7 @@ def _label(cfg: PipelineRunConfig, home: Path, model: Artifact, number: int, rew
     setup = {k: v for k, v in to_dict(label).items()
              if k not in ("prompts", "max_prompts", "wait_timeout_s", "batch_size") and v is not None}
     setup["seed"] = cfg.seed
-    mix = cfg.round_mix if number > 1 and model.id != sft.id else 0
+    mix = cfg.round_mix if number > 1 else 0  # round 1 samples the SFT model itself
     if mix:
         setup["round_mix"] = mix
     digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:6]

@@ -124,7 +124,8 @@ def run(cfg: EvalRunConfig) -> Artifact:
         if artifact is not None:
             stats["models"][name]["run"] = artifact.name
     if reward_models:
-        stats["reward_models"] = _reward_models(reward_models, gold_pairs, results, names, prompts, cfg)
+        stats["reward_models"] = _reward_models(reward_models, gold_pairs, results, names, prompts, cfg,
+                                                judge_artifact)
 
     # 5. Report and registry row.
     job.folder.create()
@@ -415,10 +416,10 @@ def _judge_vs_gold(pairs: list, results: dict[str, ModelResult], tie_margin: flo
 
 
 def _reward_models(reward_models: dict[str, Artifact | None], pairs: list, results: dict[str, ModelResult],
-                   names: list[str], prompts: list[str], cfg: EvalRunConfig) -> dict:
+                   names: list[str], prompts: list[str], cfg: EvalRunConfig, judge: Artifact | None) -> dict:
     """Each of `reward_models` (every round's, say): the held-out accuracy its own training measured (people's
     held-out rankings) and, given the gold's ranked pairs of these responses, its agreement with the gold on them
-    (one model in memory at a time)."""
+    (one model in memory at a time; the judge's rewards, already scored, are reused)."""
     from align.scoring import RewardScorer
 
     measured = {}
@@ -428,7 +429,9 @@ def _reward_models(reward_models: dict[str, Artifact | None], pairs: list, resul
                          "trained_heldout_accuracy": trained.get("eval_accuracy"),
                          "trained_heldout_pairs": trained.get("eval_pairs"),
                          "trained_pairs": trained.get("train_pairs")}
-        if pairs:
+        if pairs and judge is not None and ref == judge.ref and all(results[n].rewards is not None for n in names):
+            measured[ref]["gold"] = _judge_vs_gold(pairs, results, cfg.judge.tie_margin)
+        elif pairs:
             scorer = RewardScorer.load(ref)
             rewards = {name: scorer.score(prompts, results[name].responses, cfg.judge.batch_size) for name in names}
             del scorer
