@@ -12,6 +12,7 @@ by the CLI (TRL's checks finished by `check`); the head and tail every stage sha
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -137,7 +138,10 @@ def run(cfg: DPORunConfig, config_path: str, resume: bool = False) -> Artifact |
             *[("tokenizer", change) for change in tokenizer_changes],
             ("output", str(job.final)),
         ])
-    before = evaluate_at_start(trainer, job.folder, job.checkpoint, EVAL_KEYS) if eval_rows else None
+    before = None
+    if eval_rows:
+        before = ((reference_path is None and _metrics_at_reference(args, cfg, trainer))
+                  or evaluate_at_start(trainer, job.folder, job.checkpoint, EVAL_KEYS))
     result = trainer.train(resume_from_checkpoint=job.checkpoint)
     after = evaluate_at_end(trainer) if eval_rows else None
     trainer.save_model(str(job.work))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
@@ -266,6 +270,20 @@ def _reference_model(path: str | None, backbone: str, cfg: DPORunConfig, args, t
         where = "" if Path(cfg.reference).resolve() == Path(path) else f" = {path}"
         return reference, f"{cfg.reference}{where}: a separate frozen model{precomputed}"
     return reference, "the SFT model: a separate frozen copy (full fine-tuning: 2 copies of the weights)"
+
+
+def _metrics_at_reference(args, cfg: DPORunConfig, trainer) -> dict | None:
+    """The held-out metrics of a policy that starts as its own reference (no `reference:`), known without a pass over
+    the held-out pairs (23 s of the demo's DPO step): every log-ratio log(pi / pi_ref) is exactly 0 (a fresh LoRA
+    adapter adds exactly 0; a full copy has the same weights), so every implicit reward and margin is 0, no pair counts
+    as ranked right (TRL's strict >), and the sigmoid loss is ln 2 (label smoothing mixes two ln 2 terms). None where
+    that is not so: other losses (their value at 0 differs), WPO weighting, a router aux loss, DoRA (its start equals
+    the base only up to rounding)."""
+    if list(args.loss_type) != ["sigmoid"] or args.use_weighting or trainer.aux_loss_enabled or cfg.lora.use_dora:
+        return None
+    weight = (args.loss_weights or [1.0])[0]
+    return {"eval_loss": weight * math.log(2), "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0,
+            "eval_rewards/chosen": 0.0, "eval_rewards/rejected": 0.0}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -221,6 +221,53 @@ def test_full_finetuning_keeps_a_separate_frozen_reference(tmp_path, monkeypatch
     assert (Path(row.path) / "model.safetensors").is_file() and not (Path(row.path) / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize("setup", [
+    {"lora": {"r": 8, "dropout": 0.0}, "training": {"label_smoothing": 0.2}},
+    {"lora": {"enabled": False}, "training": {}},
+], ids=["lora-label-smoothing", "full"])
+def test_metrics_before_training_are_what_trl_measures_at_the_start(setup, tmp_path, monkeypatch, tiny_llama):
+    """A policy that starts as its reference: the held-out metrics before training are written without a pass over
+    the held-out pairs, and they are what TRL measures on the trainer as made (its policy at the start)."""
+    from align.registry import Registry
+    from align.stages import dpo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGN_HOME", str(tmp_path / ".align"))
+    measured, make = [], dpo._make_trainer
+
+    def make_and_measure(*args, **kwargs):
+        trainer = make(*args, **kwargs)
+        measured.append(trainer.evaluate())
+        return trainer
+
+    monkeypatch.setattr(dpo, "_make_trainer", make_and_measure)
+    evaluations = []
+    monkeypatch.setattr(dpo, "evaluate_at_start", lambda *a: evaluations.append(a) or {})
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24, seed=4))
+    config = _config(tmp_path, "start", tiny_llama, data, data={"val_set_size": 0.25}, lora=setup["lora"],
+                     training={**FAST, "max_steps": 2, "eval_strategy": "no", **setup["training"]})
+    assert _main("dpo", "--config", config) == 0
+    m, start = Registry().resolve("dpo:latest").metrics, measured[0]
+    assert not evaluations, "no pass over the held-out pairs before training"
+    assert m["eval_loss_before"] == pytest.approx(start["eval_loss"], abs=1e-6)
+    assert m["eval_reward_accuracy_before"] == start["eval_rewards/accuracies"] == 0
+    assert m["eval_reward_margin_before"] == start["eval_rewards/margins"] == 0
+
+
+def test_metrics_before_training_are_measured_where_the_loss_at_the_start_differs():
+    """IPO's loss at zero log-ratios is not ln 2, and a DoRA start equals its base only up to rounding: measured."""
+    from align.stages import dpo
+
+    trainer = SimpleNamespace(aux_loss_enabled=False)
+    cfg = SimpleNamespace(lora=SimpleNamespace(use_dora=False))
+    args = SimpleNamespace(loss_type=["sigmoid"], use_weighting=False, loss_weights=[0.5])
+    assert dpo._metrics_at_reference(args, cfg, trainer)["eval_loss"] == pytest.approx(0.5 * 0.693147, abs=1e-6)
+    assert dpo._metrics_at_reference(SimpleNamespace(**{**vars(args), "loss_type": ["ipo"]}), cfg, trainer) is None
+    assert dpo._metrics_at_reference(SimpleNamespace(**{**vars(args), "loss_type": ["sigmoid", "sft"]}), cfg,
+                                     trainer) is None
+    assert dpo._metrics_at_reference(args, SimpleNamespace(lora=SimpleNamespace(use_dora=True)), trainer) is None
+
+
 def test_named_reference_is_a_separate_frozen_model(tmp_path, monkeypatch, tiny_llama):
     """`reference: sft:latest` with a plain policy: the SFT adapter merged and loaded as a frozen model of its own,
     and a parent of the DPO artifact."""
@@ -317,7 +364,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch, tiny_l
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(16, seed=3))
     config = _config(tmp_path, "resumable", tiny_llama, data, lora={"r": 8, "dropout": 0.0},
                      training={**FAST, "max_steps": 6, "eval_strategy": "no", "save_strategy": "steps",
-                               "save_steps": 2, "per_device_train_batch_size": 4})
+                               "save_steps": 2, "per_device_train_batch_size": 4,
+                               "loss_type": "ipo"})  # measured before training (not known as sigmoid's is)
     final = tmp_path / "runs" / "dpo" / "resumable"
     with monkeypatch.context() as mp:
         _capturing(mp, [], _StopAt(step=3))
