@@ -107,7 +107,7 @@ def run(cfg: EvalRunConfig) -> Artifact:
     # 2. Each model in turn: responses, benchmarks, perplexity, log-probabilities of its own responses.
     results = {name: ModelResult(name) for name in names}
     for name in names:
-        _evaluate_model(results[name], prompts, references, benchmarks, texts, sampling)
+        _evaluate_model(results[name], prompts, references, benchmarks, texts, sampling, baseline=name == names[0])
 
     # 3. KL to the baseline on the eval prompts: the baseline's log-probabilities of each model's responses.
     _baseline_logprobs(results, names[0], prompts)
@@ -260,7 +260,7 @@ class ModelResult:
     responses: list[str] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)
     response_tokens: list[int] = field(default_factory=list)
-    own_logprobs: list[float] = field(default_factory=list)  # log p_model(response | prompt)
+    own_logprobs: list[float] = field(default_factory=list)  # log p_model(response | prompt); not the baseline's
     baseline_logprobs: list[float] | None = None  # log p_baseline(response | prompt), same tokenizer only
     vocabulary: tuple | None = None  # identifies the tokenizer, for "same tokenizer" checks
     rendered_prompts: list[str] = field(default_factory=list)
@@ -272,7 +272,7 @@ class ModelResult:
 
 
 def _evaluate_model(result: ModelResult, prompts: list[str], references: list[str] | None, benchmarks: list,
-                    texts: dict[str, list[str]], sampling: SamplingConfig) -> None:
+                    texts: dict[str, list[str]], sampling: SamplingConfig, baseline: bool = False) -> None:
     from align.modeling import load_for_inference
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -288,9 +288,11 @@ def _evaluate_model(result: ModelResult, prompts: list[str], references: list[st
         result.response_tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in result.responses]
         # generate() decodes without special tokens: a response shorter than the limit stopped at EOS.
         result.ended = [n < sampling.max_new_tokens for n in result.response_tokens]
-        task = progress.add_task(f"{result.name}: log-probabilities", total=len(prompts))
-        result.own_logprobs = loglikelihoods(model, tokenizer, list(zip(result.rendered_prompts, result.responses)),
-                                             progress=lambda n: progress.advance(task, n))
+        if not baseline:  # only for the KL to the baseline, which is 0 for the baseline itself
+            task = progress.add_task(f"{result.name}: log-probabilities", total=len(prompts))
+            result.own_logprobs = loglikelihoods(model, tokenizer,
+                                                 list(zip(result.rendered_prompts, result.responses)),
+                                                 progress=lambda n: progress.advance(task, n))
         for name, benchmark in benchmarks:
             task = progress.add_task(f"{result.name}: {name}", total=sum(len(q.options) for q in benchmark.questions))
             result.benchmarks[name] = score_multiple_choice(model, tokenizer, benchmark.questions,
@@ -311,7 +313,6 @@ def _baseline_logprobs(results: dict[str, ModelResult], baseline: str, prompts: 
     """log p_baseline(response | prompt) of every other model's responses, when it shares the baseline's tokenizer:
     with each model's own log-probability, a Monte-Carlo estimate of KL(model || baseline) per response."""
     base = results[baseline]
-    base.baseline_logprobs = base.own_logprobs
     others = [r for name, r in results.items() if name != baseline and r.vocabulary == base.vocabulary]
     if not others:
         return
@@ -357,7 +358,9 @@ def _statistics(results: dict[str, ModelResult], names: list[str], gold_pairs: l
         }
         if result.task_metrics:
             entry["task_metrics"] = result.task_metrics
-        if result.baseline_logprobs is not None:
+        if name == names[0]:
+            entry["kl_to_baseline"] = 0.0  # the baseline to itself
+        elif result.baseline_logprobs is not None:
             entry["kl_to_baseline"] = _mean([a - b for a, b in zip(result.own_logprobs, result.baseline_logprobs)])
         else:
             entry["kl_to_baseline"] = None  # another tokenizer: log-probabilities are not comparable
