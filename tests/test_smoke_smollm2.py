@@ -45,3 +45,16 @@ def test_smollm2_lora_steps_then_generate(tmp_path, monkeypatch, capsys):
                  "--max-new-tokens", "12", "--temperature", "0"])
     assert code == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_gguf_name_map_is_built_once_while_converting_and_restored_after():
+    """The conversion's cache of gguf's tensor-name maps (13 of its 35 s) lives only while it converts."""
+    import gguf
+
+    from align.modeling import _gguf_name_maps_built_once
+
+    original, arch = gguf.get_tensor_name_map, gguf.MODEL_ARCH.LLAMA
+    with _gguf_name_maps_built_once():
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert gguf.get_tensor_name_map is original
+    assert gguf.get_tensor_name_map(arch, 30) is not gguf.get_tensor_name_map(arch, 30)
