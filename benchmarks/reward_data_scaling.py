@@ -36,8 +36,9 @@ CACHE = ROOT / "benchmarks" / "results" / "label_efficiency"
 TIE_MARGIN = 0.2  # the demo's label.gold_tie_margin
 
 
-def ranked_pairs(path: Path) -> dict[str, list[dict]]:
-    """{prompt: its gold-ranked pairs}, from a cached file of K continuations per prompt (file order kept)."""
+def gold_rankings(path: Path) -> list[dict]:
+    """One ranking record per prompt ({prompt, completions, ranks}, a format `align reward` reads and expands into its
+    pairs, ties left out), ranked by the gold, from a cached file of K continuations per prompt (file order kept)."""
     from align.gold import load_gold, rank
 
     gold = load_gold("sentiment")
@@ -46,12 +47,14 @@ def ranked_pairs(path: Path) -> dict[str, list[dict]]:
         rows = [json.loads(line) for line in lines if line.strip()]
     for row in rows:
         continuations.setdefault(row["prompt"], []).append(row["completion"])
-    pairs = {}
-    for prompt, texts in continuations.items():
-        ranks = rank(gold.score([prompt] * len(texts), texts), TIE_MARGIN)
-        pairs[prompt] = [{"prompt": prompt, "chosen": texts[i], "rejected": texts[j]}
-                         for i in range(len(texts)) for j in range(len(texts)) if ranks[i] < ranks[j]]
-    return pairs
+    return [{"prompt": prompt, "completions": texts,
+             "ranks": rank(gold.score([prompt] * len(texts), texts), TIE_MARGIN)}
+            for prompt, texts in continuations.items()]
+
+
+def _write(records: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def demo_reward_step() -> tuple[str, list[str]]:
@@ -85,24 +88,21 @@ def main() -> None:
     heldouts = sorted(CACHE.glob("held-out-*-k4-*.jsonl"))
     if not pools or not heldouts:
         sys.exit("reward_data_scaling: no cached continuations; run benchmarks/label_efficiency.py first")
-    pool, heldout = ranked_pairs(pools[-1]), ranked_pairs(heldouts[0])
+    pool, heldout = gold_rankings(pools[-1]), gold_rankings(heldouts[0])
     if max(args.sizes) > len(pool):
         sys.exit(f"reward_data_scaling: the cached pool has {len(pool)} prompts; --sizes up to {len(pool)}")
     config, overrides = demo_reward_step()
     results, started = [], time.time()
     with tempfile.TemporaryDirectory(prefix="reward-scaling-") as tmp:
         home = Path(tmp)
-        heldout_file = home / "heldout.jsonl"
-        heldout_file.write_text("".join(json.dumps(p) + "\n" for pairs in heldout.values() for p in pairs))
-        held_pairs = sum(len(p) for p in heldout.values())
+        heldout_file = _write(heldout, home / "heldout.jsonl")
         for size in args.sizes:
-            chosen = list(pool)[:size]
-            train_file = home / f"train-{size}.jsonl"
-            train_file.write_text("".join(json.dumps(p) + "\n" for prompt in chosen for p in pool[prompt]))
+            train_file = _write(pool[:size], home / f"train-{size}.jsonl")
             for seed in args.seeds:
                 t0 = time.time()
                 metrics = train(config, overrides, train_file, heldout_file, seed, home)
-                results.append({"prompts": size, "train_pairs": sum(len(pool[p]) for p in chosen), "seed": seed,
+                held_pairs = metrics["eval_pairs"]
+                results.append({"prompts": size, "train_pairs": metrics["train_pairs"], "seed": seed,
                                 "heldout_accuracy": metrics["eval_accuracy"], "seconds": round(time.time() - t0, 1)})
                 print(f"{size:4d} prompts ({results[-1]['train_pairs']} pairs), seed {seed}: held-out accuracy "
                       f"{metrics['eval_accuracy']:.3f} on {held_pairs} pairs ({results[-1]['seconds']:.0f} s)",
